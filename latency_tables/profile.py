@@ -1,0 +1,127 @@
+"""Stage 1: profile a model's prunable layers into a :class:`LatencyTable`.
+
+Every conv and linear layer is measured as it runs deployed (conv + folded BN + activation) on a
+(c_in, c_out) grid at multiples of ``step`` up to its dense widths, at the deployment batch and
+input size. Layers with identical signatures are measured once. The dense model is also timed end
+to end, which fixes the part of the latency no layer table covers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from latprune.latency_tables.backends import Backend
+from latprune.latency_tables.table import LatencyTable, LayerSignature, LayerTable, channel_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    step: int = 8  # grid step in channels; use round_to so the knapsack sees every choice it can make
+    rounds: int = 3  # interleaved rounds per table entry
+    min_round_s: float = 0.02  # each round of an entry lasts at least this long
+    max_cv: float = 0.10  # entries noisier than this (CV of round medians) are measured again
+    model_rounds: int = 5  # rounds for the dense end-to-end measurement
+    model_min_round_s: float = 0.3
+
+    def __post_init__(self):
+        if self.step < 1:
+            raise ValueError(f"profile step must be >= 1 channel, got {self.step}")
+        if self.rounds < 1 or self.model_rounds < 1:
+            raise ValueError("profile rounds must be >= 1")
+        if self.min_round_s <= 0 or self.model_min_round_s <= 0:
+            raise ValueError("profile round durations must be > 0 seconds")
+
+
+def layer_signatures(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, LayerSignature]:
+    """Signature of every Conv2d and Linear layer, with the input size seen in a forward pass."""
+    sigs: dict[str, LayerSignature] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(mod, inputs, _out):
+            x = inputs[0]
+            if isinstance(mod, nn.Conv2d):
+                depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+                if mod.groups > 1 and not depthwise:
+                    kind = None  # grouped (non-depthwise) convs: not supported yet, not in the table
+                else:
+                    kind = "dwconv" if depthwise else "conv"
+                if kind:
+                    sigs[name] = LayerSignature(
+                        kind, mod.in_channels, mod.out_channels, tuple(mod.kernel_size), tuple(mod.stride),
+                        tuple(mod.padding), tuple(mod.dilation), tuple(x.shape[-2:]), "relu",
+                    )
+            elif isinstance(mod, nn.Linear) and x.dim() == 2:
+                sigs[name] = LayerSignature("linear", mod.in_features, mod.out_features, activation="none")
+
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            hooks.append(mod.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return sigs
+
+
+def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: Backend,
+                  cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> LatencyTable:
+    sigs = layer_signatures(model, input_shape)
+    unique: dict[str, LayerSignature] = {}
+    for s in sigs.values():
+        unique.setdefault(s.key, s)
+    plan = []
+    for key, s in unique.items():
+        co_grid = channel_grid(s.c_out, cfg.step)
+        ci_grid = [s.c_in] if s.kind == "dwconv" else channel_grid(s.c_in, cfg.step)
+        plan += [(key, i, o) for i in range(len(ci_grid)) for o in range(len(co_grid))]
+        unique[key] = s
+    log.info("profiling %d layers (%d signatures, %d entries) on %s", len(sigs), len(unique), len(plan), backend.name)
+
+    # A throwaway measurement: the first one in a process can be 2x slow even after warm-up.
+    first = next(iter(unique.values()))
+    backend.measure([backend.layer_runner(first, 1 if first.kind != "dwconv" else 1, 1)], 1, cfg.min_round_s)
+
+    grids = {}
+    for key, s in unique.items():
+        ci = [s.c_in] if s.kind == "dwconv" else channel_grid(s.c_in, cfg.step)
+        co = channel_grid(s.c_out, cfg.step)
+        grids[key] = (ci, co, np.zeros((len(ci), len(co))), np.zeros((len(ci), len(co))), np.zeros((len(ci), len(co)), int))
+    for key, i, o in tqdm(plan, desc="profile", unit="entry", disable=not progress):
+        s = unique[key]
+        ci_grid, co_grid, med, cv, cnt = grids[key]
+        c_out = co_grid[o]
+        c_in = c_out if s.kind == "dwconv" else ci_grid[i]
+        runner = backend.layer_runner(s, c_in, c_out)
+        t = backend.measure([runner], cfg.rounds, cfg.min_round_s)[0]
+        if t.cv > cfg.max_cv:  # noisy: measure again, longer, and keep the steadier of the two
+            t2 = backend.measure([runner], 2 * cfg.rounds, cfg.min_round_s)[0]
+            t = t2 if t2.cv < t.cv else t
+        med[i, o], cv[i, o], cnt[i, o] = t.median_ms, t.cv, t.samples.size
+
+    dense = backend.measure([backend.model_runner(model, input_shape)], cfg.model_rounds, cfg.model_min_round_s)[0]
+    layers = {k: LayerTable(unique[k], g[0], g[1], g[2], g[3], g[4]) for k, g in grids.items()}
+    table = LatencyTable(
+        fingerprint=backend.fingerprint(input_shape),
+        layers=layers,
+        layer_keys={name: s.key for name, s in sigs.items()},
+        dense_ms=dense.median_ms,
+        meta={"profile": dataclasses.asdict(cfg), "dense": dense.summary(), "entries": len(plan)},
+    )
+    covered = sum(table.lookup(n, s.c_in, s.c_out) for n, s in sigs.items())
+    log.info("dense %.3f ms end to end; layer tables sum to %.3f ms", dense.median_ms, covered)
+    return table

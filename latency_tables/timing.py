@@ -1,0 +1,92 @@
+"""Timing primitives shared by the profiler and the end-to-end verification.
+
+Protocol (../shared/BENCHMARKS.md): warm up before timing, never time the first call; pin threads;
+time programs interleaved in rounds (A B A B ...) so drift hits them alike; report medians, the
+coefficient of variation of per-round medians, and ratios with a bootstrap interval over rounds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-call latencies (ms) of one program, grouped by round."""
+
+    rounds: list[list[float]]
+
+    @property
+    def samples(self) -> np.ndarray:
+        return np.concatenate([np.asarray(r) for r in self.rounds])
+
+    @property
+    def round_medians(self) -> np.ndarray:
+        return np.array([np.median(r) for r in self.rounds])
+
+    @property
+    def median_ms(self) -> float:
+        return float(np.median(self.samples))
+
+    @property
+    def cv(self) -> float:
+        m = self.round_medians
+        return float(np.std(m) / np.mean(m)) if len(m) > 1 else 0.0
+
+    def summary(self) -> dict[str, float]:
+        s = self.samples
+        return {
+            "median_ms": self.median_ms,
+            "p90_ms": float(np.percentile(s, 90)),
+            "mean_ms": float(np.mean(s)),
+            "cv": self.cv,
+            "rounds": len(self.rounds),
+            "count": int(s.size),
+        }
+
+
+def warmup(fn: Callable[[], object], min_calls: int = 3, min_s: float = 0.05) -> None:
+    t0, n = time.perf_counter(), 0
+    while n < min_calls or time.perf_counter() - t0 < min_s:
+        fn()
+        n += 1
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], object]],
+    rounds: int = 5,
+    min_round_s: float = 0.5,
+    min_calls: int = 3,
+    warmup_s: float = 0.2,
+) -> list[Timing]:
+    """Time several programs in interleaved rounds; each round of each program lasts ``min_round_s``."""
+    if rounds < 1 or min_round_s <= 0:
+        raise ValueError(f"need rounds >= 1 and min_round_s > 0, got {rounds}, {min_round_s}")
+    for fn in fns:
+        warmup(fn, min_s=warmup_s)
+    out = [Timing([]) for _ in fns]
+    for _ in range(rounds):
+        for fn, t in zip(fns, out):
+            times: list[float] = []
+            start = time.perf_counter()
+            while len(times) < min_calls or time.perf_counter() - start < min_round_s:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            t.rounds.append(times)
+    return out
+
+
+def bootstrap_ratio_ci(
+    num: Timing, den: Timing, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Confidence interval of median(num)/median(den), resampling rounds (paired by round index)."""
+    a, b = num.round_medians, den.round_medians
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+    ratios = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    lo, hi = np.percentile(ratios, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)

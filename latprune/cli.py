@@ -1,0 +1,128 @@
+"""``latprune``: the command line. Exit status: 0 success, 2 bad input, 3 parity failure,
+4 budget missed (the report is still written and says so)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from latprune.errors import LatpruneError
+
+STAGES = ("run", "profile", "plan", "prune", "export")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("run")
+    g.add_argument("--config", help="YAML file with config sections (see README); flags override it")
+    g.add_argument("--model", help="resnet20 (default), resnet56, resnet18, resnet50, mobilenet_v2, or package.module:factory")
+    g.add_argument("--weights", help="trained dense state_dict (.pt); without it the dense model is pre-trained and cached")
+    g.add_argument("--data", help="fashion-mnist (default) or a folder: ImageFolder tree or CIFAR-10/100 python folder")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--budget", type=float, help="latency budget as a fraction of the measured dense latency (default 0.5)")
+    b.add_argument("--budget-ms", type=float, help="latency budget in ms per deployment batch")
+    g.add_argument("--runtime", choices=["ort", "torch"], help="deployment runtime (default ort: ONNX Runtime CPU)")
+    g.add_argument("--deploy-batch", type=int, help="batch the budget is measured at (default 32)")
+    g.add_argument("--threads", type=int, help="runtime threads (default 2)")
+    g.add_argument("--round-to", type=int, help="keep channel counts multiples of this (default 8)")
+    g.add_argument("--importance", choices=["l2", "taylor"], help="channel importance (default l2)")
+    g.add_argument("--pretrain-epochs", type=float, help="dense pre-training epochs when no --weights (default 3)")
+    g.add_argument("--finetune-epochs", type=float, help="fine-tuning epochs after pruning (default 2)")
+    g.add_argument("--batch-size", type=int, help="training batch size (default 128)")
+    g.add_argument("--train-subset", type=int, help="train on the first N training images (0 = all)")
+    g.add_argument("--test-subset", type=int, help="report accuracy on the first N test images (0 = all)")
+    g.add_argument("--val-size", type=int, help="validation images held out of the training set (default 5000)")
+    g.add_argument("--profile-step", type=int, help="latency table grid step in channels (default 8)")
+    g.add_argument("--profile-round-s", type=float, help="seconds per timing round of a table entry (default 0.02)")
+    g.add_argument("--verify-rounds", type=int, help="interleaved rounds for the final dense/compact timing (default 7)")
+    g.add_argument("--verify-round-s", type=float, help="seconds per round of the final timing (default 0.5)")
+    g.add_argument("--calibrate-iters", type=int, help="closed-loop re-plans against measured latency (default 4)")
+    g.add_argument("--table", help="use this latency table instead of profiling")
+    g.add_argument("--force", action="store_true", default=None, help="use a table measured for another setting")
+    g.add_argument("--seed", type=int, help="random seed (default 0), recorded in the report")
+    g.add_argument("--out", help="run directory (default runs/<model>-<timestamp>); an existing one is resumed")
+    g.add_argument("--cache-dir", help="where pre-trained checkpoints and tables are cached (default ~/.cache/latprune)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p = argparse.ArgumentParser(prog="latprune", description="Latency-aware pruning of CNNs to a measured budget.")
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {
+        "run": "the whole pipeline: profile, plan, prune and fine-tune, export, verify, report",
+        "profile": "measure the latency table (table.json in the run directory)",
+        "plan": "profile if needed, then plan to the budget (plan.json)",
+        "prune": "plan if needed, then remove channels and fine-tune (model.pt + arch.json)",
+        "export": "all of the above if needed, then ONNX export, parity, timing, report",
+    }
+    for s in STAGES:
+        sub.add_parser(s, parents=[common], help=helps[s], description=helps[s])
+    return p
+
+
+def config_from_args(a: argparse.Namespace):
+    from latprune.pipeline.config import load_config
+
+    cfg = load_config(a.config)
+    budget = {}
+    if a.budget is not None:
+        budget = {"fraction": a.budget, "ms": None}
+    elif a.budget_ms is not None:
+        budget = {"ms": a.budget_ms}
+    budget["calibrate_iters"] = a.calibrate_iters
+    return cfg.with_overrides(
+        model=a.model, weights=a.weights, seed=a.seed, out=a.out, table=a.table, force=a.force,
+        cache_dir=a.cache_dir, progress=False if a.no_progress else None,
+        data={"name": a.data, "train_subset": a.train_subset, "test_subset": a.test_subset, "val_size": a.val_size},
+        deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads},
+        budget=budget,
+        plan={"round_to": a.round_to, "importance": a.importance},
+        profile={"step": a.profile_step, "min_round_s": a.profile_round_s},
+        pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
+        finetune={"epochs": a.finetune_epochs, "batch_size": a.batch_size},
+        verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from latprune.pipeline import run as pipeline
+
+        cfg = config_from_args(a)
+        if a.command in ("run", "export"):
+            result = pipeline.run(cfg)
+            r = result.report
+            status = "met" if r["budget"]["met"] else "MISSED"
+            print(f"budget {status}: compact {r['compact']['latency_ms']:.3f} ms vs target "
+                  f"{r['budget']['target_ms']:.3f} ms (dense {r['dense']['latency_ms']:.3f} ms), "
+                  f"speedup {r['speedup']:.2f}x, accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}",
+                  file=sys.stderr)
+            print(result.report_path)
+            return result.exit_code
+        ws = pipeline.prepare(cfg)
+        with ws.removed_on_bad_input():
+            dense, _ = pipeline.dense_stage(ws)
+            table = pipeline.profile_stage(ws, dense)
+            if a.command == "profile":
+                print(ws.run_dir / "table.json")
+                return 0
+            cal = pipeline.plan_stage(ws, dense, table)
+            if a.command == "plan":
+                print(ws.run_dir / "plan.json")
+                return 0
+            pipeline.prune_stage(ws, dense, cal.plan)
+            print(ws.run_dir / "arch.json")
+            return 0
+    except LatpruneError as e:
+        print(f"latprune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("latprune: interrupted; run again with the same --out to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

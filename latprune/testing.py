@@ -1,0 +1,124 @@
+"""Tiny models and a deterministic latency table for tests (and for anyone testing a plug-in).
+
+The models cover the coupling patterns the knapsack and torch-pruning must handle: a plain conv
+stack, a residual net with a projection shortcut, a depthwise inverted-residual net, and a concat.
+``fake_table`` costs every layer as c_in * c_out * k^2 * h * w / stride^2 (a MAC count), so
+planning tests are exact and need no timing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from latprune.latency_tables.table import Fingerprint, LatencyTable, LayerTable, channel_grid
+
+
+def _cbr(c_in, c_out, k=3, s=1, groups=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class PlainNet(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(_cbr(3, 16), _cbr(16, 32, s=2), _cbr(32, 32))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class ResidualNet(nn.Module):
+    """Stem, one identity block, one block with a 1x1 projection shortcut."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = _cbr(3, 16)
+        self.a1, self.a2 = _cbr(16, 16), nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+        self.b1 = _cbr(16, 32, s=2)
+        self.b2 = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32))
+        self.proj = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.a2(self.a1(x)))
+        x = torch.relu(self.proj(x) + self.b2(self.b1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class DepthwiseNet(nn.Module):
+    """An inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, with a residual add."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = _cbr(3, 16)
+        self.expand, self.dw = _cbr(16, 32, k=1), _cbr(32, 32, groups=32)
+        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.dw(self.expand(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class ConcatNet(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = _cbr(3, 16)
+        self.left, self.right = _cbr(16, 16), _cbr(16, 24)
+        self.merge = _cbr(40, 32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.merge(torch.cat([self.left(x), self.right(x)], 1))
+        return self.fc(x.mean((2, 3)))
+
+
+def plain_net(num_classes: int = 10) -> nn.Module:
+    return PlainNet(num_classes)
+
+
+def residual_net(num_classes: int = 10) -> nn.Module:
+    return ResidualNet(num_classes)
+
+
+def depthwise_net(num_classes: int = 10) -> nn.Module:
+    return DepthwiseNet(num_classes)
+
+
+def concat_net(num_classes: int = 10) -> nn.Module:
+    return ConcatNet(num_classes)
+
+
+TINY_MODELS = {"plain": plain_net, "residual": residual_net, "depthwise": depthwise_net, "concat": concat_net}
+
+
+def fake_cost_ms(sig, c_in: float, c_out: float) -> float:
+    """A MAC count in units of 1e6 MACs, as milliseconds: deterministic, monotone in both widths."""
+    if sig.kind == "linear":
+        return c_in * c_out / 1e6
+    h, w = sig.in_hw
+    per_out = (1 if sig.kind == "dwconv" else c_in) * sig.kernel[0] * sig.kernel[1]
+    return per_out * c_out * (h // sig.stride[0]) * (w // sig.stride[1]) / 1e6
+
+
+def fake_table(model: nn.Module, input_shape=(3, 32, 32), step: int = 8, batch: int = 1,
+               overhead_ms: float = 0.0) -> LatencyTable:
+    """A :class:`LatencyTable` filled from :func:`fake_cost_ms` instead of measurements."""
+    from latprune.latency_tables.profile import layer_signatures
+
+    sigs = layer_signatures(model, input_shape)
+    layers = {}
+    for s in sigs.values():
+        ci = [s.c_in] if s.kind == "dwconv" else channel_grid(s.c_in, step)
+        co = channel_grid(s.c_out, step)
+        med = np.array([[fake_cost_ms(s, (o if s.kind == "dwconv" else i), o) for o in co] for i in ci])
+        layers[s.key] = LayerTable(s, ci, co, med, np.zeros_like(med), np.ones_like(med, dtype=int))
+    fp = Fingerprint("fake-device", "fake", "0", "none", 1, batch, "float32", tuple(input_shape))
+    table = LatencyTable(fp, layers, {n: s.key for n, s in sigs.items()}, dense_ms=1.0)
+    table.dense_ms = overhead_ms + sum(table.lookup(n, s.c_in, s.c_out) for n, s in sigs.items())
+    return table

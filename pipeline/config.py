@@ -1,0 +1,132 @@
+"""The run configuration: one dataclass per stage, composed, validated, saved into every run dir.
+
+Load order: defaults < ``--config`` YAML (nested by section, as written by ``to_dict``) < CLI flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from latprune.errors import BadInput
+from latprune.latency_tables.profile import ProfileConfig
+from latprune.pipeline.data import DataConfig
+from latprune.pipeline.plan import PlanConfig
+from latprune.pipeline.train import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    """``fraction`` of the measured dense latency, or an absolute ``ms`` (which wins if set)."""
+
+    fraction: float | None = 0.5
+    ms: float | None = None
+    calibrate_iters: int = 4  # closed loop: measure the planned widths, re-solve if off target
+    aim: float = 0.92  # aim the measured ratio at this share of the budget (headroom for drift)
+
+    def __post_init__(self):
+        if self.ms is not None:
+            if not (isinstance(self.ms, (int, float)) and math.isfinite(self.ms) and self.ms > 0):
+                raise BadInput(f"--budget-ms must be a positive number of milliseconds, got {self.ms}")
+        elif self.fraction is None or not (0 < self.fraction <= 1):
+            raise BadInput(
+                f"budget must be in (0, 1] as a fraction of dense latency, got {self.fraction}: "
+                "e.g. --budget 0.5, or give --budget-ms"
+            )
+        if not (0.5 <= self.aim <= 1.0):
+            raise BadInput(f"budget.aim must be in [0.5, 1], got {self.aim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployConfig:
+    runtime: str = "ort"  # ort | torch
+    batch: int = 32
+    threads: int = 2
+
+    def __post_init__(self):
+        if self.runtime not in ("ort", "torch"):
+            raise BadInput(f"--runtime must be ort or torch, got {self.runtime!r}")
+        if self.batch < 1 or self.threads < 1:
+            raise BadInput(f"--deploy-batch and --threads must be >= 1, got {self.batch}, {self.threads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyConfig:
+    rounds: int = 7
+    min_round_s: float = 0.5
+    parity_batch: int = 64
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("LATPRUNE_CACHE") or str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "latprune")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: str = "resnet20"
+    weights: str | None = None
+    data: DataConfig = DataConfig()
+    deploy: DeployConfig = DeployConfig()
+    budget: BudgetConfig = BudgetConfig()
+    profile: ProfileConfig = ProfileConfig()
+    plan: PlanConfig = PlanConfig()
+    pretrain: TrainConfig = TrainConfig(epochs=3, lr=0.1)
+    finetune: TrainConfig = TrainConfig(epochs=2, lr=0.02, warmup_iters=20)
+    verify: VerifyConfig = VerifyConfig()
+    seed: int = 0
+    out: str | None = None
+    table: str | None = None  # use this latency table instead of profiling
+    force: bool = False  # use a table measured for another setting
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        kwargs: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for k, v in (d or {}).items():
+            if k not in fields:
+                raise BadInput(f"unknown config key {k!r}: valid keys are {', '.join(fields)}")
+            default = getattr(cls(), k) if k != "cache_dir" else None
+            if dataclasses.is_dataclass(default) and isinstance(v, dict):
+                sub = {f.name for f in dataclasses.fields(default)}
+                bad = set(v) - sub
+                if bad:
+                    raise BadInput(f"unknown key(s) {sorted(bad)} in config section {k!r}: valid are {sorted(sub)}")
+                try:
+                    v = dataclasses.replace(default, **v)
+                except (TypeError, ValueError) as e:
+                    raise BadInput(f"config section {k!r}: {e}") from None
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "RunConfig":
+        """``with_overrides(budget={'fraction': 0.3}, seed=1)``: replace fields, None values ignored."""
+        d = self.to_dict()
+        for k, v in sections.items():
+            if isinstance(v, dict):
+                d[k].update({kk: vv for kk, vv in v.items() if vv is not None})
+            elif v is not None:
+                d[k] = v
+        return RunConfig.from_dict(d)
+
+
+def load_config(path: str | os.PathLike | None) -> RunConfig:
+    if path is None:
+        return RunConfig()
+    import yaml
+
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise BadInput(f"config file {path} does not exist: check the --config path") from None
+    except yaml.YAMLError as e:
+        raise BadInput(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax") from None
+    if not isinstance(d, dict):
+        raise BadInput(f"config file {path} must hold a mapping of sections, got {type(d).__name__}")
+    return RunConfig.from_dict(d)

@@ -1,0 +1,66 @@
+"""Stage 5: the run's report, ``report.json`` (schema below) and ``report.md``.
+
+report.json, schema_version 1. Latencies are milliseconds per batch of ``runtime.batch`` images,
+medians of dense and compact timed interleaved in one process; accuracies are fractions in [0, 1];
+``speedup = dense.latency_ms / compact.latency_ms``; ``budget.met`` is
+``compact.latency_ms <= budget.target_ms``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from latprune.latency_tables.table import write_bytes_atomic, write_json_atomic
+
+SCHEMA_VERSION = 1
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
+    report = {"schema_version": SCHEMA_VERSION, **report}
+    write_bytes_atomic(run_dir / "report.md", render_markdown(report).encode())
+    return write_json_atomic(run_dir / "report.json", report)
+
+
+def _fmt(v, nd=3):
+    return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    b, d, c, rt = r["budget"], r["dense"], r["compact"], r["runtime"]
+    verdict = "**met**" if b["met"] else "**MISSED**"
+    lines = [
+        f"# latprune report: {r['model']} on {r['data']}",
+        "",
+        f"Budget {verdict}: compact {c['latency_ms']:.3f} ms against a target of {b['target_ms']:.3f} ms "
+        f"({_fmt(b.get('fraction'), 2)} of dense) on {rt['name']} {rt['version']} ({rt['provider']}), "
+        f"batch {rt['batch']}, {rt['threads']} threads, {rt['device']}.",
+        "",
+        "| | dense | compact |",
+        "|---|---:|---:|",
+        f"| latency (ms / batch, median) | {d['latency_ms']:.3f} | {c['latency_ms']:.3f} |",
+        f"| latency p90 (ms) | {d['latency_p90_ms']:.3f} | {c['latency_p90_ms']:.3f} |",
+        f"| predicted by the table (ms) | {_fmt(d.get('predicted_ms'))} | {_fmt(c.get('predicted_ms'))} |",
+        f"| test accuracy | {d['accuracy']:.4f} | {c['accuracy']:.4f} |",
+        f"| parameters | {d['params']:,} | {c['params']:,} |",
+        f"| MACs (per image) | {d['macs']:,} | {c['macs']:,} |",
+        "",
+        f"Speedup {r['speedup']:.2f}x (95% bootstrap interval over rounds {r['speedup_ci95'][0]:.2f}-"
+        f"{r['speedup_ci95'][1]:.2f}); MACs reduced {d['macs'] / max(c['macs'], 1):.2f}x.",
+        f"ONNX parity: max abs diff {r['parity']['max_abs_diff']:.2e}, top-1 agreement "
+        f"{r['parity']['top1_agreement']:.3f} on {r['parity']['batch']} test images.",
+        "",
+        "## Budget calibration (planned widths timed before training)",
+        "",
+        "| iteration | table target | predicted | measured |",
+        "|---:|---:|---:|---:|",
+    ]
+    for h in r["plan"]["calibration"]:
+        lines.append(f"| {h['iteration']} | {h['table_target_ratio']:.3f} | {h['predicted_ratio']:.3f} | "
+                     f"{h['measured_ratio']:.3f} |")
+    lines += ["", "## Channels per layer (output channels)", "", "| layer | dense | compact |", "|---|---:|---:|"]
+    for name, k in c["channels"].items():
+        lines.append(f"| {name} | {d['channels'].get(name, '?')} | {k} |")
+    lines += ["", "## Stage times (s)", ""]
+    lines += [f"- {k}: {v:.1f}" for k, v in r["stage_seconds"].items()]
+    lines += ["", f"Seed {r['seed']}. Environment: " + ", ".join(f"{k} {v}" for k, v in r["environment"].items() if v), ""]
+    return "\n".join(lines)

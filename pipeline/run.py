@@ -1,0 +1,292 @@
+"""The pipeline, end to end: model -> latency table -> knapsack plan -> prune and fine-tune ->
+compact model -> export -> verify -> report.
+
+Each stage writes its artifact into the run directory atomically, with a key of its inputs in
+``stages.json``; running again with the same ``--out`` resumes, reusing every artifact whose
+inputs did not change. A run that fails on bad input removes the directory it created.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from latprune.errors import BadInput
+from latprune.export.onnx_export import export_onnx
+from latprune.export.verify import Parity, SpeedResult, check_parity, measure_speedup
+from latprune.latency_tables.backends import Backend, get_backend
+from latprune.latency_tables.device import environment
+from latprune.latency_tables.profile import layer_signatures, profile_model
+from latprune.latency_tables.table import LatencyTable, write_json_atomic
+from latprune.pipeline.calibrate import CalibratedPlan, plan_to_budget
+from latprune.pipeline.compact import load_compact, save_compact
+from latprune.pipeline.config import RunConfig
+from latprune.pipeline.data import Dataset, load_dataset
+from latprune.pipeline.models import ModelSpec
+from latprune.pipeline.plan import PruningPlan
+from latprune.pipeline.prune import apply_plan_
+from latprune.pipeline.report import write_report
+from latprune.pipeline.train import cache_key, evaluate, pretrained, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Workspace:
+    """What every stage needs: the validated config, data, model spec, backend and run directory."""
+
+    cfg: RunConfig
+    data: Dataset
+    spec: ModelSpec
+    backend: Backend
+    run_dir: Path
+    created: bool = False
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.data.input_shape
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cfg.cache_dir).expanduser()
+
+    def stage_key(self, stage: str, **inputs: Any) -> tuple[str, bool]:
+        """The key of a stage's inputs, and whether the run dir holds an artifact made from them."""
+        key = cache_key(**inputs)
+        keys = self._keys()
+        return key, keys.get(stage) == key
+
+    def done(self, stage: str, key: str) -> None:
+        keys = self._keys()
+        keys[stage] = key
+        write_json_atomic(self.run_dir / "stages.json", keys)
+
+    def _keys(self) -> dict[str, str]:
+        p = self.run_dir / "stages.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def removed_on_bad_input(self):
+        try:
+            yield
+        except BadInput:
+            if self.created:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+
+def prepare(cfg: RunConfig) -> Workspace:
+    """Validate everything that can be validated before writing a single file."""
+    data = load_dataset(cfg.data, seed=cfg.seed, cache_dir=Path(cfg.cache_dir).expanduser())
+    spec = ModelSpec(cfg.model, data.num_classes)
+    spec.build()  # unknown names and broken factories fail here
+    backend = get_backend(cfg.deploy.runtime, cfg.deploy.threads, cfg.deploy.batch)
+    if cfg.weights and not Path(cfg.weights).exists():
+        raise BadInput(f"--weights {cfg.weights} does not exist: pass a state_dict saved with torch.save")
+    if cfg.table:
+        LatencyTable.load(cfg.table).check_compatible(backend.fingerprint(data.input_shape), cfg.force)
+    out = Path(cfg.out or f"runs/{cfg.model.replace(':', '_').replace('/', '_')}-"
+                              f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, out=str(out))
+    ws = Workspace(cfg, data, spec, backend, out, created)
+    write_json_atomic(out / "config.json", cfg.to_dict())
+    write_json_atomic(out / "environment.json", environment())
+    return ws
+
+
+# ---- stages ----------------------------------------------------------------------------------
+
+def dense_stage(ws: Workspace) -> tuple[nn.Module, dict]:
+    """The trained dense model: ``--weights``, or pre-trained here and cached for the next run."""
+    model = ws.spec.build()
+    with ws.timed("pretrain"):
+        if ws.cfg.weights:
+            try:
+                state = torch.load(ws.cfg.weights, map_location="cpu", weights_only=True)
+                model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+            except Exception as e:
+                raise BadInput(f"cannot load --weights {ws.cfg.weights} into {ws.spec.name} ({str(e)[:120]}): "
+                               "pass a matching state_dict") from None
+            return model.eval(), {"source": str(ws.cfg.weights)}
+        key = {"model": dataclasses.asdict(ws.spec), "data": ws.data.source, "data_cfg": dataclasses.asdict(ws.cfg.data)}
+        model, info = pretrained(model, ws.data, ws.cfg.pretrain, ws.cache, key, ws.cfg.seed, ws.cfg.progress)
+    return model.eval(), info
+
+
+def profile_stage(ws: Workspace, dense: nn.Module) -> LatencyTable:
+    """The latency table: ``--table``, the run dir's, the cache's, or measured now."""
+    fp = ws.backend.fingerprint(ws.input_shape)
+    if ws.cfg.table:
+        table = LatencyTable.load(ws.cfg.table)
+        table.check_compatible(fp, ws.cfg.force)
+    else:
+        sigs = {n: s.key for n, s in layer_signatures(dense, ws.input_shape).items()}
+        key = cache_key(fp=dataclasses.asdict(fp), layers=sigs, profile=dataclasses.asdict(ws.cfg.profile))
+        cached = ws.cache / "tables" / f"{ws.spec.name.replace(':', '_')}-{key}.json"
+        if cached.exists():
+            table = LatencyTable.load(cached)
+            log.info("using cached latency table %s", cached)
+        else:
+            with ws.timed("profile"):
+                table = profile_model(dense, ws.input_shape, ws.backend, ws.cfg.profile, ws.cfg.progress)
+            table.save(cached)
+    table.save(ws.run_dir / "table.json")
+    return table
+
+
+def plan_stage(ws: Workspace, dense: nn.Module, table: LatencyTable) -> CalibratedPlan:
+    cfg = ws.cfg
+    if cfg.budget.ms is not None:
+        wanted = cfg.budget.ms / table.dense_ms
+        if wanted > 1:
+            log.warning("budget %.3f ms is above the dense latency %.3f ms", cfg.budget.ms, table.dense_ms)
+        wanted = min(wanted, 1.0)
+    else:
+        wanted = cfg.budget.fraction
+    key, done = ws.stage_key("plan", table=table.to_dict(), wanted=wanted, plan=dataclasses.asdict(cfg.plan),
+                             budget=dataclasses.asdict(cfg.budget), dense=_dense_identity(cfg))
+    if done and (ws.run_dir / "plan.json").exists():
+        d = json.loads((ws.run_dir / "calibration.json").read_text())
+        return CalibratedPlan(PruningPlan.load(ws.run_dir / "plan.json"), d["wanted_ratio"], d["measured_ratio"], d["history"])
+    batches = None
+    if cfg.plan.importance == "taylor":
+        batches = list(ws.data.batches(ws.data.train, cfg.finetune.batch_size, limit=cfg.plan.taylor_batches * cfg.finetune.batch_size))
+    with ws.timed("plan"):
+        cal = plan_to_budget(dense, table, wanted, cfg.plan, ws.backend, ws.input_shape, cfg.budget.calibrate_iters,
+                             cfg.budget.aim, batches=batches)
+    cal.plan.save(ws.run_dir / "plan.json")
+    write_json_atomic(ws.run_dir / "calibration.json",
+                      {"wanted_ratio": cal.wanted_ratio, "measured_ratio": cal.measured_ratio, "history": cal.history})
+    ws.done("plan", key)
+    return cal
+
+
+def _dense_identity(cfg: RunConfig) -> dict[str, Any]:
+    return {"model": cfg.model, "weights": cfg.weights, "pretrain": dataclasses.asdict(cfg.pretrain),
+            "data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
+
+
+def prune_stage(ws: Workspace, dense: nn.Module, plan: PruningPlan) -> tuple[nn.Module, dict]:
+    """Physically remove the planned channels, fine-tune, save the compact model (arch + weights)."""
+    key, done = ws.stage_key("prune", plan=plan.to_dict(), finetune=dataclasses.asdict(ws.cfg.finetune), seed=ws.cfg.seed)
+    if done and (ws.run_dir / "arch.json").exists():
+        return load_compact(ws.run_dir), json.loads((ws.run_dir / "finetune.json").read_text())
+    compact = apply_plan_(copy.deepcopy(dense), plan, ws.input_shape)
+    with ws.timed("finetune"):
+        res = train(compact, ws.data, ws.cfg.finetune, seed=ws.cfg.seed, checkpoint=ws.run_dir / "finetune.partial.pt",
+                    progress=ws.cfg.progress, desc="fine-tune")
+    save_compact(compact, ws.spec, ws.run_dir)
+    info = dataclasses.asdict(res)
+    write_json_atomic(ws.run_dir / "finetune.json", info)
+    ws.done("prune", key)
+    return compact.eval(), info
+
+
+def export_stage(ws: Workspace, dense: nn.Module, compact: nn.Module) -> tuple[Path, Path, Parity]:
+    shape = (ws.cfg.deploy.batch, *ws.input_shape)
+    meta = {"latprune.preprocessing": json.dumps(ws.data.preprocessing())}
+    with ws.timed("export"):
+        d = export_onnx(dense, ws.run_dir / "dense.onnx", shape, metadata=meta)
+        c = export_onnx(compact, ws.run_dir / "model.onnx", shape, metadata=meta)
+        x, _ = next(ws.data.batches(ws.data.test, ws.cfg.deploy.batch))
+        if len(x) < ws.cfg.deploy.batch:
+            raise BadInput(f"test set has {len(x)} images, fewer than --deploy-batch {ws.cfg.deploy.batch}")
+        parity = check_parity(compact, c.path, x)
+    return d.path, c.path, parity
+
+
+def verify_stage(ws: Workspace, dense_onnx: Path, compact_onnx: Path, dense: nn.Module,
+                 compact: nn.Module) -> SpeedResult:
+    """Dense and compact timed interleaved on the deployment runtime."""
+    a, b = (dense_onnx, compact_onnx) if ws.cfg.deploy.runtime == "ort" else (dense, compact)
+    with ws.timed("verify"):
+        return measure_speedup(ws.backend, a, b, ws.input_shape, ws.cfg.verify.rounds, ws.cfg.verify.min_round_s)
+
+
+def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: LatencyTable, cal: CalibratedPlan,
+                 parity: Parity, speed: SpeedResult, pre: dict, ft: dict) -> dict[str, Any]:
+    cfg, fp = ws.cfg, ws.backend.fingerprint(ws.input_shape)
+    dense_ms, compact_ms = speed.dense["median_ms"], speed.compact["median_ms"]
+    target = cfg.budget.ms if cfg.budget.ms is not None else cfg.budget.fraction * dense_ms
+    ex = torch.zeros(1, *ws.input_shape)
+    d_macs, d_params = tp.utils.count_ops_and_params(dense, ex)
+    c_macs, c_params = tp.utils.count_ops_and_params(compact, ex)
+    with ws.timed("evaluate"):
+        d_acc, c_acc = evaluate(dense, ws.data, ws.data.test), evaluate(compact, ws.data, ws.data.test)
+
+    def channels(m):
+        return {n: (mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features)
+                for n, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+
+    report = {
+        "model": ws.spec.name, "data": ws.data.name,
+        "budget": {"fraction": cfg.budget.fraction if cfg.budget.ms is None else target / dense_ms,
+                   "target_ms": target, "requested_ms": cfg.budget.ms, "met": compact_ms <= target},
+        "dense": {"latency_ms": dense_ms, "latency_p90_ms": speed.dense["p90_ms"], "cv": speed.dense["cv"],
+                  "predicted_ms": cal.plan.dense_predicted_ms, "accuracy": d_acc, "params": int(d_params),
+                  "macs": int(d_macs), "channels": channels(dense), "pretrain": pre},
+        "compact": {"latency_ms": compact_ms, "latency_p90_ms": speed.compact["p90_ms"], "cv": speed.compact["cv"],
+                    "predicted_ms": cal.plan.predicted_ms * dense_ms / cal.plan.dense_predicted_ms,
+                    "predicted_ratio": cal.plan.predicted_ms / cal.plan.dense_predicted_ms,
+                    "accuracy": c_acc, "params": int(c_params), "macs": int(c_macs),
+                    "channels": channels(compact), "finetune": ft},
+        "speedup": speed.speedup, "speedup_ci95": list(speed.speedup_ci95),
+        "parity": dataclasses.asdict(parity),
+        "runtime": {"name": "onnxruntime" if fp.runtime == "ort" else "torch", "version": fp.runtime_version,
+                    "provider": fp.provider, "threads": fp.threads, "batch": fp.batch,
+                    "input_shape": [fp.batch, *fp.input_shape], "device": fp.device, "dtype": fp.dtype},
+        "plan": {"importance": cal.plan.importance, "round_to": cal.plan.round_to,
+                 "table_target_ms": cal.plan.target_ms, "table_predicted_ms": cal.plan.predicted_ms,
+                 "table_scale": cal.plan.table_scale, "knapsack_iterations": cal.plan.iterations,
+                 "calibration": cal.history},
+        "table": {"entries": table.meta.get("entries"), "dense_ms_at_profile": table.dense_ms},
+        "seed": cfg.seed, "stage_seconds": dict(ws.seconds), "environment": environment(),
+        "artifacts": sorted(p.name for p in ws.run_dir.iterdir() if not p.name.startswith(".")),
+    }
+    return report
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    report_path: Path
+    report: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.report["budget"]["met"] else 4
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """``latprune run``: the whole pipeline. Raises BadInput (2) and ParityError (3)."""
+    ws = prepare(cfg)
+    with ws.removed_on_bad_input():
+        dense, pre = dense_stage(ws)
+        table = profile_stage(ws, dense)
+        cal = plan_stage(ws, dense, table)
+        compact, ft = prune_stage(ws, dense, cal.plan)
+        dense_onnx, compact_onnx, parity = export_stage(ws, dense, compact)
+        speed = verify_stage(ws, dense_onnx, compact_onnx, dense, compact)
+        report = report_stage(ws, dense, compact, table, cal, parity, speed, pre, ft)
+        path = write_report(ws.run_dir, report)
+    return RunResult(ws.run_dir, path, report)

@@ -1,0 +1,198 @@
+"""Stage 3b: training. Pre-training of the dense model (cached) and fine-tuning after pruning.
+
+The loop is built so the AdaSAP issue can plug in without reshaping it: a :class:`StepRule` does one
+optimisation step (plain SGD here; sharpness-aware rules later), and callbacks run after each
+iteration (a pruning schedule returns ``True`` when it replaced parameters, and the trainer then
+rebuilds its optimizer). Checkpoints are written atomically at every epoch and resumed from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from latprune.pipeline.data import Dataset, Split
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 1.0  # fractions allowed: 0.25 = a quarter of an epoch
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    warmup_iters: int = 50  # linear learning-rate warm-up, then cosine to zero
+    threads: int = 0  # torch threads while training; 0 = leave torch's default
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+
+
+class StepRule(Protocol):
+    """One optimisation step on one batch; returns the loss. SAM-style rules do two passes."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 optimizer: torch.optim.Optimizer) -> float: ...
+
+
+def sgd_step(model, x, y, optimizer) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+Callback = Callable[[int, nn.Module], bool]  # (iteration, model) -> parameters were replaced
+
+
+@dataclasses.dataclass
+class TrainResult:
+    iterations: int
+    final_loss: float
+    val_accuracy: float
+    resumed_from: int = 0
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    )
+
+
+def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step: StepRule = sgd_step,
+          callbacks: Sequence[Callback] = (), checkpoint: Path | None = None, progress: bool = True,
+          desc: str = "train") -> TrainResult:
+    """Train ``model`` in place for ``cfg.epochs`` over ``data.train``; evaluate on ``data.val``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    total = max(int(round(cfg.epochs * per_epoch)), 0)
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        start = _resume(checkpoint, model, optimizer)
+        log.info("resumed %s from iteration %d of %d", desc, start, total)
+    sched = _lr_lambda(total, cfg.warmup_iters)
+    it, loss = start, float("nan")
+    bar = tqdm(total=total, initial=start, desc=desc, unit="it", disable=not progress or total == 0)
+    model.train()
+    epoch = start // per_epoch if per_epoch else 0
+    while it < total:
+        rng = np.random.default_rng([seed, epoch])
+        skip = it - epoch * per_epoch
+        for bi, (x, y) in enumerate(data.batches(data.train, cfg.batch_size, shuffle=True, augment=True, rng=rng)):
+            if bi < skip:
+                continue
+            if it >= total:
+                break
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * sched(it)
+            loss = step(model, x, y, optimizer)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss} at iteration {it}: lower the learning rate")
+            it += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if any([cb(it, model) for cb in callbacks]):
+                optimizer = make_optimizer(model, cfg)  # parameters were replaced (pruning)
+        epoch += 1
+        if checkpoint is not None and it < total:
+            _save_checkpoint(checkpoint, model, optimizer, it)
+    bar.close()
+    acc = evaluate(model, data, data.val)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return TrainResult(it, loss, acc, start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, split: Split, batch_size: int = 500) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y in data.batches(split, batch_size):
+        correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / max(len(split), 1)
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    warmup = min(warmup, max(total // 5, 1))
+
+    def f(it: int) -> float:
+        if it < warmup:
+            return (it + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(total - warmup, 1)))
+
+    return f
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer, it: int) -> None:
+    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it}, path)
+
+
+def _resume(path: Path, model: nn.Module, optimizer) -> int:
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    return int(ck["iteration"])
+
+
+def save_atomic(obj, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def cache_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pretrained(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir: Path, key: dict,
+               seed: int = 0, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Pre-train the dense model, or load it from the cache when the same setting was trained before."""
+    path = Path(cache_dir) / "checkpoints" / f"dense-{cache_key(**key, train=dataclasses.asdict(cfg), seed=seed)}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        log.info("loaded cached pre-trained weights %s", path)
+        return model, {"cached": True, "path": str(path)}
+    res = train(model, data, cfg, seed=seed, checkpoint=path.with_suffix(".partial.pt"), progress=progress,
+                desc="pre-train")
+    save_atomic(model.state_dict(), path)
+    log.info("pre-trained dense model: val accuracy %.4f, cached at %s", res.val_accuracy, path)
+    return model, {"cached": False, "path": str(path), "val_accuracy": res.val_accuracy}

@@ -1,0 +1,125 @@
+"""End-to-end tests of the CLI on the embedded default (Fashion-MNIST + ResNet-20), miniature size."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import latprune
+from latprune.cli import main
+from latprune.pipeline.data import DEBIAN_FMNIST
+
+needs_fmnist = pytest.mark.skipif(
+    not (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (make test does it)",
+)
+
+MINI = ["--no-progress", "--train-subset", "512", "--val-size", "256", "--test-subset", "256",
+        "--pretrain-epochs", "0.5", "--finetune-epochs", "0.25", "--batch-size", "64",
+        "--deploy-batch", "8", "--profile-step", "16", "--profile-round-s", "0.004",
+        "--verify-rounds", "3", "--verify-round-s", "0.1", "--calibrate-iters", "2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("runs") / "mini"
+    code = main(["run", *MINI, "--budget", "0.7", "--cache-dir", cache, "--out", str(out)])
+    return code, out
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_run_writes_a_complete_report(mini_run, capsys):
+    code, out = mini_run
+    assert code in (0, 4)  # 4: the report is written and says the budget was missed
+    r = json.loads((out / "report.json").read_text())
+    assert r["schema_version"] == 1
+    assert r["budget"]["met"] == (code == 0)
+    assert r["budget"]["target_ms"] == pytest.approx(0.7 * r["dense"]["latency_ms"])
+    assert r["speedup"] == pytest.approx(r["dense"]["latency_ms"] / r["compact"]["latency_ms"])
+    assert r["runtime"]["name"] == "onnxruntime" and r["runtime"]["provider"] == "CPUExecutionProvider"
+    assert r["runtime"]["input_shape"] == [8, 3, 32, 32] and r["runtime"]["threads"] == 2
+    for k in ("dense", "compact"):
+        assert 0 <= r[k]["accuracy"] <= 1 and r[k]["latency_ms"] > 0 and r[k]["params"] > 0 and r[k]["macs"] > 0
+    assert r["compact"]["params"] < r["dense"]["params"] and r["compact"]["macs"] < r["dense"]["macs"]
+    assert r["parity"]["top1_agreement"] >= 0.99
+    assert r["plan"]["calibration"], "the planned widths were timed before training"
+    assert sum(r["compact"]["channels"].values()) < sum(r["dense"]["channels"].values())
+    for f in ("config.json", "table.json", "plan.json", "arch.json", "model.pt", "model.onnx", "dense.onnx",
+              "report.md", "environment.json"):
+        assert (out / f).exists(), f
+    assert (out / "model.onnx").stat().st_size < (out / "dense.onnx").stat().st_size
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_reloaded_compact_model_matches_its_onnx(mini_run):
+    _, out = mini_run
+    model = latprune.load(out)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_same_out_resumes_without_redoing_stages(mini_run, cache, tmp_path, capsys):
+    _, out = mini_run
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    plan_before = (copy / "plan.json").read_text()
+    weights_mtime = (copy / "model.pt").stat().st_mtime_ns
+    code = main(["export", *MINI, "--budget", "0.7", "--cache-dir", cache, "--out", str(copy)])
+    assert code in (0, 4)
+    assert (copy / "plan.json").read_text() == plan_before
+    assert (copy / "model.pt").stat().st_mtime_ns == weights_mtime  # not fine-tuned again
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(copy / "report.json")
+
+
+def _bad(args, tmp_path, capsys, cache, match):
+    out = tmp_path / "bad"
+    code = main([*args, "--cache-dir", cache, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("latprune: error: ") and match in err[-1]
+    assert not out.exists(), "no partial run directory"
+
+
+@needs_fmnist
+@pytest.mark.parametrize("args,match", [
+    (["run", "--budget", "1.7"], "budget must be in (0, 1]"),
+    (["run", "--budget-ms", "-3"], "--budget-ms must be a positive"),
+    (["run", "--model", "resnet21"], "unknown model 'resnet21'"),
+    (["run", "--data", "/nonexistent/folder"], "neither an existing path"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, capsys, cache):
+    _bad(args, tmp_path, capsys, cache, match)
+
+
+@needs_fmnist
+def test_corrupted_and_mismatched_tables_are_refused(tmp_path, capsys, cache):
+    from latprune.testing import fake_table
+    from latprune.pipeline.models import ModelSpec
+
+    t = fake_table(ModelSpec("resnet20").build())
+    t.save(tmp_path / "fake.json")
+    _bad(["run", "--table", str(tmp_path / "fake.json")], tmp_path, capsys, cache, "measured for another setting")
+    (tmp_path / "broken.json").write_text((tmp_path / "fake.json").read_text()[:500])
+    _bad(["run", "--table", str(tmp_path / "broken.json")], tmp_path, capsys, cache, "truncated or corrupted")
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_unreachable_budget_leaves_no_run_dir(tmp_path, capsys, cache, mini_run):
+    _bad(["run", *MINI, "--budget", "0.01"], tmp_path, capsys, cache, "smallest reachable latency")
