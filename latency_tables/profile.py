@@ -3,7 +3,7 @@
 Every conv and linear layer is measured as it runs deployed (conv + folded BN + activation) on a
 (c_in, c_out) grid at multiples of ``step`` up to its dense widths, at the deployment batch and
 input size. Layers with identical signatures are measured once. The dense model is also timed end
-to end, which fixes the part of the latency no layer table covers.
+to end; the planner scales the tables to that measurement (see ``pipeline.plan.LatencyModel``).
 """
 from __future__ import annotations
 

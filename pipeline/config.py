@@ -56,7 +56,6 @@ class DeployConfig:
 class VerifyConfig:
     rounds: int = 7
     min_round_s: float = 0.5
-    parity_batch: int = 64
 
 
 def default_cache_dir() -> str:

@@ -17,8 +17,42 @@ SCHEMA_VERSION = 1
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
     report = {"schema_version": SCHEMA_VERSION, **report}
+    plot_channels(report, run_dir / "channels.png")
     write_bytes_atomic(run_dir / "report.md", render_markdown(report).encode())
     return write_json_atomic(run_dir / "report.json", report)
+
+
+def plot_channels(r: dict[str, Any], path: Path) -> Path:
+    """Bar chart of output channels per layer, dense against compact, with the headline figures."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(r["dense"]["channels"])
+    dense = [r["dense"]["channels"][n] for n in names]
+    compact = [r["compact"]["channels"].get(n, 0) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.2))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], dense, 0.4, label="dense", color="#9aa5b1")
+    ax.bar([i + 0.2 for i in x], compact, 0.4, label="compact (latprune)", color="#1f77b4")
+    ax.set_xticks(list(x), names, rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("output channels")
+    b = r["budget"]
+    ax.set_title(
+        f"{r['model']}: {r['dense']['latency_ms']:.2f} -> {r['compact']['latency_ms']:.2f} ms/batch of "
+        f"{r['runtime']['batch']} ({r['runtime']['name']}), budget {b['target_ms']:.2f} ms "
+        f"{'met' if b['met'] else 'MISSED'}; accuracy {r['dense']['accuracy']:.3f} -> {r['compact']['accuracy']:.3f}",
+        fontsize=8,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def _fmt(v, nd=3):
@@ -48,6 +82,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{r['speedup_ci95'][1]:.2f}); MACs reduced {d['macs'] / max(c['macs'], 1):.2f}x.",
         f"ONNX parity: max abs diff {r['parity']['max_abs_diff']:.2e}, top-1 agreement "
         f"{r['parity']['top1_agreement']:.3f} on {r['parity']['batch']} test images.",
+        "",
+        "![channels per layer](channels.png)",
         "",
         "## Budget calibration (planned widths timed before training)",
         "",

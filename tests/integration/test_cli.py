@@ -54,7 +54,7 @@ def test_run_writes_a_complete_report(mini_run, capsys):
     assert r["plan"]["calibration"], "the planned widths were timed before training"
     assert sum(r["compact"]["channels"].values()) < sum(r["dense"]["channels"].values())
     for f in ("config.json", "table.json", "plan.json", "arch.json", "model.pt", "model.onnx", "dense.onnx",
-              "report.md", "environment.json"):
+              "report.md", "environment.json", "channels.png"):
         assert (out / f).exists(), f
     assert (out / "model.onnx").stat().st_size < (out / "dense.onnx").stat().st_size
     assert not list(out.glob(".*.tmp"))
@@ -85,6 +85,18 @@ def test_same_out_resumes_without_redoing_stages(mini_run, cache, tmp_path, caps
     assert (copy / "plan.json").read_text() == plan_before
     assert (copy / "model.pt").stat().st_mtime_ns == weights_mtime  # not fine-tuned again
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(copy / "report.json")
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_torch_runtime_end_to_end(tmp_path, cache, capsys):
+    out = tmp_path / "torch"
+    code = main(["run", *MINI, "--runtime", "torch", "--budget", "0.8", "--cache-dir", cache, "--out", str(out)])
+    assert code in (0, 4)
+    r = json.loads((out / "report.json").read_text())
+    assert r["runtime"]["name"] == "torch" and r["runtime"]["provider"] == "cpu"
+    assert json.loads((out / "table.json").read_text())["header"]["runtime"] == "torch"
+    assert r["budget"]["met"] == (r["compact"]["latency_ms"] <= r["budget"]["target_ms"])
 
 
 def _bad(args, tmp_path, capsys, cache, match):
