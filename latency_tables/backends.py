@@ -123,12 +123,14 @@ class OrtCpuBackend(Backend):
         return self._runner(self.session(model.SerializeToString()), _layer_input_shape(sig, self.batch, c_in))
 
     def _model_runner(self, model, input_shape):
-        if not isinstance(model, (str, bytes)) and not hasattr(model, "__fspath__"):
+        from torch import nn
+
+        if isinstance(model, nn.Module):
             from latprune.export.onnx_export import onnx_bytes
 
             model = onnx_bytes(model, (self.batch, *input_shape))
-        elif hasattr(model, "__fspath__"):
-            model = str(model)
+        elif not isinstance(model, bytes):
+            model = str(model)  # a path to an .onnx file
         return self._runner(self.session(model), (self.batch, *input_shape))
 
 
@@ -161,7 +163,9 @@ class TorchCpuBackend(Backend):
         return self._module_runner(layer_module(sig, c_in, c_out), _layer_input_shape(sig, self.batch, c_in))
 
     def _model_runner(self, model, input_shape):
-        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from torch import nn
+
+        if not isinstance(model, nn.Module):
             raise BadInput("the torch runtime times nn.Modules, not ONNX files: use --runtime ort")
         return self._module_runner(model, (self.batch, *input_shape))
 

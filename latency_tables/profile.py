@@ -84,23 +84,18 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
     unique: dict[str, LayerSignature] = {}
     for s in sigs.values():
         unique.setdefault(s.key, s)
-    plan = []
-    for key, s in unique.items():
-        co_grid = channel_grid(s.c_out, cfg.step)
-        ci_grid = [s.c_in] if s.kind == "dwconv" else channel_grid(s.c_in, cfg.step)
-        plan += [(key, i, o) for i in range(len(ci_grid)) for o in range(len(co_grid))]
-        unique[key] = s
-    log.info("profiling %d layers (%d signatures, %d entries) on %s", len(sigs), len(unique), len(plan), backend.name)
-
-    # A throwaway measurement: the first one in a process can be 2x slow even after warm-up.
-    first = next(iter(unique.values()))
-    backend.measure([backend.layer_runner(first, 1 if first.kind != "dwconv" else 1, 1)], 1, cfg.min_round_s)
-
-    grids = {}
+    grids, plan = {}, []
     for key, s in unique.items():
         ci = [s.c_in] if s.kind == "dwconv" else channel_grid(s.c_in, cfg.step)
         co = channel_grid(s.c_out, cfg.step)
-        grids[key] = (ci, co, np.zeros((len(ci), len(co))), np.zeros((len(ci), len(co))), np.zeros((len(ci), len(co)), int))
+        shape = (len(ci), len(co))
+        grids[key] = (ci, co, np.zeros(shape), np.zeros(shape), np.zeros(shape, int))
+        plan += [(key, i, o) for i in range(len(ci)) for o in range(len(co))]
+    log.info("profiling %d layers (%d signatures, %d entries) on %s", len(sigs), len(unique), len(plan), backend.name)
+
+    # A throwaway measurement: the first one in a process can be 2x slow even after warm-up.
+    backend.measure([backend.layer_runner(next(iter(unique.values())), 1, 1)], 1, cfg.min_round_s)
+
     for key, i, o in tqdm(plan, desc="profile", unit="entry", disable=not progress):
         s = unique[key]
         ci_grid, co_grid, med, cv, cnt = grids[key]

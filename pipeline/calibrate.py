@@ -32,8 +32,8 @@ class CalibratedPlan:
 
 
 def plan_to_budget(model: nn.Module, table: LatencyTable, wanted_ratio: float, cfg: PlanConfig,
-                   backend: Backend, input_shape: tuple[int, int, int], iters: int = 4, aim: float = 0.92,
-                   rounds: int = 5, min_round_s: float = 0.25, batches=None) -> CalibratedPlan:
+                   backend: Backend, input_shape: tuple[int, int, int], iters: int = 4, aim: float = 0.90,
+                   rounds: int = 7, min_round_s: float = 0.25, batches=None) -> CalibratedPlan:
     """Plan for ``wanted_ratio`` x dense latency, corrected by measurement until it lands in range.
 
     The accepted window for the measured ratio is [aim - 0.07, aim] x ``wanted_ratio``: the headroom

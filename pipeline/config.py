@@ -24,7 +24,7 @@ class BudgetConfig:
     fraction: float | None = 0.5
     ms: float | None = None
     calibrate_iters: int = 4  # closed loop: measure the planned widths, re-solve if off target
-    aim: float = 0.92  # aim the measured ratio at this share of the budget (headroom for drift)
+    aim: float = 0.90  # aim the measured ratio at this share of the budget (headroom for drift)
 
     def __post_init__(self):
         if self.ms is not None:
@@ -54,8 +54,8 @@ class DeployConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VerifyConfig:
-    rounds: int = 7
-    min_round_s: float = 0.5
+    rounds: int = 11
+    min_round_s: float = 0.4
 
 
 def default_cache_dir() -> str:

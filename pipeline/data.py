@@ -70,6 +70,7 @@ class Dataset:
     classes: list[str]
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
+    resize: str = "none"  # how raw images become the model's input size
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -83,8 +84,8 @@ class Dataset:
         """The contract a deployer needs: what goes into the model."""
         c, h, w = self.input_shape
         return {"input_shape": [c, h, w], "channel_order": "RGB" if c == 3 else "gray", "scale": "1/255",
-                "mean": list(self.mean), "std": list(self.std), "classes": self.classes,
-                "resize": f"{self.name}: see latprune.pipeline.data"}
+                "mean": list(self.mean), "std": list(self.std), "classes": self.classes, "resize": self.resize,
+                "layout": "NCHW float32: (pixel / 255 - mean) / std"}
 
     def normalize(self, xb: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(xb).float().div_(255.0)
@@ -145,7 +146,10 @@ def load_dataset(cfg: DataConfig, seed: int = 0, cache_dir: Path | None = None) 
     mean = tuple(float(v) for v in xf.mean(axis=(0, 2, 3)))
     std = tuple(float(v) for v in xf.std(axis=(0, 2, 3)) + 1e-6)
     log.info("data %s: %d train, %d val, %d test, %s", name, len(train), len(val), len(test), train.x.shape[1:])
-    return Dataset(name, str(path), train, val, test, classes, mean, std)
+    resize = {"fashion-mnist": "pad 28x28 with zeros to 32x32, repeat gray to 3 channels",
+              "cifar10": "none (32x32 RGB)", "cifar100": "none (32x32 RGB)"}.get(
+        name, f"RGB, bilinear resize to {cfg.image_size}x{cfg.image_size}")
+    return Dataset(name, str(path), train, val, test, classes, mean, std, resize)
 
 
 def _find_fashion_mnist(cache_dir: Path | None) -> Path:
