@@ -42,7 +42,7 @@ def plan_to_budget(model: nn.Module, table: LatencyTable, wanted_ratio: float, c
     """
     lo, hi = (aim - 0.07) * wanted_ratio, aim * wanted_ratio
     effective = aim * wanted_ratio
-    history, best = [], None
+    history, best, seen = [], None, set()
     for i in range(max(iters, 1)):
         try:
             plan = build_plan(model, table, effective * table.dense_ms, cfg, input_shape, batches)
@@ -51,6 +51,10 @@ def plan_to_budget(model: nn.Module, table: LatencyTable, wanted_ratio: float, c
                 raise  # even the table says the budget cannot be reached
             effective = e.floor_ms / table.dense_ms  # a correction went below the floor: try the floor
             plan = build_plan(model, table, e.floor_ms, cfg, input_shape, batches)
+        widths = tuple(len(g.keep) for g in plan.groups)
+        if widths in seen:
+            break  # the correction gave a plan already measured (e.g. the floor): nothing new to learn
+        seen.add(widths)
         probe = apply_plan_(copy.deepcopy(model), plan, input_shape)
         speed = measure_speedup(backend, model, probe, input_shape, rounds=rounds, min_round_s=min_round_s)
         pred_ratio = plan.predicted_ms / table.dense_ms
