@@ -1,0 +1,273 @@
+"""Sharpness-aware step rules: uniform SAM/ASAM and AdaSAP's adaptive per-neuron perturbation.
+
+AdaSAP (Adaptive Sharpness-Aware Pruning, ../shared/seeds/000_*.txt, section 3.1):
+
+* a *neuron* is one output channel of a torch-pruning group: that channel's slice of every
+  producer in the group (conv/linear rows, BN gamma_i and beta_i). Consumers' input slices belong
+  to the consumers' own neurons, so neurons partition the prunable weights (eq. 1). Parameters in
+  no neuron (the classifier, layers no group prunes) are perturbed with the uniform radius ``rho``.
+* each step scores neurons by L2 magnitude (or first-order Taylor |w . g|), takes s_min and s_max
+  over all neurons (eq. 2) and gives neuron i the radius
+  rho_i = rho_max - (s_i - s_min) / (s_max - s_min) * (rho_max - rho_min): unimportant neurons get
+  the larger ball (every rho_i = rho_max when s_max = s_min).
+* ASAM form (eq. 4): eps_i = rho_i * T_i^2 g_i / ||T_i g_i|| with T_i = |w_i| + eta on weights and
+  1 on biases (as in Kwon et al.'s code), so ||T_i^-1 eps_i|| = rho_i. The paper's eq. 5 prints
+  ||g_i|| in the denominator; eq. 4 and ASAM give ||T_i g_i||, which is what is implemented.
+  SAM form: eps_i = rho_i * g_i / ||g_i||.
+* ``normalize="global"`` divides by one global ||T g|| instead, rho_i acting as per-neuron weights
+  (closer to ASAM's single ball; per-neuron normalisation makes the total perturbation about
+  sqrt(number of neurons) times larger).
+
+Then the second forward/backward runs at w + eps with BatchNorm running statistics frozen (only the
+first pass updates them), w is restored and the base optimizer steps with the second gradients.
+Under DistributedDataParallel the first pass runs in ``no_sync``. On CUDA a GradScaler may be
+passed (fp16 autocast); that path needs a GPU and has not run here (its test is GPU-only).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from latprune.errors import BadInput
+
+METHODS = ("sgd", "sam", "asam", "adasap")
+
+
+@dataclasses.dataclass(frozen=True)
+class SharpnessConfig:
+    method: str = "adasap"  # sgd | sam | asam | adasap
+    rho: float = 2.0  # uniform radius: SAM/ASAM, and AdaSAP's parameters outside any neuron
+    rho_min: float = 0.01  # AdaSAP's per-neuron radii (paper A.5: 0.01 and 2.0, ASAM form)
+    rho_max: float = 2.0
+    form: str = "asam"  # adasap's ball: asam (scale-invariant) or sam
+    eta: float = 0.01  # ASAM's T = |w| + eta
+    normalize: str = "neuron"  # adasap: per-neuron norms (eq. 4) or one global norm
+    score: str = "magnitude"  # neuron score for rho_i: magnitude (L2) or taylor
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise BadInput(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for f in ("rho", "rho_min", "rho_max", "eta"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise BadInput(f"{f} must be a non-negative number, got {v}")
+        if self.rho_min > self.rho_max:
+            raise BadInput(f"rho_min ({self.rho_min}) > rho_max ({self.rho_max}): swap them or lower rho_min")
+        if self.form not in ("asam", "sam"):
+            raise BadInput(f"sharpness form must be asam or sam, got {self.form!r}")
+        if self.normalize not in ("neuron", "global"):
+            raise BadInput(f"normalize must be neuron or global, got {self.normalize!r}")
+        if self.score not in ("magnitude", "taylor"):
+            raise BadInput(f"neuron score must be magnitude or taylor, got {self.score!r}")
+
+
+@dataclasses.dataclass
+class NeuronGroup:
+    """``size`` neurons; each (param, rows) slice holds one row per neuron, in neuron order."""
+
+    name: str
+    size: int
+    slices: list[tuple[nn.Parameter, torch.Tensor]]
+
+
+@dataclasses.dataclass
+class Neurons:
+    groups: list[NeuronGroup]
+    other: list[nn.Parameter]  # parameters in no neuron: perturbed with the uniform radius
+
+    @property
+    def count(self) -> int:
+        return sum(g.size for g in self.groups)
+
+
+def neuron_partition(model: nn.Module, example: torch.Tensor) -> Neurons:
+    """Neurons from torch-pruning's groups: each group channel's slice of every producer."""
+    from latprune.pipeline.groups import dependency_graph, prunable_groups
+
+    dg = dependency_graph(model, example)
+    covered: dict[int, torch.Tensor] = {}
+    groups = []
+    for cg, group in prunable_groups(model, dg):
+        slices = []
+        for item in group:
+            mod, handler = item.dep.target.module, item.dep.handler
+            if not dg.is_out_channel_pruning_fn(handler):
+                continue
+            rows = torch.tensor([int(getattr(i, "idx", i)) for i in item.idxs], dtype=torch.long)
+            for p in (getattr(mod, "weight", None), getattr(mod, "bias", None)):
+                if isinstance(p, nn.Parameter) and p.requires_grad:
+                    seen = covered.setdefault(id(p), torch.zeros(p.shape[0], dtype=torch.bool))
+                    if seen[rows].any():
+                        raise RuntimeError(f"rows of a {type(mod).__name__} parameter fall in two neurons")
+                    seen[rows] = True
+                    slices.append((p, rows))
+        groups.append(NeuronGroup(cg.name, cg.size, slices))
+    other = [p for p in model.parameters() if p.requires_grad and not (id(p) in covered and covered[id(p)].all())]
+    partial = [p for p in other if id(p) in covered]
+    if partial:
+        raise RuntimeError("a parameter is only partly covered by neurons; unsupported layer coupling")
+    return Neurons(groups, other)
+
+
+def _scale_param_ids(model: nn.Module) -> set[int]:
+    """Parameters ASAM scales by |w| + eta: weights (not biases), as in Kwon et al.'s code."""
+    return {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "weight"}
+
+
+@torch.no_grad()
+def uniform_perturbation(params: Iterable[nn.Parameter], rho: float, asam: bool, eta: float,
+                         scaled: set[int]) -> dict[nn.Parameter, torch.Tensor]:
+    """SAM: rho g/||g||; ASAM: rho T^2 g/||T g||, one global norm over ``params``."""
+    params = [p for p in params if p.grad is not None]
+    ts = [(p.abs() + eta) if (asam and id(p) in scaled) else None for p in params]
+    tg = [p.grad * t if t is not None else p.grad for p, t in zip(params, ts)]
+    norm = torch.sqrt(sum((x.double() ** 2).sum() for x in tg)) if tg else torch.tensor(0.0)
+    if not torch.isfinite(norm) or norm == 0:
+        return {}
+    return {p: (x * t if t is not None else x) * (rho / norm.item()) for p, x, t in zip(params, tg, ts)}
+
+
+@torch.no_grad()
+def neuron_radii(neurons: Neurons, cfg: SharpnessConfig) -> list[torch.Tensor]:
+    """rho_i for every neuron of every group (eq. 2), from scores taken at this step."""
+    scores = []
+    for g in neurons.groups:
+        s = torch.zeros(g.size, dtype=torch.float64)
+        for p, rows in g.slices:
+            w = p[rows].double().reshape(g.size, -1)
+            if cfg.score == "magnitude":
+                s += (w ** 2).sum(1)
+            elif p.grad is not None:
+                s += (w * p.grad[rows].double().reshape(g.size, -1)).sum(1)
+        scores.append(s.sqrt() if cfg.score == "magnitude" else s.abs())
+    if not scores:
+        return []
+    allv = torch.cat(scores)
+    lo, hi = allv.min(), allv.max()
+    if hi - lo <= 0:
+        return [torch.full_like(s, cfg.rho_max) for s in scores]
+    return [cfg.rho_max - (s - lo) / (hi - lo) * (cfg.rho_max - cfg.rho_min) for s in scores]
+
+
+@torch.no_grad()
+def adaptive_perturbation(model: nn.Module, neurons: Neurons, cfg: SharpnessConfig,
+                          scaled: set[int]) -> dict[nn.Parameter, torch.Tensor]:
+    asam = cfg.form == "asam"
+    radii = neuron_radii(neurons, cfg)
+    eps: dict[nn.Parameter, torch.Tensor] = {}
+    per_group = []
+    for g, rho in zip(neurons.groups, radii):
+        parts, sq = [], torch.zeros(g.size, dtype=torch.float64)
+        for p, rows in g.slices:
+            if p.grad is None:
+                continue
+            gr = p.grad[rows]
+            t = (p[rows].abs() + cfg.eta) if (asam and id(p) in scaled) else None
+            tg = gr * t if t is not None else gr
+            sq += (tg.double() ** 2).reshape(g.size, -1).sum(1)
+            parts.append((p, rows, tg, t))
+        per_group.append((parts, sq, rho))
+    if cfg.normalize == "global":
+        total = sum(float(sq.sum()) for _, sq, _ in per_group)
+        total += sum(float(((p.grad * (p.abs() + cfg.eta) if asam and id(p) in scaled else p.grad).double() ** 2).sum())
+                     for p in neurons.other if p.grad is not None)
+        gnorm = math.sqrt(total)
+    for parts, sq, rho in per_group:
+        denom = torch.full_like(sq, gnorm) if cfg.normalize == "global" else sq.sqrt()
+        factor = torch.where(denom > 0, rho / denom.clamp_min(1e-30), torch.zeros_like(denom))
+        for p, rows, tg, t in parts:
+            e = eps.setdefault(p, torch.zeros_like(p))
+            f = factor.to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
+            e[rows] = (tg * t if t is not None else tg) * f
+    if cfg.normalize == "global":
+        if gnorm > 0:
+            for p in neurons.other:
+                if p.grad is not None:
+                    t = (p.abs() + cfg.eta) if (asam and id(p) in scaled) else None
+                    eps[p] = (p.grad * t * t if t is not None else p.grad) * (cfg.rho / gnorm)
+    else:
+        eps.update(uniform_perturbation(neurons.other, cfg.rho, asam, cfg.eta, scaled))
+    return eps
+
+
+class SharpnessStep:
+    """A :class:`~latprune.pipeline.train.StepRule` for SAM, ASAM and AdaSAP (two passes per step)."""
+
+    def __init__(self, model: nn.Module, cfg: SharpnessConfig, neurons: Neurons | None = None,
+                 scaler=None):
+        if cfg.method == "sgd":
+            raise ValueError("SharpnessStep is for sam, asam and adasap; use sgd_step for sgd")
+        if cfg.method == "adasap" and neurons is None:
+            raise ValueError("adasap needs the model's neuron partition (neuron_partition)")
+        self.cfg, self.neurons, self.scaler = cfg, neurons, scaler
+        self.scaled = _scale_param_ids(model)
+
+    def perturbation(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+        c = self.cfg
+        if c.method == "adasap":
+            return adaptive_perturbation(model, self.neurons, c, self.scaled)
+        return uniform_perturbation(model.parameters(), c.rho, c.method == "asam", c.eta, self.scaled)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        sync_off = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync_off:
+            loss = self._backward(model, x, y)
+        if self.scaler is not None:
+            # fp16 on CUDA: unscale the first-pass gradients by hand. GradScaler.unscale_ would
+            # mark this step as unscaled and leave the second pass's gradients scaled.
+            inv = 1.0 / self.scaler.get_scale()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(inv)
+        eps = self.perturbation(model)
+        if any(not torch.isfinite(e).all() for e in eps.values()):
+            eps = {}  # overflowed first pass: no perturbation; the scaler skips a bad second pass
+        bn_state = _bn_buffers(model)
+        with torch.no_grad():
+            for p, e in eps.items():
+                p.add_(e)
+        optimizer.zero_grad(set_to_none=True)
+        self._backward(model, x, y)
+        with torch.no_grad():
+            for p, e in eps.items():
+                p.sub_(e)
+        _restore_bn(bn_state)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        return loss
+
+    def _backward(self, model, x, y) -> float:
+        if self.scaler is not None:
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            self.scaler.scale(loss).backward()
+        else:
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+        return float(loss.detach())
+
+
+def _bn_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if b is not None:
+                    out.append((b, b.detach().clone()))
+    return out
+
+
+@torch.no_grad()
+def _restore_bn(state) -> None:
+    for buf, saved in state:
+        buf.copy_(saved)
