@@ -1,9 +1,10 @@
 """Stage 3b: training. Pre-training of the dense model (cached) and fine-tuning after pruning.
 
-The loop is built so the AdaSAP issue can plug in without reshaping it: a :class:`StepRule` does one
-optimisation step (plain SGD here; sharpness-aware rules later), and callbacks run after each
-iteration (a pruning schedule returns ``True`` when it replaced parameters, and the trainer then
-rebuilds its optimizer). Checkpoints are written atomically at every epoch and resumed from.
+A :class:`StepRule` does one optimisation step (plain SGD, or the sharpness-aware rules of
+``pipeline.adasap``), and callbacks run after each iteration: a pruning schedule returns the
+:class:`~latprune.pipeline.prune.Removal` it made, and the trainer rebuilds its optimizer around
+the new parameters, carrying every momentum buffer over (sliced, never reset). Checkpoints are
+written atomically at every epoch and resumed from.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latprune.pipeline.data import Dataset, Split
+from latprune.pipeline.prune import Removal, carry_momentum_
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def sgd_step(model, x, y, optimizer) -> float:
     return float(loss.detach())
 
 
-Callback = Callable[[int, nn.Module], bool]  # (iteration, model) -> parameters were replaced
+Callback = Callable[[int, nn.Module], "Removal | None"]  # (iteration, model) -> the removal it made
 
 
 @dataclasses.dataclass
@@ -119,8 +121,12 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
             it += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            if any([cb(it, model) for cb in callbacks]):
-                optimizer = make_optimizer(model, cfg)  # parameters were replaced (pruning)
+            for cb in callbacks:
+                momentum = _momentum_by_name(model, optimizer)
+                removal = cb(it, model)
+                if removal is not None:  # parameters were replaced: follow them
+                    optimizer = make_optimizer(model, cfg)
+                    carry_momentum_(optimizer, momentum, model, removal)
         epoch += 1
         if checkpoint is not None and it < total:
             _save_checkpoint(checkpoint, model, optimizer, it)
@@ -129,6 +135,11 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return TrainResult(it, loss, acc, start)
+
+
+def _momentum_by_name(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    return {n: optimizer.state[p]["momentum_buffer"] for n, p in model.named_parameters()
+            if "momentum_buffer" in optimizer.state.get(p, {})}
 
 
 @torch.no_grad()

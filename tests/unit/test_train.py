@@ -1,0 +1,83 @@
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from latprune.pipeline.data import Dataset, Split
+from latprune.pipeline.groups import dependency_graph, prunable_groups
+from latprune.pipeline.plan import GroupPlan, PruningPlan
+from latprune.pipeline.prune import Removal, apply_plan_, carry_momentum_
+from latprune.pipeline.train import TrainConfig, evaluate, make_optimizer, train
+from latprune.testing import residual_net
+
+SHAPE = (3, 16, 16)
+KEEP_STEM = [0, 2, 3, 5, 8, 9, 12, 15]
+KEEP_B1 = list(range(0, 32, 2))
+
+
+def _plan(model):
+    dg = dependency_graph(model, torch.zeros(1, *SHAPE))
+    groups = []
+    for cg, _ in prunable_groups(model, dg):
+        keep = KEEP_STEM if "stem.0" in cg.producers else KEEP_B1 if cg.name == "b1.0" else list(range(cg.size))
+        groups.append(GroupPlan(cg.name, cg.size, keep))
+    return PruningPlan(1.0, 1.0, 1.0, 1.0, groups, {}, 1, [], "l2", 8)
+
+
+def test_momentum_follows_the_kept_channels_on_both_dimensions():
+    model = residual_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(4, *SHAPE)), torch.randint(0, 10, (4,))).backward()
+        opt.step()
+    old = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    rec = Removal()
+    apply_plan_(model, _plan(model), SHAPE, record=rec)
+    new = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    carry_momentum_(new, old, model, rec)
+    buf = {n: new.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        assert buf[n].shape == p.shape, n
+    s, b = torch.tensor(KEEP_STEM), torch.tensor(KEEP_B1)
+    torch.testing.assert_close(buf["stem.0.weight"], old["stem.0.weight"][s])
+    torch.testing.assert_close(buf["stem.1.bias"], old["stem.1.bias"][s])
+    torch.testing.assert_close(buf["a1.0.weight"], old["a1.0.weight"][:, s])
+    torch.testing.assert_close(buf["b1.0.weight"], old["b1.0.weight"][b][:, s])
+    torch.testing.assert_close(buf["b2.0.weight"], old["b2.0.weight"][:, b])
+    torch.testing.assert_close(buf["fc.weight"], old["fc.weight"])  # proj group untouched
+
+
+def _tiny_data(n=64):
+    rng = np.random.default_rng(0)
+    split = lambda k: Split(rng.integers(0, 255, (k, *SHAPE), dtype=np.uint8), rng.integers(0, 10, k))
+    return Dataset("tiny", "mem", split(n), split(16), split(16), [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3)
+
+
+def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
+    import latprune.pipeline.train as tr
+
+    model, data = residual_net(), _tiny_data()
+    seen = {}
+    real = tr.carry_momentum_
+
+    def spy(opt, old, m, rec):
+        real(opt, old, m, rec)
+        seen["carried"] = sum(1 for p in m.parameters() if "momentum_buffer" in opt.state[p])
+        seen["params"] = sum(1 for _ in m.parameters())
+
+    monkeypatch.setattr(tr, "carry_momentum_", spy)
+
+    def prune_at_3(it, m):
+        if it != 3:
+            return None
+        rec = Removal()
+        apply_plan_(m, _plan(m), SHAPE, record=rec)
+        seen["stem"] = m.stem[0].out_channels
+        return rec
+
+    res = train(model, data, TrainConfig(epochs=1, batch_size=8, warmup_iters=1), callbacks=[prune_at_3], progress=False)
+    assert res.iterations == 8 and seen["stem"] == 8 and model.stem[0].out_channels == 8
+    assert seen["carried"] == seen["params"]  # every parameter kept its momentum through the removal
+    assert 0.0 <= evaluate(model, data, data.test) <= 1.0
