@@ -27,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="runtime threads (default 2)")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this (default 8)")
     g.add_argument("--importance", choices=["l2", "taylor"], help="channel importance (default l2)")
+    g.add_argument("--method", choices=["adasap", "sgd", "sam", "asam"],
+                   help="optimizer for warm-up, pruning and fine-tuning (default adasap)")
+    g.add_argument("--warmup-epochs", type=float, help="epochs before the first removal (default 0.5)")
+    g.add_argument("--prune-steps", type=int, help="number of removals R (default 5)")
+    g.add_argument("--prune-every", type=int, help="iterations between removals (default 30)")
+    g.add_argument("--rho", type=float, help="uniform SAM/ASAM radius (fine-tuning)")
+    g.add_argument("--rho-min", type=float, help="AdaSAP's smallest per-neuron radius")
+    g.add_argument("--rho-max", type=float, help="AdaSAP's largest per-neuron radius")
     g.add_argument("--pretrain-epochs", type=float, help="dense pre-training epochs when no --weights (default 3)")
     g.add_argument("--finetune-epochs", type=float, help="fine-tuning epochs after pruning (default 2)")
     g.add_argument("--batch-size", type=int, help="training batch size (default 128)")
@@ -79,6 +87,8 @@ def config_from_args(a: argparse.Namespace):
         profile={"step": a.profile_step, "min_round_s": a.profile_round_s},
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
         finetune={"epochs": a.finetune_epochs, "batch_size": a.batch_size},
+        schedule={"warmup_epochs": a.warmup_epochs, "prune_steps": a.prune_steps, "prune_every": a.prune_every},
+        sharpness={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max},
         verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
     )
 

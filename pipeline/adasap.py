@@ -41,9 +41,13 @@ METHODS = ("sgd", "sam", "asam", "adasap")
 @dataclasses.dataclass(frozen=True)
 class SharpnessConfig:
     method: str = "adasap"  # sgd | sam | asam | adasap
-    rho: float = 2.0  # uniform radius: SAM/ASAM, and AdaSAP's parameters outside any neuron
-    rho_min: float = 0.01  # AdaSAP's per-neuron radii (paper A.5: 0.01 and 2.0, ASAM form)
-    rho_max: float = 2.0
+    rho: float = 0.5  # uniform radius: SAM/ASAM fine-tuning, and AdaSAP's params outside any neuron
+    # AdaSAP's per-neuron radii. The paper (A.5) uses 0.01 and 2.0, but per-neuron normalisation
+    # makes the total perturbation ~sqrt(#neurons) larger than one ball (ResNet-20: 784 neurons,
+    # 2.0 / 28 = 0.07); rho_max 2.0 collapsed training here (val 0.25 after 120 steps), 0.1 did
+    # not (BENCHMARKS.md, rho sweep).
+    rho_min: float = 0.01
+    rho_max: float = 0.1
     form: str = "asam"  # adasap's ball: asam (scale-invariant) or sam
     eta: float = 0.01  # ASAM's T = |w| + eta
     normalize: str = "neuron"  # adasap: per-neuron norms (eq. 4) or one global norm
@@ -206,6 +210,12 @@ class SharpnessStep:
             raise ValueError("adasap needs the model's neuron partition (neuron_partition)")
         self.cfg, self.neurons, self.scaler = cfg, neurons, scaler
         self.scaled = _scale_param_ids(model)
+
+    def rebind(self, model: nn.Module, example: torch.Tensor) -> None:
+        """Follow the model after a removal replaced its parameters."""
+        self.scaled = _scale_param_ids(model)
+        if self.neurons is not None:
+            self.neurons = neuron_partition(model, example)
 
     def perturbation(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
         c = self.cfg

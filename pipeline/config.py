@@ -12,8 +12,10 @@ from typing import Any
 
 from latprune.errors import BadInput
 from latprune.latency_tables.profile import ProfileConfig
+from latprune.pipeline.adasap import SharpnessConfig
 from latprune.pipeline.data import DataConfig
 from latprune.pipeline.plan import PlanConfig
+from latprune.pipeline.schedule import ScheduleConfig
 from latprune.pipeline.train import TrainConfig
 
 
@@ -72,7 +74,9 @@ class RunConfig:
     profile: ProfileConfig = ProfileConfig()
     plan: PlanConfig = PlanConfig()
     pretrain: TrainConfig = TrainConfig(epochs=3, lr=0.1)
-    finetune: TrainConfig = TrainConfig(epochs=2, lr=0.02, warmup_iters=20)
+    finetune: TrainConfig = TrainConfig(epochs=2, lr=0.02, warmup_iters=20)  # also warm-up and pruning phases
+    schedule: ScheduleConfig = ScheduleConfig()
+    sharpness: SharpnessConfig = SharpnessConfig()
     verify: VerifyConfig = VerifyConfig()
     seed: int = 0
     out: str | None = None

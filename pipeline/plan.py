@@ -64,7 +64,7 @@ class GroupPlan:
 class PruningPlan:
     target_ms: float
     predicted_ms: float
-    dense_predicted_ms: float
+    dense_predicted_ms: float  # the model being planned, before this plan (the dense model at first)
     table_scale: float  # measured dense latency / the tables' sum at dense widths
     groups: list[GroupPlan]
     layer_channels: dict[str, list[int]]  # layer -> [c_in, c_out] after pruning
@@ -111,7 +111,11 @@ class LatencyModel:
 
     @property
     def dense_layers_ms(self) -> float:
-        return self.layers_ms(dict(self.widths.group_size))
+        """The tables' sum at the widths they were profiled at (the dense model's), whatever
+        the widths of the model being planned now (iterative pruning plans a pruned model)."""
+        t = self.table
+        return sum(t.lookup(l, t.layers[k].signature.c_in, t.layers[k].signature.c_out) for l, k in t.layer_keys.items()
+                   if l in self.widths.dense)
 
     @property
     def scale(self) -> float:
@@ -122,6 +126,13 @@ class LatencyModel:
 
     def predict(self, kept: dict[str, int]) -> float:
         return self.scale * self.layers_ms(kept)
+
+
+def predicted_latency(model: nn.Module, table: LatencyTable, input_shape: tuple[int, int, int]) -> float:
+    """The table's prediction for ``model`` at its current widths."""
+    groups = [cg for cg, _ in prunable_groups(model, dependency_graph(model, torch.zeros(1, *input_shape)))]
+    lm = LatencyModel(table, layer_widths(model, groups, table.layer_keys))
+    return lm.predict(dict(lm.widths.group_size))
 
 
 def group_importance(model: nn.Module, dg, groups, criterion: str,

@@ -83,6 +83,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"ONNX parity: max abs diff {r['parity']['max_abs_diff']:.2e}, top-1 agreement "
         f"{r['parity']['top1_agreement']:.3f} on {r['parity']['batch']} test images.",
         "",
+        f"Training: {r['training']['method']} (one step costs {r['training']['step_time_ratio']:.2f}x an SGD step); "
+        f"{len(r['training']['prune_history'])} removals, each re-solving the knapsack on the pruned model.",
+        "",
+        "| removal | iteration | target ms | predicted ms | params |",
+        "|---:|---:|---:|---:|---:|",
+        *[f"| {h['step']} | {h['iteration']} | {h['target_ms']:.3f} | {h['predicted_ms']:.3f} | {h['params']:,} |"
+          for h in r["training"]["prune_history"]],
+        "",
         "![channels per layer](channels.png)",
         "",
         "## Budget calibration (planned widths timed before training)",

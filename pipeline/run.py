@@ -35,9 +35,9 @@ from latprune.pipeline.config import RunConfig
 from latprune.pipeline.data import Dataset, load_dataset
 from latprune.pipeline.models import ModelSpec
 from latprune.pipeline.plan import PruningPlan
-from latprune.pipeline.prune import apply_plan_
+from latprune.pipeline.schedule import step_time_ratio, train_and_prune_
 from latprune.pipeline.report import write_report
-from latprune.pipeline.train import cache_key, evaluate, pretrained, train
+from latprune.pipeline.train import cache_key, evaluate, pretrained
 
 log = logging.getLogger(__name__)
 
@@ -186,18 +186,25 @@ def _dense_identity(cfg: RunConfig) -> dict[str, Any]:
             "data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
 
 
-def prune_stage(ws: Workspace, dense: nn.Module, plan: PruningPlan) -> tuple[nn.Module, dict]:
-    """Physically remove the planned channels, fine-tune, save the compact model (arch + weights)."""
-    key, done = ws.stage_key("prune", plan=plan.to_dict(), finetune=dataclasses.asdict(ws.cfg.finetune), seed=ws.cfg.seed)
+def prune_stage(ws: Workspace, dense: nn.Module, table: LatencyTable, cal: CalibratedPlan) -> tuple[nn.Module, dict]:
+    """Warm up, prune on the schedule to the validated target (physically), fine-tune; save the
+    compact model (arch + weights)."""
+    cfg = ws.cfg
+    key, done = ws.stage_key("prune", target=cal.plan.target_ms, plan=dataclasses.asdict(cfg.plan),
+                             schedule=dataclasses.asdict(cfg.schedule), sharpness=dataclasses.asdict(cfg.sharpness),
+                             finetune=dataclasses.asdict(cfg.finetune), seed=cfg.seed, dense=_dense_identity(cfg))
     if done and (ws.run_dir / "arch.json").exists():
-        return load_compact(ws.run_dir), json.loads((ws.run_dir / "finetune.json").read_text())
-    compact = apply_plan_(copy.deepcopy(dense), plan, ws.input_shape)
-    with ws.timed("finetune"):
-        res = train(compact, ws.data, ws.cfg.finetune, seed=ws.cfg.seed, checkpoint=ws.run_dir / "finetune.partial.pt",
-                    progress=ws.cfg.progress, desc="fine-tune")
+        return load_compact(ws.run_dir), json.loads((ws.run_dir / "training.json").read_text())
+    compact = copy.deepcopy(dense)
+    with ws.timed("step_time_probe"):
+        ratio = step_time_ratio(compact, ws.data, cfg.sharpness, cfg.finetune, ws.input_shape)
+    with ws.timed("train_and_prune"):
+        res = train_and_prune_(compact, ws.data, table, cal.plan.target_ms, cfg.plan, cfg.schedule, cfg.sharpness,
+                               cfg.finetune, ws.input_shape, cfg.seed, cfg.progress)
     save_compact(compact, ws.spec, ws.run_dir)
-    info = dataclasses.asdict(res)
-    write_json_atomic(ws.run_dir / "finetune.json", info)
+    info = {"method": cfg.sharpness.method, "step_time_ratio": ratio, "predicted_ms": res.final_predicted_ms,
+            "prune_history": res.history, "phases": res.phases}
+    write_json_atomic(ws.run_dir / "training.json", info)
     ws.done("prune", key)
     return compact.eval(), info
 
@@ -243,13 +250,14 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
         "budget": {"fraction": cfg.budget.fraction if cfg.budget.ms is None else target / dense_ms,
                    "target_ms": target, "requested_ms": cfg.budget.ms, "met": compact_ms <= target},
         "dense": {"latency_ms": dense_ms, "latency_p90_ms": speed.dense["p90_ms"], "cv": speed.dense["cv"],
-                  "predicted_ms": cal.plan.dense_predicted_ms, "accuracy": d_acc, "params": int(d_params),
+                  "predicted_ms": table.dense_ms, "accuracy": d_acc, "params": int(d_params),
                   "macs": int(d_macs), "channels": channels(dense), "pretrain": pre},
         "compact": {"latency_ms": compact_ms, "latency_p90_ms": speed.compact["p90_ms"], "cv": speed.compact["cv"],
-                    "predicted_ms": cal.plan.predicted_ms * dense_ms / cal.plan.dense_predicted_ms,
-                    "predicted_ratio": cal.plan.predicted_ms / cal.plan.dense_predicted_ms,
+                    "predicted_ms": ft["predicted_ms"] * dense_ms / table.dense_ms,
+                    "predicted_ratio": ft["predicted_ms"] / table.dense_ms,
                     "accuracy": c_acc, "params": int(c_params), "macs": int(c_macs),
-                    "channels": channels(compact), "finetune": ft},
+                    "channels": channels(compact)},
+        "training": ft,
         "speedup": speed.speedup, "speedup_ci95": list(speed.speedup_ci95),
         "parity": dataclasses.asdict(parity),
         "runtime": {"name": "onnxruntime" if fp.runtime == "ort" else "torch", "version": fp.runtime_version,
@@ -284,7 +292,7 @@ def run(cfg: RunConfig) -> RunResult:
         dense, pre = dense_stage(ws)
         table = profile_stage(ws, dense)
         cal = plan_stage(ws, dense, table)
-        compact, ft = prune_stage(ws, dense, cal.plan)
+        compact, ft = prune_stage(ws, dense, table, cal)
         dense_onnx, compact_onnx, parity = export_stage(ws, dense, compact)
         speed = verify_stage(ws, dense_onnx, compact_onnx, dense, compact)
         report = report_stage(ws, dense, compact, table, cal, parity, speed, pre, ft)

@@ -20,7 +20,8 @@ needs_fmnist = pytest.mark.skipif(
 MINI = ["--no-progress", "--train-subset", "512", "--val-size", "256", "--test-subset", "256",
         "--pretrain-epochs", "0.5", "--finetune-epochs", "0.25", "--batch-size", "64",
         "--deploy-batch", "8", "--profile-step", "16", "--profile-round-s", "0.004",
-        "--verify-rounds", "3", "--verify-round-s", "0.1", "--calibrate-iters", "2"]
+        "--verify-rounds", "3", "--verify-round-s", "0.1", "--calibrate-iters", "2",
+        "--warmup-epochs", "0.25", "--prune-steps", "2", "--prune-every", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,10 @@ def test_run_writes_a_complete_report(mini_run, capsys):
     assert r["compact"]["params"] < r["dense"]["params"] and r["compact"]["macs"] < r["dense"]["macs"]
     assert r["parity"]["top1_agreement"] >= 0.99
     assert r["plan"]["calibration"], "the planned widths were timed before training"
+    t = r["training"]
+    assert t["method"] == "adasap" and t["step_time_ratio"] > 0
+    assert [h["step"] for h in t["prune_history"]] == [1, 2]
+    assert t["prune_history"][0]["params"] > t["prune_history"][1]["params"]  # the target shrinks
     assert sum(r["compact"]["channels"].values()) < sum(r["dense"]["channels"].values())
     for f in ("config.json", "table.json", "plan.json", "arch.json", "model.pt", "model.onnx", "dense.onnx",
               "report.md", "environment.json", "channels.png"):
@@ -113,6 +118,8 @@ def _bad(args, tmp_path, capsys, cache, match):
     (["run", "--budget", "1.7"], "budget must be in (0, 1]"),
     (["run", "--budget-ms", "-3"], "--budget-ms must be a positive"),
     (["run", "--model", "resnet21"], "unknown model 'resnet21'"),
+    (["run", "--rho-min", "3", "--rho-max", "1"], "rho_min (3.0) > rho_max (1.0)"),
+    (["run", "--rho", "-1"], "non-negative"),
     (["run", "--data", "/nonexistent/folder"], "neither an existing path"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, capsys, cache):

@@ -81,3 +81,34 @@ def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
     assert res.iterations == 8 and seen["stem"] == 8 and model.stem[0].out_channels == 8
     assert seen["carried"] == seen["params"]  # every parameter kept its momentum through the removal
     assert 0.0 <= evaluate(model, data, data.test) <= 1.0
+
+
+import pytest  # noqa: E402
+
+from latprune.pipeline.adasap import SharpnessConfig  # noqa: E402
+from latprune.pipeline.plan import PlanConfig, predicted_latency  # noqa: E402
+from latprune.pipeline.schedule import ScheduleConfig, step_time_ratio, train_and_prune_  # noqa: E402
+from latprune.testing import fake_table  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["adasap", "sgd"])
+def test_schedule_prunes_r_times_along_a_shrinking_target(method):
+    model, data = residual_net(), _tiny_data()
+    table = fake_table(model, SHAPE)
+    final = 0.4 * table.dense_ms
+    res = train_and_prune_(model, data, table, final, PlanConfig(), ScheduleConfig(warmup_epochs=0.25, prune_steps=3,
+                           prune_every=2), SharpnessConfig(method=method, rho=0.1, rho_max=0.1),
+                           TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1), SHAPE, progress=False)
+    targets = [h["target_ms"] for h in res.history]
+    assert [h["iteration"] for h in res.history] == [2, 4, 6]
+    assert targets == pytest.approx([table.dense_ms * 0.4 ** (r / 3) for r in (1, 2, 3)])
+    assert all(h["predicted_ms"] <= h["target_ms"] + 1e-9 for h in res.history)
+    assert predicted_latency(model, table, SHAPE) == pytest.approx(res.final_predicted_ms)
+    assert res.final_predicted_ms <= final + 1e-9 and set(res.phases) == {"warmup", "pruning", "finetune"}
+
+
+def test_step_time_ratio_is_measured_for_two_pass_methods():
+    model, data = residual_net(), _tiny_data()
+    r = step_time_ratio(model, data, SharpnessConfig(method="asam"), TrainConfig(batch_size=8), SHAPE, steps=2, rounds=1)
+    assert np.isfinite(r) and r > 0  # a measured ratio; its size is for benchmarks, not tests
+    assert step_time_ratio(model, data, SharpnessConfig(method="sgd"), TrainConfig(batch_size=8), SHAPE) == 1.0
