@@ -138,7 +138,7 @@ def test_uniform_asam_ball():
     _grads(model)
     scaled = _scale_param_ids(model)
     eps = uniform_perturbation(model.parameters(), 0.5, True, 0.01, scaled)
-    t = {p: (p.abs() + 0.01) if id(p) in scaled else torch.ones_like(p) for p in model.parameters()}
+    t = {p: (p.detach().abs() + 0.01) if id(p) in scaled else torch.ones_like(p) for p in model.parameters()}
     assert float(torch.sqrt(sum(((e / t[p]) ** 2).sum() for p, e in eps.items()))) == pytest.approx(0.5, rel=1e-5)
 
 
