@@ -32,7 +32,7 @@ class CalibratedPlan:
 
 
 def plan_to_budget(model: nn.Module, table: LatencyTable, wanted_ratio: float, cfg: PlanConfig,
-                   backend: Backend, input_shape: tuple[int, int, int], iters: int = 4, aim: float = 0.90,
+                   backend: Backend, input_shape: tuple[int, int, int], iters: int = 4, aim: float = 0.85,
                    rounds: int = 7, min_round_s: float = 0.25, batches=None) -> CalibratedPlan:
     """Plan for ``wanted_ratio`` x dense latency, corrected by measurement until it lands in range.
 

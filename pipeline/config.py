@@ -26,7 +26,7 @@ class BudgetConfig:
     fraction: float | None = 0.5
     ms: float | None = None
     calibrate_iters: int = 4  # closed loop: measure the planned widths, re-solve if off target
-    aim: float = 0.90  # aim the measured ratio at this share of the budget (headroom for drift)
+    aim: float = 0.85  # aim the measured ratio at this share of the budget (headroom for drift)
 
     def __post_init__(self):
         if self.ms is not None:

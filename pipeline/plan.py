@@ -157,8 +157,13 @@ def group_importance(model: nn.Module, dg, groups, criterion: str,
 
 
 def build_plan(model: nn.Module, table: LatencyTable, target_ms: float, cfg: PlanConfig,
-               input_shape: tuple[int, int, int], batches=None) -> PruningPlan:
-    """Plan which channels of ``model`` to keep so the predicted latency is at most ``target_ms``."""
+               input_shape: tuple[int, int, int], batches=None,
+               min_widths: dict[str, int] | None = None) -> PruningPlan:
+    """Plan which channels of ``model`` to keep so the predicted latency is at most ``target_ms``.
+
+    ``min_widths`` (by group) bounds how far each group may shrink: iterative pruning passes the
+    final plan's widths, so intermediate steps never cut a group below where it must end.
+    """
     if target_ms <= 0:
         raise BadInput(f"latency target must be > 0 ms, got {target_ms}")
     dg = dependency_graph(model, torch.zeros(1, *input_shape))
@@ -172,6 +177,8 @@ def build_plan(model: nn.Module, table: LatencyTable, target_ms: float, cfg: Pla
     choices = []
     for cg, _ in groups:
         ws = candidate_widths(cg.size, cfg.round_to)
+        if min_widths and cg.name in min_widths:
+            ws = ws[ws >= min(min_widths[cg.name], cg.size)]
         choices.append(GroupChoices(cg.name, ws, prefix_values(scores[cg.name], ws)))
     touches = {cg.name: _touch_fn(lm, lw.touched_by(cg.name)) for cg, _ in groups}
     try:

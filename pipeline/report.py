@@ -101,6 +101,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     for h in r["plan"]["calibration"]:
         lines.append(f"| {h['iteration']} | {h['table_target_ratio']:.3f} | {h['predicted_ratio']:.3f} | "
                      f"{h['measured_ratio']:.3f} |")
+    lines += ["", f"The chosen widths measured {r['plan']['calibrated_ratio']:.3f} of dense before training and "
+              f"{c['latency_ms'] / d['latency_ms']:.3f} now: the difference is timing drift on this machine "
+              "(weights do not change latency)."]
     lines += ["", "## Channels per layer (output channels)", "", "| layer | dense | compact |", "|---|---:|---:|"]
     for name, k in c["channels"].items():
         lines.append(f"| {name} | {d['channels'].get(name, '?')} | {k} |")

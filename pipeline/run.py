@@ -190,7 +190,7 @@ def prune_stage(ws: Workspace, dense: nn.Module, table: LatencyTable, cal: Calib
     """Warm up, prune on the schedule to the validated target (physically), fine-tune; save the
     compact model (arch + weights)."""
     cfg = ws.cfg
-    key, done = ws.stage_key("prune", target=cal.plan.target_ms, plan=dataclasses.asdict(cfg.plan),
+    key, done = ws.stage_key("prune", target=cal.plan.to_dict(), plan=dataclasses.asdict(cfg.plan),
                              schedule=dataclasses.asdict(cfg.schedule), sharpness=dataclasses.asdict(cfg.sharpness),
                              finetune=dataclasses.asdict(cfg.finetune), seed=cfg.seed, dense=_dense_identity(cfg))
     if done and (ws.run_dir / "arch.json").exists():
@@ -199,7 +199,7 @@ def prune_stage(ws: Workspace, dense: nn.Module, table: LatencyTable, cal: Calib
     with ws.timed("step_time_probe"):
         ratio = step_time_ratio(compact, ws.data, cfg.sharpness, cfg.finetune, ws.input_shape)
     with ws.timed("train_and_prune"):
-        res = train_and_prune_(compact, ws.data, table, cal.plan.target_ms, cfg.plan, cfg.schedule, cfg.sharpness,
+        res = train_and_prune_(compact, ws.data, table, cal.plan, cfg.plan, cfg.schedule, cfg.sharpness,
                                cfg.finetune, ws.input_shape, cfg.seed, cfg.progress)
     save_compact(compact, ws.spec, ws.run_dir)
     info = {"method": cfg.sharpness.method, "step_time_ratio": ratio, "predicted_ms": res.final_predicted_ms,
@@ -266,7 +266,7 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
         "plan": {"importance": cal.plan.importance, "round_to": cal.plan.round_to,
                  "table_target_ms": cal.plan.target_ms, "table_predicted_ms": cal.plan.predicted_ms,
                  "table_scale": cal.plan.table_scale, "knapsack_iterations": cal.plan.iterations,
-                 "calibration": cal.history},
+                 "calibration": cal.history, "calibrated_ratio": cal.measured_ratio},
         "table": {"entries": table.meta.get("entries"), "dense_ms_at_profile": table.dense_ms},
         "seed": cfg.seed, "stage_seconds": dict(ws.seconds), "environment": environment(),
         "artifacts": sorted(p.name for p in ws.run_dir.iterdir() if not p.name.startswith(".")),

@@ -86,7 +86,7 @@ def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
 import pytest  # noqa: E402
 
 from latprune.pipeline.adasap import SharpnessConfig  # noqa: E402
-from latprune.pipeline.plan import PlanConfig, predicted_latency  # noqa: E402
+from latprune.pipeline.plan import PlanConfig, build_plan, predicted_latency  # noqa: E402
 from latprune.pipeline.schedule import ScheduleConfig, step_time_ratio, train_and_prune_  # noqa: E402
 from latprune.testing import fake_table  # noqa: E402
 
@@ -95,16 +95,19 @@ from latprune.testing import fake_table  # noqa: E402
 def test_schedule_prunes_r_times_along_a_shrinking_target(method):
     model, data = residual_net(), _tiny_data()
     table = fake_table(model, SHAPE)
-    final = 0.4 * table.dense_ms
-    res = train_and_prune_(model, data, table, final, PlanConfig(), ScheduleConfig(warmup_epochs=0.25, prune_steps=3,
+    plan = build_plan(model, table, 0.4 * table.dense_ms, PlanConfig(), SHAPE)
+    final = plan.predicted_ms
+    res = train_and_prune_(model, data, table, plan, PlanConfig(), ScheduleConfig(warmup_epochs=0.25, prune_steps=3,
                            prune_every=2), SharpnessConfig(method=method, rho=0.1, rho_max=0.1),
                            TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1), SHAPE, progress=False)
     targets = [h["target_ms"] for h in res.history]
     assert [h["iteration"] for h in res.history] == [2, 4, 6]
-    assert targets == pytest.approx([table.dense_ms * 0.4 ** (r / 3) for r in (1, 2, 3)])
+    ratio = final / table.dense_ms
+    assert targets == pytest.approx([table.dense_ms * ratio ** (r / 3) for r in (1, 2, 3)])
     assert all(h["predicted_ms"] <= h["target_ms"] + 1e-9 for h in res.history)
     assert predicted_latency(model, table, SHAPE) == pytest.approx(res.final_predicted_ms)
     assert res.final_predicted_ms <= final + 1e-9 and set(res.phases) == {"warmup", "pruning", "finetune"}
+    assert res.history[-1]["widths"] == {g.name: len(g.keep) for g in plan.groups}  # lands on the plan
 
 
 def test_step_time_ratio_is_measured_for_two_pass_methods():
