@@ -98,7 +98,11 @@ def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final
             return None
         r = it // sched.prune_every
         target = l0 * (final_target_ms / l0) ** (r / sched.prune_steps)
-        plan = build_plan(m, table, target, plan_cfg, input_shape, min_widths=floor)
+        batches = None
+        if plan_cfg.importance == "taylor":  # gradients of a few fixed batches at the current weights
+            n = plan_cfg.taylor_batches * finetune.batch_size
+            batches = list(data.batches(data.train, finetune.batch_size, limit=n))
+        plan = build_plan(m, table, target, plan_cfg, input_shape, batches, min_widths=floor)
         rec = Removal()
         apply_plan_(m, plan, input_shape, record=rec)
         if isinstance(rule, SharpnessStep):

@@ -91,13 +91,13 @@ from latprune.pipeline.schedule import ScheduleConfig, step_time_ratio, train_an
 from latprune.testing import fake_table  # noqa: E402
 
 
-@pytest.mark.parametrize("method", ["adasap", "sgd"])
-def test_schedule_prunes_r_times_along_a_shrinking_target(method):
+@pytest.mark.parametrize("method,importance", [("adasap", "l2"), ("sgd", "taylor")])
+def test_schedule_prunes_r_times_along_a_shrinking_target(method, importance):
     model, data = residual_net(), _tiny_data()
     table = fake_table(model, SHAPE)
     plan = build_plan(model, table, 0.4 * table.dense_ms, PlanConfig(), SHAPE)
     final = plan.predicted_ms
-    res = train_and_prune_(model, data, table, plan, PlanConfig(), ScheduleConfig(warmup_epochs=0.25, prune_steps=3,
+    res = train_and_prune_(model, data, table, plan, PlanConfig(importance=importance), ScheduleConfig(warmup_epochs=0.25, prune_steps=3,
                            prune_every=2), SharpnessConfig(method=method, rho=0.1, rho_max=0.1),
                            TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1), SHAPE, progress=False)
     targets = [h["target_ms"] for h in res.history]
