@@ -20,7 +20,7 @@ from torch import nn
 
 from latprune.errors import BadInput, BudgetBelowFloor
 from latprune.latency_tables.table import LatencyTable, write_json_atomic
-from latprune.pipeline.groups import ChannelGroup, LayerWidths, dependency_graph, layer_widths, prunable_groups
+from latprune.pipeline.groups import LayerWidths, dependency_graph, layer_widths, prunable_groups
 from latprune.pipeline.knapsack import (BudgetUnreachable, GroupChoices, candidate_widths, plan_widths,
                                         prefix_values)
 
