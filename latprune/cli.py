@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rho", type=float, help="uniform SAM/ASAM radius (fine-tuning)")
     g.add_argument("--rho-min", type=float, help="AdaSAP's smallest per-neuron radius")
     g.add_argument("--rho-max", type=float, help="AdaSAP's largest per-neuron radius")
+    g.add_argument("--robust-images", type=int,
+                   help="test images for the corruption evaluation, each corrupted 75 ways (default 1000; 0 skips)")
     g.add_argument("--pretrain-epochs", type=float, help="dense pre-training epochs when no --weights (default 3)")
     g.add_argument("--finetune-epochs", type=float, help="fine-tuning epochs after pruning (default 2)")
     g.add_argument("--batch-size", type=int, help="training batch size (default 128)")
@@ -88,6 +90,7 @@ def config_from_args(a: argparse.Namespace):
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
         finetune={"epochs": a.finetune_epochs, "batch_size": a.batch_size},
         schedule={"warmup_epochs": a.warmup_epochs, "prune_steps": a.prune_steps, "prune_every": a.prune_every},
+        robustness={"images": a.robust_images},
         sharpness={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max},
         verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
     )

@@ -15,6 +15,7 @@ from latprune.latency_tables.profile import ProfileConfig
 from latprune.pipeline.adasap import SharpnessConfig
 from latprune.pipeline.data import DataConfig
 from latprune.pipeline.plan import PlanConfig
+from latprune.pipeline.robustness import RobustnessConfig
 from latprune.pipeline.schedule import ScheduleConfig
 from latprune.pipeline.train import TrainConfig
 
@@ -77,6 +78,7 @@ class RunConfig:
     finetune: TrainConfig = TrainConfig(epochs=2, lr=0.02, warmup_iters=20)  # also warm-up and pruning phases
     schedule: ScheduleConfig = ScheduleConfig()
     sharpness: SharpnessConfig = SharpnessConfig()
+    robustness: RobustnessConfig = RobustnessConfig()
     verify: VerifyConfig = VerifyConfig()
     seed: int = 0
     out: str | None = None

@@ -104,6 +104,15 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["", f"The chosen widths measured {r['plan']['calibrated_ratio']:.3f} of dense before training and "
               f"{c['latency_ms'] / d['latency_ms']:.3f} now: the difference is timing drift on this machine "
               "(weights do not change latency)."]
+    rob = r.get("robustness")
+    if rob:
+        lines += ["", f"## Robustness: {rob['suite']}, first {rob['eval_images']} test images", "",
+                  "| | dense | compact |", "|---|---:|---:|",
+                  f"| clean accuracy | {rob['dense']['clean_acc']:.4f} | {rob['clean_acc']:.4f} |",
+                  f"| corruption accuracy (mean of 75) | {rob['dense']['corruption_acc']:.4f} | {rob['corruption_acc']:.4f} |",
+                  f"| R_C = corruption / clean | {rob['dense']['R_C']:.3f} | {rob['R_C']:.3f} |"]
+        lines += [f"| {name} | {rob['dense']['per_corruption'][name]:.4f} | {acc:.4f} |"
+                  for name, acc in rob["per_corruption"].items()]
     lines += ["", "## Channels per layer (output channels)", "", "| layer | dense | compact |", "|---|---:|---:|"]
     for name, k in c["channels"].items():
         lines.append(f"| {name} | {d['channels'].get(name, '?')} | {k} |")

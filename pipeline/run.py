@@ -37,6 +37,7 @@ from latprune.pipeline.models import ModelSpec
 from latprune.pipeline.plan import PruningPlan
 from latprune.pipeline.schedule import step_time_ratio, train_and_prune_
 from latprune.pipeline.report import write_report
+from latprune.pipeline.robustness import corrupted_test_set, evaluate_robustness
 from latprune.pipeline.train import cache_key, evaluate, pretrained
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,14 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
     c_macs, c_params = tp.utils.count_ops_and_params(compact, ex)
     with ws.timed("evaluate"):
         d_acc, c_acc = evaluate(dense, ws.data, ws.data.test), evaluate(compact, ws.data, ws.data.test)
+    robustness = None
+    if cfg.robustness.images:
+        with ws.timed("robustness"):
+            clean, corrupted = corrupted_test_set(ws.data, cfg.robustness.images, ws.cache, cfg.seed, cfg.progress)
+            rd = evaluate_robustness(dense, ws.data, clean, corrupted)
+            rc = evaluate_robustness(compact, ws.data, clean, corrupted)
+        robustness = {**dataclasses.asdict(rc), "dense": dataclasses.asdict(rd), "suite": "CIFAR-10-C-style "
+                      "(imagecorruptions-imaug: 15 corruptions x 5 severities)"}
 
     def channels(m):
         return {n: (mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features)
@@ -258,6 +267,7 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
                     "accuracy": c_acc, "params": int(c_params), "macs": int(c_macs),
                     "channels": channels(compact)},
         "training": ft,
+        "robustness": robustness,
         "speedup": speed.speedup, "speedup_ci95": list(speed.speedup_ci95),
         "parity": dataclasses.asdict(parity),
         "runtime": {"name": "onnxruntime" if fp.runtime == "ort" else "torch", "version": fp.runtime_version,

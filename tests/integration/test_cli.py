@@ -21,7 +21,7 @@ MINI = ["--no-progress", "--train-subset", "512", "--val-size", "256", "--test-s
         "--pretrain-epochs", "0.5", "--finetune-epochs", "0.25", "--batch-size", "64",
         "--deploy-batch", "8", "--profile-step", "16", "--profile-round-s", "0.004",
         "--verify-rounds", "3", "--verify-round-s", "0.1", "--calibrate-iters", "2",
-        "--warmup-epochs", "0.25", "--prune-steps", "2", "--prune-every", "3"]
+        "--warmup-epochs", "0.25", "--prune-steps", "2", "--prune-every", "3", "--robust-images", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,10 @@ def test_run_writes_a_complete_report(mini_run, capsys):
     assert r["compact"]["params"] < r["dense"]["params"] and r["compact"]["macs"] < r["dense"]["macs"]
     assert r["parity"]["top1_agreement"] >= 0.99
     assert r["plan"]["calibration"], "the planned widths were timed before training"
+    rob = r["robustness"]
+    assert rob["eval_images"] == 8 and len(rob["per_corruption"]) == 15
+    assert rob["R_C"] == pytest.approx(rob["corruption_acc"] / rob["clean_acc"]) if rob["clean_acc"] else True
+    assert rob["corruption_acc"] == pytest.approx(np.mean(list(rob["per_corruption"].values())))
     t = r["training"]
     assert t["method"] == "adasap" and t["step_time_ratio"] > 0
     assert [h["step"] for h in t["prune_history"]] == [1, 2]
