@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from latprune.errors import LatpruneError
 
@@ -26,9 +28,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--deploy-batch", type=int, help="batch the budget is measured at (default 32)")
     g.add_argument("--threads", type=int, help="runtime threads (default 2)")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this (default 8)")
-    g.add_argument("--importance", choices=["l2", "taylor"], help="channel importance (default l2)")
+    g.add_argument("--importance", choices=["magnitude", "l2", "taylor"],
+                   help="channel importance: magnitude (L2, default; 'l2' is the same) or taylor")
     g.add_argument("--method", choices=["adasap", "sgd", "sam", "asam"],
                    help="optimizer for warm-up, pruning and fine-tuning (default adasap)")
+    g.add_argument("--target", choices=["latency", "params"],
+                   help="prune to the latency budget (default; AdaSAP_L, HALP knapsack) or to --param-ratio "
+                        "(AdaSAP_P, global magnitude rank)")
+    g.add_argument("--param-ratio", type=float, help="with --target params: kept parameters / dense parameters")
+    g.add_argument("--checkpoint-every", type=int,
+                   help="iterations between training checkpoints (default 50; also at every removal)")
+    g.add_argument("--sharpness-rho", type=float,
+                   help="radius of the sharpness probe before and after pruning (default 0.05; 0 skips it)")
+    g.add_argument("--resume", metavar="DIR",
+                   help="continue the killed or finished run in DIR with its own config.json (no other settings)")
     g.add_argument("--warmup-epochs", type=float, help="epochs before the first removal (default 0.5)")
     g.add_argument("--prune-steps", type=int, help="number of removals R (default 5)")
     g.add_argument("--prune-every", type=int, help="iterations between removals (default 30)")
@@ -69,9 +82,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(a: argparse.Namespace):
-    from latprune.pipeline.config import load_config
+_RESUME_OK = {"command", "resume", "no_progress", "verbose", "force"}
 
+
+def config_from_args(a: argparse.Namespace):
+    from latprune.errors import BadInput
+    from latprune.pipeline.config import RunConfig, load_config
+
+    if a.resume:
+        extra = sorted(k for k, v in vars(a).items() if v not in (None, False) and k not in _RESUME_OK)
+        if extra:
+            raise BadInput(f"--resume takes the settings from {a.resume}/config.json: drop --"
+                           f"{extra[0].replace('_', '-')} (or start a new run with --out)")
+        path = Path(a.resume) / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BadInput(f"{a.resume} has no config.json: pass the directory of a latprune run to --resume") from None
+        except json.JSONDecodeError:
+            raise BadInput(f"{path} is corrupted: start a new run with --out instead of --resume") from None
+        return RunConfig.from_dict(d).with_overrides(out=str(a.resume), progress=False if a.no_progress else None)
+    if a.target == "params" and (a.budget is not None or a.budget_ms is not None):
+        raise BadInput("--target params prunes to --param-ratio, not to a latency budget: drop --budget/--budget-ms")
     cfg = load_config(a.config)
     budget = {}
     if a.budget is not None:
@@ -85,11 +117,13 @@ def config_from_args(a: argparse.Namespace):
         data={"name": a.data, "train_subset": a.train_subset, "test_subset": a.test_subset, "val_size": a.val_size},
         deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads},
         budget=budget,
-        plan={"round_to": a.round_to, "importance": a.importance},
+        plan={"round_to": a.round_to, "importance": "l2" if a.importance == "magnitude" else a.importance},
         profile={"step": a.profile_step, "min_round_s": a.profile_round_s},
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
         finetune={"epochs": a.finetune_epochs, "batch_size": a.batch_size},
-        schedule={"warmup_epochs": a.warmup_epochs, "prune_steps": a.prune_steps, "prune_every": a.prune_every},
+        schedule={"warmup_epochs": a.warmup_epochs, "prune_steps": a.prune_steps, "prune_every": a.prune_every,
+                  "target": a.target, "param_ratio": a.param_ratio, "checkpoint_every": a.checkpoint_every,
+                  "sharpness_rho": a.sharpness_rho},
         robustness={"images": a.robust_images},
         sharpness={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max},
         verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
@@ -108,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.command in ("run", "export"):
             result = pipeline.run(cfg)
             r = result.report
-            status = "met" if r["budget"]["met"] else "MISSED"
-            print(f"budget {status}: compact {r['compact']['latency_ms']:.3f} ms vs target "
-                  f"{r['budget']['target_ms']:.3f} ms (dense {r['dense']['latency_ms']:.3f} ms), "
-                  f"speedup {r['speedup']:.2f}x, accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}",
-                  file=sys.stderr)
+            b, status = r["budget"], ("met" if r["budget"]["met"] else "MISSED")
+            goal = (f"parameter ratio {b['achieved_param_ratio']:.3f} vs {b['param_ratio']:.3f} {status}: "
+                    if b.get("target") == "params" else f"budget {status}: ")
+            print(f"{goal}compact {r['compact']['latency_ms']:.3f} ms"
+                  + (f" vs target {b['target_ms']:.3f} ms" if b.get("target_ms") is not None else "")
+                  + f" (dense {r['dense']['latency_ms']:.3f} ms), speedup {r['speedup']:.2f}x, "
+                  f"accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}", file=sys.stderr)
             print(result.report_path)
             return result.exit_code
         ws = pipeline.prepare(cfg)
@@ -126,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.command == "plan":
                 print(ws.run_dir / "plan.json")
                 return 0
-            pipeline.prune_stage(ws, dense, cal.plan)
+            pipeline.prune_stage(ws, dense, table, cal)
             print(ws.run_dir / "arch.json")
             return 0
     except LatpruneError as e:

@@ -122,3 +122,16 @@ def fake_table(model: nn.Module, input_shape=(3, 32, 32), step: int = 8, batch: 
     table = LatencyTable(fp, layers, {n: s.key for n, s in sigs.items()}, dense_ms=1.0)
     table.dense_ms = overhead_ms + sum(table.lookup(n, s.c_in, s.c_out) for n, s in sigs.items())
     return table
+
+
+def tiny_dataset(n: int = 64, shape=(3, 16, 16), num_classes: int = 10, seed: int = 0):
+    """A deterministic in-memory :class:`~latprune.pipeline.data.Dataset` of random images."""
+    from latprune.pipeline.data import Dataset, Split
+
+    rng = np.random.default_rng(seed)
+
+    def split(k):
+        return Split(rng.integers(0, 255, (k, *shape), dtype=np.uint8), rng.integers(0, num_classes, k))
+
+    return Dataset("tiny", "memory", split(n), split(16), split(16), [str(i) for i in range(num_classes)],
+                   (0.5,) * shape[0], (0.25,) * shape[0])

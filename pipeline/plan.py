@@ -6,6 +6,7 @@ widths, scaled so the dense sum equals the measured dense latency (see :class:`L
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -209,3 +210,64 @@ def build_plan(model: nn.Module, table: LatencyTable, target_ms: float, cfg: Pla
 def _touch_fn(lm: LatencyModel, layers: list[str]):
     scale = lm.scale
     return lambda kept: scale * lm.layers_ms(kept, layers)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_param_plan(model: nn.Module, table: LatencyTable, cfg: PlanConfig, input_shape: tuple[int, int, int],
+                     keep: int | None = None, max_params: int | None = None, batches=None) -> PruningPlan:
+    """AdaSAP_P's plan: the ``keep`` channels ranked highest *globally* (importance normalised per
+    group, then compared across groups; every group keeps at least one channel), or, with
+    ``max_params``, the largest such count whose pruned model has at most that many parameters
+    (parameters grow with the count because the global top-n sets are nested: a binary search over
+    pruned copies). No ``round_to`` here: this is the parameter-targeted ablation; the latency the
+    table predicts for it is recorded, not constrained."""
+    from latprune.pipeline.prune import apply_plan_
+
+    dg = dependency_graph(model, torch.zeros(1, *input_shape))
+    groups = prunable_groups(model, dg)
+    scores = group_importance(model, dg, groups, cfg.importance, batches)
+    names = [cg.name for cg, _ in groups]
+    owner = np.concatenate([np.full(cg.size, i) for i, (cg, _) in enumerate(groups)])
+    local = np.concatenate([np.arange(cg.size) for cg, _ in groups])
+    order = np.argsort(-np.concatenate([scores[n] for n in names]), kind="stable")
+    total = len(order)
+
+    def plan_for(n: int) -> list[GroupPlan]:
+        top = order[:n]
+        out = []
+        for i, (cg, _) in enumerate(groups):
+            kept = np.sort(local[top[owner[top] == i]])
+            if kept.size == 0:
+                kept = np.array([int(np.argmax(scores[cg.name]))])
+            out.append(GroupPlan(cg.name, cg.size, kept.tolist()))
+        return out
+
+    def params_for(n: int) -> int:
+        probe = PruningPlan(0.0, 0.0, 0.0, 1.0, plan_for(n), {}, 0, [], cfg.importance, 1)
+        return count_params(apply_plan_(copy.deepcopy(model), probe, input_shape))
+
+    if max_params is not None:
+        lo, hi = len(groups), total
+        if params_for(lo) > max_params:
+            raise BadInput(f"parameter target {max_params:,} is below the smallest reachable "
+                           f"{params_for(lo):,} (one channel per group): raise --param-ratio")
+        while lo < hi:  # largest n with params_for(n) <= max_params
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if params_for(mid) <= max_params else (lo, mid - 1)
+        keep = lo
+    elif keep is None:
+        raise ValueError("build_param_plan needs keep or max_params")
+    keep = int(min(max(keep, len(groups)), total))
+    plans = plan_for(keep)
+    lw = layer_widths(model, [cg for cg, _ in groups], table.layer_keys)
+    lm = LatencyModel(table, lw)
+    kept = {g.name: len(g.keep) for g in plans}
+    predicted = lm.predict(kept)
+    return PruningPlan(
+        target_ms=predicted, predicted_ms=predicted, dense_predicted_ms=lm.predict(dict(lw.group_size)),
+        table_scale=lm.scale, groups=plans, layer_channels={l: list(lw.widths(l, kept)) for l in lw.dense},
+        iterations=1, history=[{"kept_neurons": keep, "neurons": total}], importance=cfg.importance, round_to=1,
+    )

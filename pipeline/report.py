@@ -2,8 +2,12 @@
 
 report.json, schema_version 1. Latencies are milliseconds per batch of ``runtime.batch`` images,
 medians of dense and compact timed interleaved in one process; accuracies are fractions in [0, 1];
-``speedup = dense.latency_ms / compact.latency_ms``; ``budget.met`` is
-``compact.latency_ms <= budget.target_ms``.
+``speedup = dense.latency_ms / compact.latency_ms``. With ``budget.target == "latency"``,
+``budget.met`` is ``compact.latency_ms <= budget.target_ms``; with ``"params"`` (AdaSAP_P),
+``budget.param_ratio`` is the requested kept-parameter ratio, ``budget.achieved_param_ratio`` the
+result, ``budget.met`` whether it is at most the request, and ``target_ms`` is null.
+``training.sharpness`` holds the loss increase under a worst-case L2 ball of radius ``rho``
+(``pre_pruning``: after warm-up; ``post_pruning``: after the last removal, before fine-tuning).
 """
 from __future__ import annotations
 
@@ -40,11 +44,9 @@ def plot_channels(r: dict[str, Any], path: Path) -> Path:
     ax.bar([i + 0.2 for i in x], compact, 0.4, label="compact (latprune)", color="#1f77b4")
     ax.set_xticks(list(x), names, rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("output channels")
-    b = r["budget"]
     ax.set_title(
         f"{r['model']}: {r['dense']['latency_ms']:.2f} -> {r['compact']['latency_ms']:.2f} ms/batch of "
-        f"{r['runtime']['batch']} ({r['runtime']['name']}), budget {b['target_ms']:.2f} ms "
-        f"{'met' if b['met'] else 'MISSED'}; accuracy {r['dense']['accuracy']:.3f} -> {r['compact']['accuracy']:.3f}",
+        f"{r['runtime']['batch']} ({r['runtime']['name']}), {_budget_short(r['budget'])}; accuracy {r['dense']['accuracy']:.3f} -> {r['compact']['accuracy']:.3f}",
         fontsize=8,
     )
     ax.legend(fontsize=8)
@@ -55,18 +57,43 @@ def plot_channels(r: dict[str, Any], path: Path) -> Path:
     return write_bytes_atomic(path, buf.getvalue())
 
 
+def _budget_short(b: dict[str, Any]) -> str:
+    verdict = "met" if b["met"] else "MISSED"
+    if b.get("target") == "params":
+        return f"parameter ratio {b['achieved_param_ratio']:.3f} for {b['param_ratio']:.3f} {verdict}"
+    return f"budget {b['target_ms']:.2f} ms {verdict}"
+
+
 def _fmt(v, nd=3):
     return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def _target(h: dict[str, Any]) -> str:
+    t = h.get("target") or {"latency_ms": h["target_ms"]}
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in t.items())
+
+
+def _sharpness_line(s: dict[str, Any]) -> str:
+    if "pre_pruning" not in s:
+        return ""
+    return (f"Sharpness (max loss increase in an L2 ball of radius {s['rho']}, {s['steps']} ascent steps, "
+            f"{s['images']} training images): {s['pre_pruning']:.4f} before pruning, "
+            f"{s['post_pruning']:.4f} after the last removal (before fine-tuning).")
 
 
 def render_markdown(r: dict[str, Any]) -> str:
     b, d, c, rt = r["budget"], r["dense"], r["compact"], r["runtime"]
     verdict = "**met**" if b["met"] else "**MISSED**"
+    if b.get("target") == "params":
+        head = (f"Parameter target {verdict}: the compact model keeps {b['achieved_param_ratio']:.3f} of the dense "
+                f"parameters for a requested {b['param_ratio']:.3f} (AdaSAP_P, no latency budget); latency measured")
+    else:
+        head = (f"Budget {verdict}: compact {c['latency_ms']:.3f} ms against a target of {b['target_ms']:.3f} ms "
+                f"({_fmt(b.get('fraction'), 2)} of dense)")
     lines = [
         f"# latprune report: {r['model']} on {r['data']}",
         "",
-        f"Budget {verdict}: compact {c['latency_ms']:.3f} ms against a target of {b['target_ms']:.3f} ms "
-        f"({_fmt(b.get('fraction'), 2)} of dense) on {rt['name']} {rt['version']} ({rt['provider']}), "
+        f"{head} on {rt['name']} {rt['version']} ({rt['provider']}), "
         f"batch {rt['batch']}, {rt['threads']} threads, {rt['device']}.",
         "",
         "| | dense | compact |",
@@ -84,12 +111,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{r['parity']['top1_agreement']:.3f} on {r['parity']['batch']} test images.",
         "",
         f"Training: {r['training']['method']} (one step costs {r['training']['step_time_ratio']:.2f}x an SGD step); "
-        f"{len(r['training']['prune_history'])} removals, each re-solving the knapsack on the pruned model.",
+        f"{len(r['training']['prune_history'])} removals, each "
+        + ("ranking neurons globally by importance." if b.get("target") == "params"
+           else "re-solving the knapsack on the pruned model."),
+        _sharpness_line(r["training"].get("sharpness") or {}),
         "",
-        "| removal | iteration | target ms | predicted ms | params |",
-        "|---:|---:|---:|---:|---:|",
-        *[f"| {h['step']} | {h['iteration']} | {h['target_ms']:.3f} | {h['predicted_ms']:.3f} | {h['params']:,} |"
-          for h in r["training"]["prune_history"]],
+        "| removal | iteration | target | predicted ms | neurons | params |",
+        "|---:|---:|---|---:|---:|---:|",
+        *[f"| {h['step']} | {h['iteration']} | {_target(h)} | {h['predicted_ms']:.3f} | {h.get('neurons', '?')} | "
+          f"{h['params']:,} |" for h in r["training"]["prune_history"]],
         "",
         "![channels per layer](channels.png)",
         "",
@@ -101,9 +131,12 @@ def render_markdown(r: dict[str, Any]) -> str:
     for h in r["plan"]["calibration"]:
         lines.append(f"| {h['iteration']} | {h['table_target_ratio']:.3f} | {h['predicted_ratio']:.3f} | "
                      f"{h['measured_ratio']:.3f} |")
-    lines += ["", f"The chosen widths measured {r['plan']['calibrated_ratio']:.3f} of dense before training and "
-              f"{c['latency_ms'] / d['latency_ms']:.3f} now: the difference is timing drift on this machine "
-              "(weights do not change latency)."]
+    if r["plan"]["calibrated_ratio"] is not None:
+        lines += ["", f"The chosen widths measured {r['plan']['calibrated_ratio']:.3f} of dense before training and "
+                  f"{c['latency_ms'] / d['latency_ms']:.3f} now: the difference is timing drift on this machine "
+                  "(weights do not change latency)."]
+    else:
+        lines += ["", "No calibration: a parameter target does not constrain latency."]
     rob = r.get("robustness")
     if rob:
         lines += ["", f"## Robustness: {rob['suite']}, first {rob['eval_images']} test images", "",

@@ -34,7 +34,7 @@ from latprune.pipeline.compact import load_compact, save_compact
 from latprune.pipeline.config import RunConfig
 from latprune.pipeline.data import Dataset, load_dataset
 from latprune.pipeline.models import ModelSpec
-from latprune.pipeline.plan import PruningPlan
+from latprune.pipeline.plan import PruningPlan, build_param_plan, count_params
 from latprune.pipeline.schedule import step_time_ratio, train_and_prune_
 from latprune.pipeline.report import write_report
 from latprune.pipeline.robustness import corrupted_test_set, evaluate_robustness
@@ -165,7 +165,8 @@ def plan_stage(ws: Workspace, dense: nn.Module, table: LatencyTable) -> Calibrat
     else:
         wanted = cfg.budget.fraction
     key, done = ws.stage_key("plan", table=table.to_dict(), wanted=wanted, plan=dataclasses.asdict(cfg.plan),
-                             budget=dataclasses.asdict(cfg.budget), dense=_dense_identity(cfg))
+                             budget=dataclasses.asdict(cfg.budget), dense=_dense_identity(cfg),
+                             target=[cfg.schedule.target, cfg.schedule.param_ratio])
     if done and (ws.run_dir / "plan.json").exists():
         d = json.loads((ws.run_dir / "calibration.json").read_text())
         return CalibratedPlan(PruningPlan.load(ws.run_dir / "plan.json"), d["wanted_ratio"], d["measured_ratio"], d["history"])
@@ -173,8 +174,14 @@ def plan_stage(ws: Workspace, dense: nn.Module, table: LatencyTable) -> Calibrat
     if cfg.plan.importance == "taylor":
         batches = list(ws.data.batches(ws.data.train, cfg.finetune.batch_size, limit=cfg.plan.taylor_batches * cfg.finetune.batch_size))
     with ws.timed("plan"):
-        cal = plan_to_budget(dense, table, wanted, cfg.plan, ws.backend, ws.input_shape, cfg.budget.calibrate_iters,
-                             cfg.budget.aim, batches=batches)
+        if cfg.schedule.target == "params":  # AdaSAP_P: a parameter ratio, no latency budget to calibrate
+            p0 = count_params(dense)
+            plan = build_param_plan(dense, table, cfg.plan, ws.input_shape, max_params=int(cfg.schedule.param_ratio * p0),
+                                    batches=batches)
+            cal = CalibratedPlan(plan, plan.predicted_ms / table.dense_ms, None, [])
+        else:
+            cal = plan_to_budget(dense, table, wanted, cfg.plan, ws.backend, ws.input_shape,
+                                 cfg.budget.calibrate_iters, cfg.budget.aim, batches=batches)
     cal.plan.save(ws.run_dir / "plan.json")
     write_json_atomic(ws.run_dir / "calibration.json",
                       {"wanted_ratio": cal.wanted_ratio, "measured_ratio": cal.measured_ratio, "history": cal.history})
@@ -183,7 +190,9 @@ def plan_stage(ws: Workspace, dense: nn.Module, table: LatencyTable) -> Calibrat
 
 
 def _dense_identity(cfg: RunConfig) -> dict[str, Any]:
-    return {"model": cfg.model, "weights": cfg.weights, "pretrain": dataclasses.asdict(cfg.pretrain),
+    if cfg.weights:  # the seed and pre-training settings do not make this model
+        return {"model": cfg.model, "weights": str(Path(cfg.weights).resolve()), "data": dataclasses.asdict(cfg.data)}
+    return {"model": cfg.model, "weights": None, "pretrain": dataclasses.asdict(cfg.pretrain),
             "data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
 
 
@@ -197,14 +206,20 @@ def prune_stage(ws: Workspace, dense: nn.Module, table: LatencyTable, cal: Calib
     if done and (ws.run_dir / "arch.json").exists():
         return load_compact(ws.run_dir), json.loads((ws.run_dir / "training.json").read_text())
     compact = copy.deepcopy(dense)
-    with ws.timed("step_time_probe"):
-        ratio = step_time_ratio(compact, ws.data, cfg.sharpness, cfg.finetune, ws.input_shape)
+    probe_file = ws.run_dir / "step_time.json"  # measured once per run, so a resumed run does not re-time it
+    probe = json.loads(probe_file.read_text()) if probe_file.exists() else {}
+    if probe.get("key") != key:
+        with ws.timed("step_time_probe"):
+            probe = {"key": key, "ratio": step_time_ratio(compact, ws.data, cfg.sharpness, cfg.finetune, ws.input_shape)}
+        write_json_atomic(probe_file, probe)
     with ws.timed("train_and_prune"):
         res = train_and_prune_(compact, ws.data, table, cal.plan, cfg.plan, cfg.schedule, cfg.sharpness,
-                               cfg.finetune, ws.input_shape, cfg.seed, cfg.progress)
+                               cfg.finetune, ws.input_shape, cfg.seed, cfg.progress,
+                               checkpoint=ws.run_dir / "training.ckpt.pt", key=key)
     save_compact(compact, ws.spec, ws.run_dir)
-    info = {"method": cfg.sharpness.method, "step_time_ratio": ratio, "predicted_ms": res.final_predicted_ms,
-            "prune_history": res.history, "phases": res.phases}
+    info = {"method": cfg.sharpness.method, "target": cfg.schedule.target, "importance": cfg.plan.importance,
+            "step_time_ratio": probe["ratio"], "predicted_ms": res.final_predicted_ms,
+            "prune_history": res.history, "phases": res.phases, "sharpness": res.sharpness, "resumed": res.resumed}
     write_json_atomic(ws.run_dir / "training.json", info)
     ws.done("prune", key)
     return compact.eval(), info
@@ -235,7 +250,6 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
                  parity: Parity, speed: SpeedResult, pre: dict, ft: dict) -> dict[str, Any]:
     cfg, fp = ws.cfg, ws.backend.fingerprint(ws.input_shape)
     dense_ms, compact_ms = speed.dense["median_ms"], speed.compact["median_ms"]
-    target = cfg.budget.ms if cfg.budget.ms is not None else cfg.budget.fraction * dense_ms
     ex = torch.zeros(1, *ws.input_shape)
     d_macs, d_params = tp.utils.count_ops_and_params(dense, ex)
     c_macs, c_params = tp.utils.count_ops_and_params(compact, ex)
@@ -256,8 +270,7 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
 
     report = {
         "model": ws.spec.name, "data": ws.data.name,
-        "budget": {"fraction": cfg.budget.fraction if cfg.budget.ms is None else target / dense_ms,
-                   "target_ms": target, "requested_ms": cfg.budget.ms, "met": compact_ms <= target},
+        "budget": _budget(cfg, dense_ms, compact_ms, int(d_params), int(c_params)),
         "dense": {"latency_ms": dense_ms, "latency_p90_ms": speed.dense["p90_ms"], "cv": speed.dense["cv"],
                   "predicted_ms": table.dense_ms, "accuracy": d_acc, "params": int(d_params),
                   "macs": int(d_macs), "channels": channels(dense), "pretrain": pre},
@@ -282,6 +295,16 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
         "artifacts": sorted(p.name for p in ws.run_dir.iterdir() if not p.name.startswith(".")),
     }
     return report
+
+
+def _budget(cfg: RunConfig, dense_ms: float, compact_ms: float, d_params: int, c_params: int) -> dict[str, Any]:
+    if cfg.schedule.target == "params":
+        ratio = c_params / d_params
+        return {"target": "params", "param_ratio": cfg.schedule.param_ratio, "achieved_param_ratio": ratio,
+                "met": ratio <= cfg.schedule.param_ratio, "fraction": None, "target_ms": None, "requested_ms": None}
+    target = cfg.budget.ms if cfg.budget.ms is not None else cfg.budget.fraction * dense_ms
+    return {"target": "latency", "fraction": cfg.budget.fraction if cfg.budget.ms is None else target / dense_ms,
+            "target_ms": target, "requested_ms": cfg.budget.ms, "met": compact_ms <= target}
 
 
 @dataclasses.dataclass

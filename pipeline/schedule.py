@@ -23,7 +23,8 @@ import copy
 import dataclasses
 import logging
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,11 +34,17 @@ from latprune.errors import BadInput
 from latprune.latency_tables.table import LatencyTable
 from latprune.pipeline.adasap import SharpnessConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import Dataset
-from latprune.pipeline.plan import PlanConfig, PruningPlan, build_plan, predicted_latency
+from latprune.pipeline.plan import (PlanConfig, PruningPlan, build_param_plan, build_plan, count_params,
+                                    predicted_latency)
 from latprune.pipeline.prune import Removal, apply_plan_
-from latprune.pipeline.train import TrainConfig, make_optimizer, sgd_step, train
+from latprune.pipeline.train import Resume, TrainConfig, make_optimizer, save_atomic, sgd_step, train
 
 log = logging.getLogger(__name__)
+
+
+TARGETS = ("latency", "params")
+PHASES = ("warmup", "pruning", "finetune")
+CHECKPOINT_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +52,28 @@ class ScheduleConfig:
     warmup_epochs: float = 0.5
     prune_steps: int = 5  # R
     prune_every: int = 30  # iterations between removals (paper: 30)
+    target: str = "latency"  # latency: AdaSAP_L (HALP knapsack); params: AdaSAP_P (global rank)
+    param_ratio: float | None = None  # --target params: kept parameters / dense parameters
+    checkpoint_every: int = 50  # iterations between training checkpoints (also at every removal)
+    sharpness_rho: float = 0.05  # radius of the sharpness probe before and after pruning (0: skip)
+    sharpness_steps: int = 3  # ascent steps of the probe
+    sharpness_batches: int = 2  # fixed training batches the probe's loss is taken on
 
     def __post_init__(self):
         if self.warmup_epochs < 0:
             raise BadInput(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.prune_steps < 1 or self.prune_every < 1:
             raise BadInput(f"prune_steps and prune_every must be >= 1, got {self.prune_steps}, {self.prune_every}")
+        if self.target not in TARGETS:
+            raise BadInput(f"--target must be latency or params, got {self.target!r}")
+        if self.target == "latency" and self.param_ratio is not None:
+            raise BadInput("--param-ratio applies to --target params: add --target params or drop --param-ratio")
+        if self.target == "params" and (self.param_ratio is None or not (0 < self.param_ratio < 1)):
+            raise BadInput(f"--target params needs --param-ratio in (0, 1), e.g. 0.4, got {self.param_ratio}")
+        if self.checkpoint_every < 0:
+            raise BadInput(f"checkpoint_every must be >= 0 iterations, got {self.checkpoint_every}")
+        if self.sharpness_rho < 0 or self.sharpness_steps < 1 or self.sharpness_batches < 1:
+            raise BadInput("sharpness_rho must be >= 0, sharpness_steps and sharpness_batches >= 1")
 
 
 @dataclasses.dataclass
@@ -58,6 +81,8 @@ class ScheduleResult:
     history: list[dict[str, Any]]  # one entry per removal
     final_predicted_ms: float
     phases: dict[str, dict[str, Any]]
+    sharpness: dict[str, Any]
+    resumed: list[dict[str, Any]]  # where each resume picked up (phase, iteration)
 
 
 def step_rules(model: nn.Module, sharp: SharpnessConfig, input_shape) -> tuple[Any, Any]:
@@ -72,61 +97,226 @@ def step_rules(model: nn.Module, sharp: SharpnessConfig, input_shape) -> tuple[A
     return adaptive, uniform
 
 
+@torch.no_grad()
+def _loss(model: nn.Module, batches) -> float:
+    return float(np.mean([float(nn.functional.cross_entropy(model(x), y)) for x, y in batches]))
+
+
+def measure_sharpness(model: nn.Module, batches, rho: float, steps: int = 3) -> float:
+    """SAM's sharpness (Foret et al.; AdaSAP section 4.5): max over ||eps||_2 <= rho of
+    L(w + eps) - L(w), estimated by ``steps`` normalised gradient-ascent steps projected on the
+    ball, on fixed batches, in eval mode (BatchNorm statistics fixed). A lower bound of the true
+    maximum. Runs on a copy: the model, its BN buffers and the RNG stream are untouched."""
+    m = copy.deepcopy(model).eval()
+    params = [p for p in m.parameters() if p.requires_grad]
+    w0 = [p.detach().clone() for p in params]
+    base = _loss(m, batches)
+    best, step = base, rho / steps * 2
+    for _ in range(steps):
+        m.zero_grad(set_to_none=True)
+        for x, y in batches:
+            (nn.functional.cross_entropy(m(x), y) / len(batches)).backward()
+        with torch.no_grad():
+            gn = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
+            if not torch.isfinite(gn) or gn == 0:
+                break
+            for p in params:
+                if p.grad is not None:
+                    p.add_(p.grad * (step / float(gn)))
+            d = [p - w for p, w in zip(params, w0)]
+            dn = float(torch.sqrt(sum((x.double() ** 2).sum() for x in d)))
+            if dn > rho:  # project back onto the ball
+                for p, w, x in zip(params, w0, d):
+                    p.copy_(w + x * (rho / dn))
+        best = max(best, _loss(m, batches))
+    return best - base
+
+
 def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final: PruningPlan,
                      plan_cfg: PlanConfig, sched: ScheduleConfig, sharp: SharpnessConfig,
                      finetune: TrainConfig, input_shape: tuple[int, int, int], seed: int = 0,
-                     progress: bool = True) -> ScheduleResult:
-    """Warm up, prune R times down to the widths of ``final`` (a plan validated by measurement),
-    fine-tune; in place. Each step re-solves the knapsack at L_r with the current importances, never
+                     progress: bool = True, checkpoint: Path | None = None, key: str = "",
+                     hook: Callable[[str, int], None] | None = None) -> ScheduleResult:
+    """Warm up, prune R times, fine-tune; in place.
+
+    ``target="latency"`` (AdaSAP_L): down to the widths of ``final`` (a plan validated by
+    measurement). Each step re-solves the knapsack at L_r with the current importances, never
     cutting a group below its final width, so the last step lands on ``final``'s widths and which
-    channels survive is decided by the importances after warm-up."""
-    ex = torch.zeros(1, *input_shape)
-    rule, ft_rule = step_rules(model, sharp, input_shape)
-    phases: dict[str, dict[str, Any]] = {}
-    cfg_a = dataclasses.replace(finetune, epochs=sched.warmup_epochs)
-    phases["warmup"] = dataclasses.asdict(train(model, data, cfg_a, seed=seed, step=rule, progress=progress,
-                                                desc="warm-up"))
+    channels survive is decided by the importances after warm-up. ``target="params"`` (AdaSAP_P):
+    step r keeps the k_r = m k^(r/R) globally top-ranked neurons, k found after warm-up so that the
+    global ranking meets ``param_ratio``; the last step searches the count that meets it exactly.
 
-    l0 = predicted_latency(model, table, input_shape)
-    final_target_ms = final.predicted_ms
-    floor = {g.name: len(g.keep) for g in final.groups}
-    history: list[dict[str, Any]] = []
-    last = {"predicted_ms": l0}
+    ``checkpoint`` (a file) is written atomically every ``sched.checkpoint_every`` iterations, at
+    every removal and between phases, and resumed from when it exists with the same ``key``: the
+    model's architecture and weights, optimizer state (momentum), schedule position, pruning history
+    and RNG state, so a killed run ends with the same model, bit for bit, as an uninterrupted one
+    (same threads). ``hook(phase, iteration)`` runs after every iteration (monitoring, tests).
+    """
+    run = _Schedule(model, data, table, final, plan_cfg, sched, sharp, finetune, input_shape, seed, progress,
+                    checkpoint, key, hook)
+    return run()
 
-    def prune_step(it: int, m: nn.Module) -> Removal | None:
-        if it % sched.prune_every:
+
+class _Schedule:
+    """The state of one train-and-prune run; everything a checkpoint must hold is an attribute."""
+
+    def __init__(self, model, data, table, final, plan_cfg, sched, sharp, finetune, input_shape, seed, progress,
+                 checkpoint, key, hook):
+        self.model, self.data, self.table, self.final = model, data, table, final
+        self.plan_cfg, self.sched, self.sharp, self.ft = plan_cfg, sched, sharp, finetune
+        self.input_shape, self.seed, self.progress = input_shape, seed, progress
+        self.checkpoint, self.key, self.hook = checkpoint, key, hook
+        self.ex = torch.zeros(1, *input_shape)
+        self.history: list[dict[str, Any]] = []
+        self.phases: dict[str, dict[str, Any]] = {}
+        self.sharpness: dict[str, Any] = {}
+        self.resumed: list[dict[str, Any]] = []
+        self.l0: float | None = None  # predicted latency when pruning starts
+        self.p0: int | None = None  # parameters when pruning starts
+        self.k: float | None = None  # params target: final kept fraction of neurons
+        self.m: int | None = None  # params target: neurons when pruning starts
+        self.phase, self.resume = PHASES[0], None
+
+    # ---- checkpoints ----
+    def _state(self, phase: str, resume: Resume | None) -> dict[str, Any]:
+        from latprune.pipeline.compact import layer_shapes
+
+        return {"version": CHECKPOINT_VERSION, "key": self.key, "phase": phase,
+                "train": resume.to_dict() if resume else None, "rng": torch.get_rng_state(),
+                "layers": layer_shapes(self.model), "model": self.model.state_dict(),
+                "history": self.history, "phases": self.phases, "sharpness": self.sharpness,
+                "resumed": self.resumed, "l0": self.l0, "p0": self.p0, "k": self.k, "m": self.m}
+
+    def _save(self, phase: str, resume: Resume | None) -> None:
+        if self.checkpoint is not None:
+            save_atomic(self._state(phase, resume), self.checkpoint)
+
+    def _load(self) -> None:
+        from latprune.pipeline.compact import reshape_
+
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return
+        try:
+            ck = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # a torn file cannot happen (atomic writes), a foreign one can
+            log.warning("ignoring unreadable training checkpoint %s (%s)", self.checkpoint, str(e)[:80])
+            return
+        if ck.get("version") != CHECKPOINT_VERSION or ck.get("key") != self.key:
+            log.info("training checkpoint %s is for other settings: starting over", self.checkpoint)
+            return
+        reshape_(self.model, ck["layers"])
+        self.model.load_state_dict(ck["model"])
+        for a in ("history", "phases", "sharpness", "resumed", "l0", "p0", "k", "m"):
+            setattr(self, a, ck[a])
+        self.phase = ck["phase"]
+        self.resume = Resume.from_dict(ck["train"]) if ck["train"] else None
+        torch.set_rng_state(ck["rng"])
+        it = self.resume.iteration if self.resume else 0
+        self.resumed.append({"phase": self.phase, "iteration": it})
+        log.info("resuming training from %s, phase %s, iteration %d (%d removals done)", self.checkpoint,
+                 self.phase, it, len(self.history))
+
+    # ---- phases ----
+    def __call__(self) -> ScheduleResult:
+        self._load()
+        for phase in PHASES[PHASES.index(self.phase):]:
+            resume, self.resume = (self.resume if phase == self.phase else None), None
+            self.phase = phase
+            getattr(self, f"_{phase}")(resume)
+            nxt = PHASES.index(phase) + 1
+            self._save(PHASES[nxt] if nxt < len(PHASES) else "done", None)
+        if self.checkpoint is not None:
+            self.checkpoint.unlink(missing_ok=True)
+        return ScheduleResult(self.history, predicted_latency(self.model, self.table, self.input_shape),
+                              self.phases, self.sharpness, self.resumed)
+
+    def _train(self, phase: str, cfg: TrainConfig, seed: int, rule, resume, callbacks=()) -> None:
+        hooks = [lambda it: self.hook(phase, it)] if self.hook else []
+        res = train(self.model, self.data, cfg, seed=seed, step=rule, callbacks=callbacks, progress=self.progress,
+                    desc=phase, resume=resume, save=lambda m, r: self._save(phase, r),
+                    save_every=self.sched.checkpoint_every, hooks=hooks)
+        self.phases[phase] = dataclasses.asdict(res)
+
+    def _warmup(self, resume) -> None:
+        rule, _ = step_rules(self.model, self.sharp, self.input_shape)
+        self._train("warmup", dataclasses.replace(self.ft, epochs=self.sched.warmup_epochs), self.seed, rule, resume)
+
+    def _probe_batches(self):
+        n = self.sched.sharpness_batches * self.ft.batch_size
+        return list(self.data.batches(self.data.train, self.ft.batch_size, limit=n))
+
+    def _probe(self, when: str) -> None:
+        if self.sched.sharpness_rho > 0:
+            s = measure_sharpness(self.model, self._probe_batches(), self.sched.sharpness_rho,
+                                  self.sched.sharpness_steps)
+            self.sharpness.update({when: s, "rho": self.sched.sharpness_rho, "steps": self.sched.sharpness_steps,
+                                   "images": self.sched.sharpness_batches * self.ft.batch_size})
+            log.info("sharpness %s: %.4f (rho %.3g)", when, s, self.sched.sharpness_rho)
+
+    def _pruning(self, resume) -> None:
+        sched = self.sched
+        if resume is None:  # the phase starts here: measure where pruning starts from
+            self._probe("pre_pruning")
+            self.l0 = predicted_latency(self.model, self.table, self.input_shape)
+            self.p0 = count_params(self.model)
+            if sched.target == "params":
+                plan = build_param_plan(self.model, self.table, self.plan_cfg, self.input_shape,
+                                        max_params=int(sched.param_ratio * self.p0), batches=self._taylor_batches())
+                self.m = plan.history[0]["neurons"]
+                self.k = plan.history[0]["kept_neurons"] / self.m
+        rule, _ = step_rules(self.model, self.sharp, self.input_shape)
+
+        def prune_step(it: int, m: nn.Module) -> Removal | None:
+            if it % sched.prune_every:
+                return None
+            r = it // sched.prune_every
+            plan, target = self._plan_step(m, r)
+            rec = Removal()
+            apply_plan_(m, plan, self.input_shape, record=rec)
+            if isinstance(rule, SharpnessStep):
+                rule.rebind(m, self.ex)  # the parameters were replaced
+            n_params = count_params(m)
+            self.history.append({"step": r, "iteration": it, "target": target, "target_ms": plan.target_ms,
+                                 "predicted_ms": plan.predicted_ms, "params": n_params,
+                                 "neurons": sum(len(g.keep) for g in plan.groups),
+                                 "widths": {g.name: len(g.keep) for g in plan.groups}})
+            log.info("prune step %d/%d: target %s, predicted %.3f ms, %d params", r, sched.prune_steps, target,
+                     plan.predicted_ms, n_params)
+            return rec
+
+        iters = sched.prune_steps * sched.prune_every
+        per_epoch = max(int(np.ceil(len(self.data.train) / self.ft.batch_size)), 1)
+        cfg_b = dataclasses.replace(self.ft, epochs=iters / per_epoch)
+        self._train("pruning", cfg_b, self.seed + 1, rule, resume, callbacks=[prune_step])
+        if len(self.history) != sched.prune_steps:
+            raise RuntimeError(f"pruning phase made {len(self.history)} of {sched.prune_steps} removals")
+        self._probe("post_pruning")
+
+    def _taylor_batches(self):
+        if self.plan_cfg.importance != "taylor":
             return None
-        r = it // sched.prune_every
-        target = l0 * (final_target_ms / l0) ** (r / sched.prune_steps)
-        batches = None
-        if plan_cfg.importance == "taylor":  # gradients of a few fixed batches at the current weights
-            n = plan_cfg.taylor_batches * finetune.batch_size
-            batches = list(data.batches(data.train, finetune.batch_size, limit=n))
-        plan = build_plan(m, table, target, plan_cfg, input_shape, batches, min_widths=floor)
-        rec = Removal()
-        apply_plan_(m, plan, input_shape, record=rec)
-        if isinstance(rule, SharpnessStep):
-            rule.rebind(m, ex)  # the parameters were replaced
-        n_params = sum(p.numel() for p in m.parameters())
-        history.append({"step": r, "iteration": it, "target_ms": target, "predicted_ms": plan.predicted_ms,
-                        "params": n_params, "widths": {g.name: len(g.keep) for g in plan.groups}})
-        last["predicted_ms"] = plan.predicted_ms
-        log.info("prune step %d/%d: target %.3f ms, predicted %.3f ms, %d params", r, sched.prune_steps, target,
-                 plan.predicted_ms, n_params)
-        return rec
+        n = self.plan_cfg.taylor_batches * self.ft.batch_size  # gradients of fixed batches at current weights
+        return list(self.data.batches(self.data.train, self.ft.batch_size, limit=n))
 
-    iters = sched.prune_steps * sched.prune_every
-    per_epoch = max(int(np.ceil(len(data.train) / finetune.batch_size)), 1)
-    cfg_b = dataclasses.replace(finetune, epochs=iters / per_epoch)
-    phases["pruning"] = dataclasses.asdict(train(model, data, cfg_b, seed=seed + 1, step=rule, callbacks=[prune_step],
-                                                 progress=progress, desc="prune"))
-    if len(history) != sched.prune_steps:
-        raise RuntimeError(f"pruning phase made {len(history)} of {sched.prune_steps} removals")
-    if isinstance(ft_rule, SharpnessStep):
-        ft_rule.rebind(model, ex)
-    phases["finetune"] = dataclasses.asdict(train(model, data, finetune, seed=seed + 2, step=ft_rule, progress=progress,
-                                                  desc="fine-tune"))
-    return ScheduleResult(history, last["predicted_ms"], phases)
+    def _plan_step(self, m: nn.Module, r: int) -> tuple[PruningPlan, Any]:
+        R = self.sched.prune_steps
+        if self.sched.target == "params":
+            if r == R:  # land on the parameter target exactly
+                budget = int(self.sched.param_ratio * self.p0)
+                return build_param_plan(m, self.table, self.plan_cfg, self.input_shape, max_params=budget,
+                                        batches=self._taylor_batches()), {"params": budget}
+            keep = int(round(self.m * self.k ** (r / R)))
+            return build_param_plan(m, self.table, self.plan_cfg, self.input_shape, keep=keep,
+                                    batches=self._taylor_batches()), {"neurons": keep}
+        target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
+        floor = {g.name: len(g.keep) for g in self.final.groups}
+        plan = build_plan(m, self.table, target, self.plan_cfg, self.input_shape, self._taylor_batches(),
+                          min_widths=floor)
+        return plan, {"latency_ms": target}
+
+    def _finetune(self, resume) -> None:
+        _, ft_rule = step_rules(self.model, self.sharp, self.input_shape)
+        self._train("finetune", self.ft, self.seed + 2, ft_rule, resume)
 
 
 def step_time_ratio(model: nn.Module, data: Dataset, sharp: SharpnessConfig, cfg: TrainConfig,

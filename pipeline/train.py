@@ -86,10 +86,38 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
+@dataclasses.dataclass
+class Resume:
+    """Where an interrupted :func:`train` call stopped: its iteration, optimizer state and torch RNG.
+    The model itself is restored by the caller (it may have been pruned in between)."""
+
+    iteration: int
+    optimizer: dict
+    rng: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {"iteration": self.iteration, "optimizer": self.optimizer, "rng": self.rng}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Resume":
+        return cls(int(d["iteration"]), d["optimizer"], d["rng"])
+
+
+Saver = Callable[[nn.Module, Resume], None]  # writes a checkpoint of (model, where training stands)
+
+
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step: StepRule = sgd_step,
-          callbacks: Sequence[Callback] = (), checkpoint: Path | None = None, progress: bool = True,
-          desc: str = "train") -> TrainResult:
-    """Train ``model`` in place for ``cfg.epochs`` over ``data.train``; evaluate on ``data.val``."""
+          callbacks: Sequence[Callback] = (), progress: bool = True, desc: str = "train",
+          resume: Resume | None = None, save: Saver | None = None, save_every: int = 0,
+          hooks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+    """Train ``model`` in place for ``cfg.epochs`` over ``data.train``; evaluate on ``data.val``.
+
+    ``save`` is called every ``save_every`` iterations and after every removal a callback makes;
+    ``resume`` continues from such a checkpoint, bit for bit: the data order is a function of
+    (seed, epoch) and is replayed up to the stopping point, the learning rate a function of the
+    iteration, and the optimizer state and torch RNG are restored. ``hooks`` run after each
+    iteration (and after its checkpoint) with the iteration count.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
@@ -97,8 +125,10 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
     total = max(int(round(cfg.epochs * per_epoch)), 0)
     optimizer = make_optimizer(model, cfg)
     start = 0
-    if checkpoint is not None and checkpoint.exists():
-        start = _resume(checkpoint, model, optimizer)
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        torch.set_rng_state(resume.rng)
+        start = resume.iteration
         log.info("resumed %s from iteration %d of %d", desc, start, total)
     sched = _lr_lambda(total, cfg.warmup_iters)
     it, loss = start, float("nan")
@@ -121,19 +151,21 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
             it += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            removed = False
             for cb in callbacks:
                 momentum = _momentum_by_name(model, optimizer)
                 removal = cb(it, model)
                 if removal is not None:  # parameters were replaced: follow them
                     optimizer = make_optimizer(model, cfg)
                     carry_momentum_(optimizer, momentum, model, removal)
+                    removed = True
+            if save is not None and it < total and (removed or (save_every and it % save_every == 0)):
+                save(model, Resume(it, optimizer.state_dict(), torch.get_rng_state()))
+            for h in hooks:
+                h(it)
         epoch += 1
-        if checkpoint is not None and it < total:
-            _save_checkpoint(checkpoint, model, optimizer, it)
     bar.close()
     acc = evaluate(model, data, data.val)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
     return TrainResult(it, loss, acc, start)
 
 
@@ -165,17 +197,6 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer, it: int) -> None:
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it}, path)
-
-
-def _resume(path: Path, model: nn.Module, optimizer) -> int:
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    return int(ck["iteration"])
-
-
 def save_atomic(obj, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,8 +223,20 @@ def pretrained(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir: Pat
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log.info("loaded cached pre-trained weights %s", path)
         return model, {"cached": True, "path": str(path)}
-    res = train(model, data, cfg, seed=seed, checkpoint=path.with_suffix(".partial.pt"), progress=progress,
-                desc="pre-train")
+    partial = path.with_suffix(".partial.pt")
+    resume = None
+    if partial.exists():
+        ck = torch.load(partial, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        resume = Resume.from_dict(ck["train"])
+
+    def save(m: nn.Module, r: Resume) -> None:
+        save_atomic({"model": m.state_dict(), "train": r.to_dict()}, partial)
+
+    per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    res = train(model, data, cfg, seed=seed, progress=progress, desc="pre-train", resume=resume, save=save,
+                save_every=per_epoch)
     save_atomic(model.state_dict(), path)
+    partial.unlink(missing_ok=True)
     log.info("pre-trained dense model: val accuracy %.4f, cached at %s", res.val_accuracy, path)
     return model, {"cached": False, "path": str(path), "val_accuracy": res.val_accuracy}

@@ -61,6 +61,9 @@ def test_run_writes_a_complete_report(mini_run, capsys):
     assert t["method"] == "adasap" and t["step_time_ratio"] > 0
     assert [h["step"] for h in t["prune_history"]] == [1, 2]
     assert t["prune_history"][0]["params"] > t["prune_history"][1]["params"]  # the target shrinks
+    assert t["target"] == "latency" and r["budget"]["target"] == "latency"
+    assert t["sharpness"]["pre_pruning"] >= 0 and t["sharpness"]["post_pruning"] >= 0
+    assert not (out / "training.ckpt.pt").exists()  # the training checkpoint goes once training ends
     assert sum(r["compact"]["channels"].values()) < sum(r["dense"]["channels"].values())
     for f in ("config.json", "table.json", "plan.json", "arch.json", "model.pt", "model.onnx", "dense.onnx",
               "report.md", "environment.json", "channels.png"):
@@ -98,6 +101,42 @@ def test_same_out_resumes_without_redoing_stages(mini_run, cache, tmp_path, caps
 
 @pytest.mark.slow
 @needs_fmnist
+def test_resume_flag_continues_a_run_with_its_own_config(mini_run, tmp_path, capsys):
+    _, out = mini_run
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    (copy / "report.json").unlink()
+    weights_mtime = (copy / "model.pt").stat().st_mtime_ns
+    code = main(["run", "--resume", str(copy), "--no-progress"])
+    assert code in (0, 4)
+    assert (copy / "model.pt").stat().st_mtime_ns == weights_mtime  # training was done: not redone
+    r = json.loads((copy / "report.json").read_text())
+    assert r["runtime"]["input_shape"] == [8, 3, 32, 32]  # the run's own settings, not the defaults
+    _, err = capsys.readouterr()
+    code = main(["run", "--resume", str(copy), "--seed", "3"])
+    assert code == 2 and "drop --seed" in capsys.readouterr().err
+    code = main(["run", "--resume", str(tmp_path / "nothing")])
+    assert code == 2 and "has no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_parameter_target_end_to_end(tmp_path, cache, capsys):
+    out = tmp_path / "params"
+    code = main(["run", *MINI, "--target", "params", "--param-ratio", "0.5", "--importance", "magnitude",
+                 "--cache-dir", cache, "--out", str(out)])
+    assert code == 0
+    r = json.loads((out / "report.json").read_text())
+    b = r["budget"]
+    assert b["target"] == "params" and b["target_ms"] is None and b["met"]
+    assert b["achieved_param_ratio"] == pytest.approx(r["compact"]["params"] / r["dense"]["params"])
+    assert b["achieved_param_ratio"] <= 0.5
+    assert r["plan"]["calibration"] == [] and r["training"]["target"] == "params"
+    assert "Parameter target **met**" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+@needs_fmnist
 def test_torch_runtime_end_to_end(tmp_path, cache, capsys):
     out = tmp_path / "torch"
     code = main(["run", *MINI, "--runtime", "torch", "--budget", "0.8", "--cache-dir", cache, "--out", str(out)])
@@ -125,6 +164,9 @@ def _bad(args, tmp_path, capsys, cache, match):
     (["run", "--rho-min", "3", "--rho-max", "1"], "rho_min (3.0) > rho_max (1.0)"),
     (["run", "--rho", "-1"], "non-negative"),
     (["run", "--data", "/nonexistent/folder"], "neither an existing path"),
+    (["run", "--target", "params", "--budget", "0.5", "--param-ratio", "0.4"], "drop --budget"),
+    (["run", "--param-ratio", "0.4"], "add --target params"),
+    (["run", "--target", "params"], "needs --param-ratio"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, capsys, cache):
     _bad(args, tmp_path, capsys, cache, match)

@@ -1,0 +1,45 @@
+"""A train-and-prune run killed with SIGKILL and resumed ends bit for bit where an uninterrupted run does."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+JOB = Path(__file__).with_name("_schedule_job.py")
+
+
+def _run(tmp, name, method, target, kill=()):
+    ckpt, out = tmp / f"{name}.ckpt.pt", tmp / f"{name}.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(JOB), str(ckpt), str(out), method, target, *map(str, kill)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    return p, ckpt, out
+
+
+@pytest.mark.parametrize("method,target,kill", [
+    ("adasap", "latency", ("pruning", 5)),  # between removals, one iteration after a checkpoint
+    ("sgd", "params", ("finetune", 3)),
+    ("adasap", "latency", ("warmup", 1)),  # before any checkpoint: starts over
+])
+def test_sigkilled_run_resumes_to_the_same_model(tmp_path, method, target, kill):
+    ref, _, ref_out = _run(tmp_path, "ref", method, target)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed, ckpt, out = _run(tmp_path, "job", method, target, kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not out.exists()
+    assert ckpt.exists() == (kill != ("warmup", 1))
+    resumed, _, _ = _run(tmp_path, "job", method, target)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(ref_out, weights_only=True)
+    b = torch.load(out, weights_only=True)
+    assert a["history"] == b["history"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # bit for bit, BN buffers included
+    if kill != ("warmup", 1):
+        assert b["resumed"] and b["resumed"][0]["phase"] == kill[0]
+        assert b["resumed"][0]["iteration"] < kill[1]  # it really picked up from a checkpoint
+    assert not ckpt.exists()  # removed once the run finished
