@@ -136,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
+        from latprune.pipeline import distributed
         from latprune.pipeline import run as pipeline
 
         cfg = config_from_args(a)
+        distributed.init_from_env()  # under torchrun: join the process group (data-parallel training)
         if a.command in ("run", "export"):
             result = pipeline.run(cfg)
             r = result.report
+            if r is None:  # a torchrun rank other than 0: rank 0 reports
+                return 0
             b, status = r["budget"], ("met" if r["budget"]["met"] else "MISSED")
             goal = (f"parameter ratio {b['achieved_param_ratio']:.3f} vs {b['param_ratio']:.3f} {status}: "
                     if b.get("target") == "params" else f"budget {status}: ")
@@ -154,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         ws = pipeline.prepare(cfg)
         with ws.removed_on_bad_input():
             dense, _ = pipeline.dense_stage(ws)
-            table = pipeline.profile_stage(ws, dense)
+            table = distributed.main_first(lambda: pipeline.profile_stage(ws, dense))
             if a.command == "profile":
                 print(ws.run_dir / "table.json")
                 return 0
-            cal = pipeline.plan_stage(ws, dense, table)
+            cal = distributed.main_first(lambda: pipeline.plan_stage(ws, dense, table))
             if a.command == "plan":
                 print(ws.run_dir / "plan.json")
                 return 0

@@ -240,14 +240,16 @@ class SharpnessStep:
         if any(not torch.isfinite(e).all() for e in eps.values()):
             eps = {}  # overflowed first pass: no perturbation; the scaler skips a bad second pass
         bn_state = _bn_buffers(model)
+        saved = []
         with torch.no_grad():
             for p, e in eps.items():
+                saved.append((p, p.detach().clone()))
                 p.add_(e)
         optimizer.zero_grad(set_to_none=True)
         self._backward(model, x, y)
-        with torch.no_grad():
-            for p, e in eps.items():
-                p.sub_(e)
+        with torch.no_grad():  # restore w exactly: (w + e) - e is not w in floating point, and under
+            for p, w in saved:  # DDP each rank's e differs (first pass in no_sync), so ranks would drift
+                p.copy_(w)
         _restore_bn(bn_state)
         if self.scaler is not None:
             self.scaler.step(optimizer)

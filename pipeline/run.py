@@ -29,6 +29,7 @@ from latprune.latency_tables.backends import Backend, get_backend
 from latprune.latency_tables.device import environment
 from latprune.latency_tables.profile import layer_signatures, profile_model
 from latprune.latency_tables.table import LatencyTable, write_json_atomic
+from latprune.pipeline import distributed
 from latprune.pipeline.calibrate import CalibratedPlan, plan_to_budget
 from latprune.pipeline.compact import load_compact, save_compact
 from latprune.pipeline.config import RunConfig
@@ -104,14 +105,17 @@ def prepare(cfg: RunConfig) -> Workspace:
         raise BadInput(f"--weights {cfg.weights} does not exist: pass a state_dict saved with torch.save")
     if cfg.table:
         LatencyTable.load(cfg.table).check_compatible(backend.fingerprint(data.input_shape), cfg.force)
-    out = Path(cfg.out or f"runs/{cfg.model.replace(':', '_').replace('/', '_')}-"
-                              f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(distributed.broadcast(cfg.out or f"runs/{cfg.model.replace(':', '_').replace('/', '_')}-"
+                                                 f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"))
+    created = distributed.broadcast(not out.exists())
+    distributed.barrier()  # every rank has looked before rank 0 creates it
     cfg = dataclasses.replace(cfg, out=str(out))
-    ws = Workspace(cfg, data, spec, backend, out, created)
-    write_json_atomic(out / "config.json", cfg.to_dict())
-    write_json_atomic(out / "environment.json", environment())
+    ws = Workspace(cfg, data, spec, backend, out, created and distributed.is_main())
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", cfg.to_dict())
+        write_json_atomic(out / "environment.json", {**environment(), **distributed.describe()})
+    distributed.barrier()
     return ws
 
 
@@ -210,18 +214,21 @@ def prune_stage(ws: Workspace, dense: nn.Module, table: LatencyTable, cal: Calib
     probe = json.loads(probe_file.read_text()) if probe_file.exists() else {}
     if probe.get("key") != key:
         with ws.timed("step_time_probe"):
-            probe = {"key": key, "ratio": step_time_ratio(compact, ws.data, cfg.sharpness, cfg.finetune, ws.input_shape)}
-        write_json_atomic(probe_file, probe)
+            probe = distributed.on_main(lambda: {"key": key, "ratio": step_time_ratio(
+                compact, ws.data, cfg.sharpness, cfg.finetune, ws.input_shape)})
+        if distributed.is_main():
+            write_json_atomic(probe_file, probe)
     with ws.timed("train_and_prune"):
         res = train_and_prune_(compact, ws.data, table, cal.plan, cfg.plan, cfg.schedule, cfg.sharpness,
                                cfg.finetune, ws.input_shape, cfg.seed, cfg.progress,
                                checkpoint=ws.run_dir / "training.ckpt.pt", key=key)
-    save_compact(compact, ws.spec, ws.run_dir)
     info = {"method": cfg.sharpness.method, "target": cfg.schedule.target, "importance": cfg.plan.importance,
             "step_time_ratio": probe["ratio"], "predicted_ms": res.final_predicted_ms,
             "prune_history": res.history, "phases": res.phases, "sharpness": res.sharpness, "resumed": res.resumed}
-    write_json_atomic(ws.run_dir / "training.json", info)
-    ws.done("prune", key)
+    if distributed.is_main():
+        save_compact(compact, ws.spec, ws.run_dir)
+        write_json_atomic(ws.run_dir / "training.json", info)
+        ws.done("prune", key)
     return compact.eval(), info
 
 
@@ -310,22 +317,24 @@ def _budget(cfg: RunConfig, dense_ms: float, compact_ms: float, d_params: int, c
 @dataclasses.dataclass
 class RunResult:
     run_dir: Path
-    report_path: Path
-    report: dict[str, Any]
+    report_path: Path | None  # None on the ranks other than 0 under torchrun: rank 0 reports
+    report: dict[str, Any] | None
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.report["budget"]["met"] else 4
+        return 0 if self.report is None or self.report["budget"]["met"] else 4
 
 
 def run(cfg: RunConfig) -> RunResult:
     """``latprune run``: the whole pipeline. Raises BadInput (2) and ParityError (3)."""
     ws = prepare(cfg)
     with ws.removed_on_bad_input():
-        dense, pre = dense_stage(ws)
-        table = profile_stage(ws, dense)
-        cal = plan_stage(ws, dense, table)
-        compact, ft = prune_stage(ws, dense, table, cal)
+        dense, pre = dense_stage(ws)  # under torchrun: every rank (pre-training is data-parallel too)
+        table = distributed.main_first(lambda: profile_stage(ws, dense))  # rank 0 measures, the others read
+        cal = distributed.main_first(lambda: plan_stage(ws, dense, table))
+        compact, ft = prune_stage(ws, dense, table, cal)  # every rank trains; rank 0 writes
+        if not distributed.is_main():
+            return RunResult(ws.run_dir, None, None)
         dense_onnx, compact_onnx, parity = export_stage(ws, dense, compact)
         speed = verify_stage(ws, dense_onnx, compact_onnx, dense, compact)
         report = report_stage(ws, dense, compact, table, cal, parity, speed, pre, ft)

@@ -32,6 +32,7 @@ from torch import nn
 
 from latprune.errors import BadInput
 from latprune.latency_tables.table import LatencyTable
+from latprune.pipeline import distributed
 from latprune.pipeline.adasap import SharpnessConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import Dataset
 from latprune.pipeline.plan import (PlanConfig, PruningPlan, build_param_plan, build_plan, count_params,
@@ -188,7 +189,7 @@ class _Schedule:
                 "resumed": self.resumed, "l0": self.l0, "p0": self.p0, "k": self.k, "m": self.m}
 
     def _save(self, phase: str, resume: Resume | None) -> None:
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and distributed.is_main():
             save_atomic(self._state(phase, resume), self.checkpoint)
 
     def _load(self) -> None:
@@ -225,7 +226,8 @@ class _Schedule:
             getattr(self, f"_{phase}")(resume)
             nxt = PHASES.index(phase) + 1
             self._save(PHASES[nxt] if nxt < len(PHASES) else "done", None)
-        if self.checkpoint is not None:
+        distributed.barrier()  # every rank has finished with the checkpoint
+        if self.checkpoint is not None and distributed.is_main():
             self.checkpoint.unlink(missing_ok=True)
         return ScheduleResult(self.history, predicted_latency(self.model, self.table, self.input_shape),
                               self.phases, self.sharpness, self.resumed)
@@ -247,8 +249,8 @@ class _Schedule:
 
     def _probe(self, when: str) -> None:
         if self.sched.sharpness_rho > 0:
-            s = measure_sharpness(self.model, self._probe_batches(), self.sched.sharpness_rho,
-                                  self.sched.sharpness_steps)
+            s = distributed.on_main(lambda: measure_sharpness(self.model, self._probe_batches(),
+                                                              self.sched.sharpness_rho, self.sched.sharpness_steps))
             self.sharpness.update({when: s, "rho": self.sched.sharpness_rho, "steps": self.sched.sharpness_steps,
                                    "images": self.sched.sharpness_batches * self.ft.batch_size})
             log.info("sharpness %s: %.4f (rho %.3g)", when, s, self.sched.sharpness_rho)
@@ -260,8 +262,9 @@ class _Schedule:
             self.l0 = predicted_latency(self.model, self.table, self.input_shape)
             self.p0 = count_params(self.model)
             if sched.target == "params":
-                plan = build_param_plan(self.model, self.table, self.plan_cfg, self.input_shape,
-                                        max_params=int(sched.param_ratio * self.p0), batches=self._taylor_batches())
+                plan = distributed.on_main(lambda: build_param_plan(
+                    self.model, self.table, self.plan_cfg, self.input_shape,
+                    max_params=int(sched.param_ratio * self.p0), batches=self._taylor_batches()))
                 self.m = plan.history[0]["neurons"]
                 self.k = plan.history[0]["kept_neurons"] / self.m
         rule, _ = step_rules(self.model, self.sharp, self.input_shape)
@@ -270,7 +273,7 @@ class _Schedule:
             if it % sched.prune_every:
                 return None
             r = it // sched.prune_every
-            plan, target = self._plan_step(m, r)
+            plan, target = distributed.on_main(lambda: self._plan_step(m, r))  # one decision for all ranks
             rec = Removal()
             apply_plan_(m, plan, self.input_shape, record=rec)
             if isinstance(rule, SharpnessStep):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from latprune.pipeline import distributed
 from latprune.pipeline.data import Dataset, Split
 from latprune.pipeline.prune import Removal, carry_momentum_
 
@@ -130,6 +131,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
         torch.set_rng_state(resume.rng)
         start = resume.iteration
         log.info("resumed %s from iteration %d of %d", desc, start, total)
+    wrapped = distributed.wrap(model)  # DDP under torchrun; the model itself otherwise
     sched = _lr_lambda(total, cfg.warmup_iters)
     it, loss = start, float("nan")
     bar = tqdm(total=total, initial=start, desc=desc, unit="it", disable=not progress or total == 0)
@@ -143,9 +145,12 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
                 continue
             if it >= total:
                 break
+            if len(y) < distributed.world_size():
+                continue  # a last batch too small to give every rank an image
+            x, y = distributed.shard(x, y)
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * sched(it)
-            loss = step(model, x, y, optimizer)
+            loss = step(wrapped, x, y, optimizer)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss} at iteration {it}: lower the learning rate")
             it += 1
@@ -158,13 +163,16 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
                 if removal is not None:  # parameters were replaced: follow them
                     optimizer = make_optimizer(model, cfg)
                     carry_momentum_(optimizer, momentum, model, removal)
+                    wrapped = distributed.wrap(model)
                     removed = True
-            if save is not None and it < total and (removed or (save_every and it % save_every == 0)):
+            if (save is not None and distributed.is_main() and it < total
+                    and (removed or (save_every and it % save_every == 0))):
                 save(model, Resume(it, optimizer.state_dict(), torch.get_rng_state()))
             for h in hooks:
                 h(it)
         epoch += 1
     bar.close()
+    distributed.sync_buffers(model)
     acc = evaluate(model, data, data.val)
     return TrainResult(it, loss, acc, start)
 
@@ -236,7 +244,8 @@ def pretrained(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir: Pat
     per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     res = train(model, data, cfg, seed=seed, progress=progress, desc="pre-train", resume=resume, save=save,
                 save_every=per_epoch)
-    save_atomic(model.state_dict(), path)
-    partial.unlink(missing_ok=True)
+    if distributed.is_main():
+        save_atomic(model.state_dict(), path)
+        partial.unlink(missing_ok=True)
     log.info("pre-trained dense model: val accuracy %.4f, cached at %s", res.val_accuracy, path)
     return model, {"cached": False, "path": str(path), "val_accuracy": res.val_accuracy}
