@@ -125,7 +125,9 @@ def config_from_args(a: argparse.Namespace):
                   "target": a.target, "param_ratio": a.param_ratio, "checkpoint_every": a.checkpoint_every,
                   "sharpness_rho": a.sharpness_rho},
         robustness={"images": a.robust_images},
-        sharpness={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max},
+        # AdaSAP scores neurons for rho_i by the pruning criterion (paper section 3.1)
+        sharpness={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max,
+                   "score": None if a.importance is None else ("taylor" if a.importance == "taylor" else "magnitude")},
         verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
     )
 

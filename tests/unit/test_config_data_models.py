@@ -122,3 +122,14 @@ def test_missing_or_empty_data_path(tmp_path):
         load_dataset(DataConfig(name=str(tmp_path / "nope")))
     with pytest.raises(BadInput, match="train/ and test/"):
         load_dataset(DataConfig(name=str(tmp_path)))
+
+
+@pytest.mark.parametrize("flag,plan_imp,score", [("taylor", "taylor", "taylor"), ("magnitude", "l2", "magnitude"),
+                                                  ("l2", "l2", "magnitude")])
+def test_importance_flag_sets_the_pruning_criterion_and_adasaps_neuron_score(flag, plan_imp, score):
+    from latprune.cli import _parser, config_from_args
+
+    cfg = config_from_args(_parser().parse_args(["run", "--importance", flag, "--target", "params",
+                                                 "--param-ratio", "0.4", "--method", "sam"]))
+    assert cfg.plan.importance == plan_imp and cfg.sharpness.score == score
+    assert cfg.schedule.target == "params" and cfg.schedule.param_ratio == 0.4 and cfg.sharpness.method == "sam"
