@@ -101,7 +101,8 @@ def config_from_args(a: argparse.Namespace):
             raise BadInput(f"{a.resume} has no config.json: pass the directory of a latprune run to --resume") from None
         except json.JSONDecodeError:
             raise BadInput(f"{path} is corrupted: start a new run with --out instead of --resume") from None
-        return RunConfig.from_dict(d).with_overrides(out=str(a.resume), progress=False if a.no_progress else None)
+        return RunConfig.from_dict(d).with_overrides(out=str(a.resume), progress=False if a.no_progress else None,
+                                                     force=a.force)
     if a.target == "params" and (a.budget is not None or a.budget_ms is not None):
         raise BadInput("--target params prunes to --param-ratio, not to a latency budget: drop --budget/--budget-ms")
     cfg = load_config(a.config)

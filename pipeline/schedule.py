@@ -5,15 +5,22 @@ Three phases, each a call of the trainer:
 1. warm-up: ``warmup_epochs`` with the method's step rule (AdaSAP: adaptive per-neuron
    perturbations, so neurons about to be pruned settle in flat regions);
 2. pruning: ``prune_steps`` (R) removals, one every ``prune_every`` iterations (paper: 30), with the
-   same step rule. The latency target shrinks geometrically, L_r = L_0 (L_T / L_0)^(r/R), and each
-   step re-solves HALP's knapsack on the current model. The paper zeroes pruned neurons (a mask);
+   same step rule. AdaSAP_L (``target="latency"``): the latency target shrinks geometrically,
+   L_r = L_0 (L_T / L_0)^(r/R), and each step re-solves HALP's knapsack on the current model.
+   AdaSAP_P (``target="params"``): step r keeps the k_r = m k^(r/R) neurons ranked highest
+   globally (appendix A.4; its printed formula is garbled, this is its intent), the last step
+   exactly meeting the parameter ratio. The paper zeroes pruned neurons (a mask);
    latprune removes them through torch-pruning at every step: a permanent mask, and every later
    step is cheaper. Momentum buffers follow the kept channels;
 3. fine-tuning (robustness encouragement): ``finetune`` epochs with uniform ASAM (AdaSAP), or the
    method's own rule for the baselines (SGD + HALP, SAM + HALP, ASAM + HALP).
 
-The end point is the plan the closed loop validated by measurement before training
-(``pipeline.calibrate``): L_T is its predicted latency and its widths bound every step from below
+SAM's sharpness is measured after warm-up and after the last removal (paper section 4.5). The
+whole state is checkpointed so that a killed run resumes bit for bit, and under torchrun every rank
+trains its shard while rank 0 makes each pruning decision (``pipeline.distributed``).
+
+For the latency target, the end point is the plan the closed loop validated by measurement before
+training (``pipeline.calibrate``): L_T is its predicted latency and its widths bound every step from below
 (re-solving freely at each step drifted, on ResNet-20, to every group at 8 channels: 0.84 accuracy
 where the one-shot plan kept 0.89). The final model is measured again by ``verify``.
 """
@@ -133,7 +140,7 @@ def measure_sharpness(model: nn.Module, batches, rho: float, steps: int = 3) -> 
     return best - base
 
 
-def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final: PruningPlan,
+def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final: PruningPlan | None,
                      plan_cfg: PlanConfig, sched: ScheduleConfig, sharp: SharpnessConfig,
                      finetune: TrainConfig, input_shape: tuple[int, int, int], seed: int = 0,
                      progress: bool = True, checkpoint: Path | None = None, key: str = "",
@@ -141,7 +148,7 @@ def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final
     """Warm up, prune R times, fine-tune; in place.
 
     ``target="latency"`` (AdaSAP_L): down to the widths of ``final`` (a plan validated by
-    measurement). Each step re-solves the knapsack at L_r with the current importances, never
+    measurement; unused, may be None, for ``target="params"``). Each step re-solves the knapsack at L_r with the current importances, never
     cutting a group below its final width, so the last step lands on ``final``'s widths and which
     channels survive is decided by the importances after warm-up. ``target="params"`` (AdaSAP_P):
     step r keeps the k_r = m k^(r/R) globally top-ranked neurons, k found after warm-up so that the
@@ -283,8 +290,8 @@ class _Schedule:
                                  "predicted_ms": plan.predicted_ms, "params": n_params,
                                  "neurons": sum(len(g.keep) for g in plan.groups),
                                  "widths": {g.name: len(g.keep) for g in plan.groups}})
-            log.info("prune step %d/%d: target %s, predicted %.3f ms, %d params", r, sched.prune_steps, target,
-                     plan.predicted_ms, n_params)
+            log.info("prune step %d/%d: target %s, predicted %.3f ms, %d params", r, sched.prune_steps,
+                     ", ".join(f"{k} {v:.4g}" for k, v in target.items()), plan.predicted_ms, n_params)
             return rec
 
         iters = sched.prune_steps * sched.prune_every

@@ -3,8 +3,10 @@
 A :class:`StepRule` does one optimisation step (plain SGD, or the sharpness-aware rules of
 ``pipeline.adasap``), and callbacks run after each iteration: a pruning schedule returns the
 :class:`~latprune.pipeline.prune.Removal` it made, and the trainer rebuilds its optimizer around
-the new parameters, carrying every momentum buffer over (sliced, never reset). Checkpoints are
-written atomically at every epoch and resumed from.
+the new parameters, carrying every momentum buffer over (sliced, never reset). A ``save``
+callback writes checkpoints (atomically, by the caller); ``resume`` continues one bit for bit.
+Under torchrun the step sees the model wrapped in DistributedDataParallel and this rank's slice of
+each global batch (``pipeline.distributed``).
 """
 from __future__ import annotations
 
@@ -235,8 +237,9 @@ def pretrained(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir: Pat
     resume = None
     if partial.exists():
         ck = torch.load(partial, map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
-        resume = Resume.from_dict(ck["train"])
+        if isinstance(ck, dict) and "train" in ck:  # an older latprune's partial checkpoint: start over
+            model.load_state_dict(ck["model"])
+            resume = Resume.from_dict(ck["train"])
 
     def save(m: nn.Module, r: Resume) -> None:
         save_atomic({"model": m.state_dict(), "train": r.to_dict()}, partial)

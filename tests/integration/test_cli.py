@@ -137,6 +137,19 @@ def test_parameter_target_end_to_end(tmp_path, cache, capsys):
 
 @pytest.mark.slow
 @needs_fmnist
+def test_stage_subcommands_stop_after_their_stage(mini_run, cache, tmp_path, capsys):
+    out = tmp_path / "stages"
+    assert main(["plan", *MINI, "--budget", "0.7", "--cache-dir", cache, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "plan.json")
+    assert not (out / "arch.json").exists()
+    assert main(["prune", *MINI, "--budget", "0.7", "--cache-dir", cache, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "arch.json")
+    assert latprune.load(out)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
+
+
+@pytest.mark.slow
+@needs_fmnist
 def test_torch_runtime_end_to_end(tmp_path, cache, capsys):
     out = tmp_path / "torch"
     code = main(["run", *MINI, "--runtime", "torch", "--budget", "0.8", "--cache-dir", cache, "--out", str(out)])
