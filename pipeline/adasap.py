@@ -77,6 +77,12 @@ class NeuronGroup:
     name: str
     size: int
     slices: list[tuple[nn.Parameter, torch.Tensor]]
+    # per slice: rows are 0..n-1 of the whole parameter (the usual case), so no gather/scatter is needed
+    full: list[bool] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.full = [rows.numel() == p.shape[0] and bool(torch.equal(rows, torch.arange(p.shape[0])))
+                     for p, rows in self.slices]
 
 
 @dataclasses.dataclass
@@ -142,12 +148,12 @@ def neuron_radii(neurons: Neurons, cfg: SharpnessConfig) -> list[torch.Tensor]:
     scores = []
     for g in neurons.groups:
         s = torch.zeros(g.size, dtype=torch.float64)
-        for p, rows in g.slices:
-            w = p[rows].double().reshape(g.size, -1)
+        for (p, rows), full in zip(g.slices, g.full):
+            w = (p if full else p[rows]).double().reshape(g.size, -1)
             if cfg.score == "magnitude":
                 s += (w ** 2).sum(1)
             elif p.grad is not None:
-                s += (w * p.grad[rows].double().reshape(g.size, -1)).sum(1)
+                s += (w * (p.grad if full else p.grad[rows]).double().reshape(g.size, -1)).sum(1)
         scores.append(s.sqrt() if cfg.score == "magnitude" else s.abs())
     if not scores:
         return []
@@ -167,14 +173,14 @@ def adaptive_perturbation(model: nn.Module, neurons: Neurons, cfg: SharpnessConf
     per_group = []
     for g, rho in zip(neurons.groups, radii):
         parts, sq = [], torch.zeros(g.size, dtype=torch.float64)
-        for p, rows in g.slices:
+        for (p, rows), full in zip(g.slices, g.full):
             if p.grad is None:
                 continue
-            gr = p.grad[rows]
-            t = (p[rows].abs() + cfg.eta) if (asam and id(p) in scaled) else None
+            gr = p.grad if full else p.grad[rows]
+            t = ((p if full else p[rows]).abs() + cfg.eta) if (asam and id(p) in scaled) else None
             tg = gr * t if t is not None else gr
             sq += (tg.double() ** 2).reshape(g.size, -1).sum(1)
-            parts.append((p, rows, tg, t))
+            parts.append((p, None if full else rows, tg, t))
         per_group.append((parts, sq, rho))
     if cfg.normalize == "global":
         total = sum(float(sq.sum()) for _, sq, _ in per_group)
@@ -185,9 +191,11 @@ def adaptive_perturbation(model: nn.Module, neurons: Neurons, cfg: SharpnessConf
         denom = torch.full_like(sq, gnorm) if cfg.normalize == "global" else sq.sqrt()
         factor = torch.where(denom > 0, rho / denom.clamp_min(1e-30), torch.zeros_like(denom))
         for p, rows, tg, t in parts:
-            e = eps.setdefault(p, torch.zeros_like(p))
             f = factor.to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
-            e[rows] = (tg * t if t is not None else tg) * f
+            if rows is None:  # the whole parameter is this group's
+                eps[p] = (tg * t if t is not None else tg) * f
+            else:
+                eps.setdefault(p, torch.zeros_like(p))[rows] = (tg * t if t is not None else tg) * f
     if cfg.normalize == "global":
         if gnorm > 0:
             for p in neurons.other:
