@@ -8,8 +8,10 @@ SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test install data clean
 
+# Exit 4 (the run finished and wrote its report, but the final timing missed the budget) is shown,
+# not hidden; on shared 2-core machines timing drift can cause it (BENCHMARKS.md, issue 4).
 demo: install data
-	$(BIN)/latprune run --budget 0.5
+	$(BIN)/latprune run --budget 0.5 || { rc=$$?; [ $$rc -eq 4 ] && echo "latprune: the demo finished but MISSED its latency budget (exit 4): see report.md" >&2 || exit $$rc; }
 
 test: install data
 	$(BIN)/python -m pytest -q

@@ -247,7 +247,7 @@ class SharpnessStep:
         eps = self.perturbation(model)
         if any(not torch.isfinite(e).all() for e in eps.values()):
             eps = {}  # overflowed first pass: no perturbation; the scaler skips a bad second pass
-        bn_state = _bn_buffers(model)
+        bn_state = save_bn_stats(model)
         saved = []
         with torch.no_grad():
             for p, e in eps.items():
@@ -258,7 +258,7 @@ class SharpnessStep:
         with torch.no_grad():  # restore w exactly: (w + e) - e is not w in floating point, and under
             for p, w in saved:  # DDP each rank's e differs (first pass in no_sync), so ranks would drift
                 p.copy_(w)
-        _restore_bn(bn_state)
+        restore_bn_stats(bn_state)
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -277,7 +277,7 @@ class SharpnessStep:
         return float(loss.detach())
 
 
-def _bn_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def save_bn_stats(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
@@ -288,6 +288,6 @@ def _bn_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.no_grad()
-def _restore_bn(state) -> None:
+def restore_bn_stats(state) -> None:
     for buf, saved in state:
         buf.copy_(saved)

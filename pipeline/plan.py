@@ -143,10 +143,15 @@ def group_importance(model: nn.Module, dg, groups, criterion: str,
     if criterion == "taylor":
         if batches is None:
             raise ValueError("Taylor importance needs data batches for gradients")
+        from latprune.pipeline.adasap import save_bn_stats, restore_bn_stats
+
         model.zero_grad()
+        was_training, bn_state = model.training, save_bn_stats(model)
         model.train()
         for x, y in batches:
             nn.functional.cross_entropy(model(x), y).backward()
+        restore_bn_stats(bn_state)  # scoring must not move BatchNorm's running statistics
+        model.train(was_training)
     with torch.no_grad():
         scores = {cg.name: imp(g).detach().cpu().double().numpy() for cg, g in groups}
     if criterion == "taylor":

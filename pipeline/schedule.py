@@ -148,9 +148,10 @@ def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final
     """Warm up, prune R times, fine-tune; in place.
 
     ``target="latency"`` (AdaSAP_L): down to the widths of ``final`` (a plan validated by
-    measurement; unused, may be None, for ``target="params"``). Each step re-solves the knapsack at L_r with the current importances, never
-    cutting a group below its final width, so the last step lands on ``final``'s widths and which
-    channels survive is decided by the importances after warm-up. ``target="params"`` (AdaSAP_P):
+    measurement; unused, may be None, for ``target="params"``). Each step re-solves the knapsack
+    at L_r with the current importances, never cutting a group below its final width, so the last
+    step lands on ``final``'s widths and which channels survive is decided by the importances after
+    warm-up. ``target="params"`` (AdaSAP_P):
     step r keeps the k_r = m k^(r/R) globally top-ranked neurons, k found after warm-up so that the
     global ranking meets ``param_ratio``; the last step searches the count that meets it exactly.
 
@@ -227,7 +228,8 @@ class _Schedule:
     # ---- phases ----
     def __call__(self) -> ScheduleResult:
         self._load()
-        for phase in PHASES[PHASES.index(self.phase):]:
+        start = PHASES.index(self.phase) if self.phase in PHASES else len(PHASES)  # "done": nothing left
+        for phase in PHASES[start:]:
             resume, self.resume = (self.resume if phase == self.phase else None), None
             self.phase = phase
             getattr(self, f"_{phase}")(resume)

@@ -93,3 +93,13 @@ def test_sharpness_probe_is_a_nonnegative_loss_increase_and_leaves_the_model_alo
 def test_bad_schedule_names_the_fix(kw, match):
     with pytest.raises(BadInput, match=match):
         ScheduleConfig(**kw)
+
+
+def test_taylor_scoring_leaves_batchnorm_statistics_alone():
+    model, data = residual_net().eval(), tiny_dataset(32, SHAPE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dg = dependency_graph(model, torch.zeros(1, *SHAPE))
+    scores = group_importance(model, dg, prunable_groups(model, dg), "taylor", list(data.batches(data.train, 16)))
+    assert all(np.all(np.isfinite(s)) for s in scores.values()) and not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
