@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from latprune.errors import BadInput
+from latprune.errors import BadInput, BudgetBelowFloor
 from latprune.latency_tables.table import LatencyTable
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import SharpnessConfig, SharpnessStep, neuron_partition
@@ -322,8 +322,14 @@ class _Schedule:
                                     batches=self._taylor_batches()), {"neurons": keep}
         target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
         floor = {g.name: len(g.keep) for g in self.final.groups}
-        plan = build_plan(m, self.table, target, self.plan_cfg, self.input_shape, self._taylor_batches(),
-                          min_widths=floor)
+        try:
+            plan = build_plan(m, self.table, target, self.plan_cfg, self.input_shape, self._taylor_batches(),
+                              min_widths=floor)
+        except BudgetBelowFloor as e:
+            # the floor is the validated plan's widths: at r = R the target is its prediction, which the
+            # pruned model's sum can exceed by a rounding error; below the floor is never wanted
+            plan = build_plan(m, self.table, e.floor_ms, self.plan_cfg, self.input_shape, self._taylor_batches(),
+                              min_widths=floor)
         return plan, {"latency_ms": target}
 
     def _finetune(self, resume) -> None:

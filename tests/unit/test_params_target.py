@@ -103,3 +103,24 @@ def test_taylor_scoring_leaves_batchnorm_statistics_alone():
     assert all(np.all(np.isfinite(s)) for s in scores.values()) and not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_last_latency_step_lands_on_a_floor_plan_despite_rounding():
+    """A validated plan at the floor (every group at its smallest width): at r = R the target is the
+    plan's own prediction, which the pruned model's sum may exceed by a rounding error."""
+    import dataclasses
+
+    from latprune.errors import BudgetBelowFloor
+    from latprune.pipeline.plan import build_plan
+
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
+    table = fake_table(model, SHAPE)
+    with pytest.raises(BudgetBelowFloor) as e:
+        build_plan(model, table, 1e-9, PlanConfig(), SHAPE)
+    floor = build_plan(model, table, e.value.floor_ms, PlanConfig(), SHAPE)
+    final = dataclasses.replace(floor, predicted_ms=floor.predicted_ms * (1 - 1e-12))
+    res = train_and_prune_(model, data, table, final, PlanConfig(),
+                           ScheduleConfig(warmup_epochs=0.25, prune_steps=2, prune_every=2, sharpness_rho=0.0),
+                           SharpnessConfig(method="sgd"), TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1),
+                           SHAPE, progress=False)
+    assert res.history[-1]["widths"] == {g.name: len(g.keep) for g in floor.groups}
