@@ -78,7 +78,7 @@ def main() -> None:
     cell_args = ["--no-progress", "--weights", str(weights), "--train-subset", str(a.train_subset),
                  "--finetune-epochs", str(a.finetune_epochs), "--warmup-epochs", str(a.warmup_epochs),
                  "--robust-images", str(a.robust_images), "--round-to", str(a.round_to)]
-    cells = []
+    cells, dense = [], None
     for b in a.budgets:
         base = out / f"plan-b{b}"
         if not (base / "calibration.json").exists():
@@ -104,10 +104,8 @@ def main() -> None:
                         continue
                 r = json.loads((d / "report.json").read_text())
                 cells.append({"budget": b, "method": m, "seed": s, **_cell(r)})
+                dense = dense or _dense(r)  # every cell starts from the same dense model
     rows = _aggregate(cells)
-    first = next((json.loads((out / f"b{c['budget']}-{c['method']}-s{c['seed']}" / "report.json").read_text())
-                  for c in cells), None)
-    dense = _dense(first) if first else None
     result = {"scale": vars(a), "weights": str(weights), "dense": dense, "rows": rows, "cells": cells,
               "environment": environment()}
     path = Path(a.json or out / "robustness.json")

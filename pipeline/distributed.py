@@ -11,6 +11,10 @@ plans, writes checkpoints and artifacts, exports and times; the other ranks wait
 read rank 0's files (one machine or a shared file system).
 
 Without torchrun (``WORLD_SIZE`` unset or 1) every helper here is a no-op for one process.
+
+Verified here only on the CPU with gloo (2 processes, ``tests/unit/test_distributed.py`` and a
+torchrun CLI run). The CUDA path (nccl, ``device_ids`` in :func:`wrap`) is written against the
+documented API but has never run: no GPU on the build or CI machines.
 """
 from __future__ import annotations
 

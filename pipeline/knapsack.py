@@ -99,6 +99,10 @@ def plan_widths(groups: Sequence[GroupChoices], predict: Callable[[dict[str, int
     ``predict`` gives the whole-model latency of a width assignment; ``touches[g](widths)`` the
     latency of just the layers group ``g`` touches (its producers and consumers).
     """
+    # Targets often come from predictions themselves (iterative pruning's last step aims at the
+    # validated plan's own prediction); float sums taken in another order differ by rounding, so
+    # a relative difference under 1e-9 counts as equal rather than as an unreachable budget.
+    target_ms = target_ms * (1 + 1e-9)
     dense = {g.name: int(g.widths[-1]) for g in groups}
     smallest = {g.name: int(g.widths[0]) for g in groups}
     floor = predict(smallest)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from latprune.errors import BadInput, BudgetBelowFloor
+from latprune.errors import BadInput
 from latprune.latency_tables.table import LatencyTable
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import SharpnessConfig, SharpnessStep, neuron_partition
@@ -93,16 +94,20 @@ class ScheduleResult:
     resumed: list[dict[str, Any]]  # where each resume picked up (phase, iteration)
 
 
-def step_rules(model: nn.Module, sharp: SharpnessConfig, input_shape) -> tuple[Any, Any]:
-    """(rule for warm-up and pruning, rule for fine-tuning) of a method."""
+def prune_rule(model: nn.Module, sharp: SharpnessConfig, input_shape) -> Any:
+    """The method's step rule for warm-up and pruning (AdaSAP: adaptive per-neuron radii)."""
     if sharp.method == "sgd":
-        return sgd_step, sgd_step
+        return sgd_step
     if sharp.method in ("sam", "asam"):
-        rule = SharpnessStep(model, sharp)
-        return rule, rule
-    adaptive = SharpnessStep(model, sharp, neuron_partition(model, torch.zeros(1, *input_shape)))
-    uniform = SharpnessStep(model, dataclasses.replace(sharp, method="asam"))
-    return adaptive, uniform
+        return SharpnessStep(model, sharp)
+    return SharpnessStep(model, sharp, neuron_partition(model, torch.zeros(1, *input_shape)))
+
+
+def finetune_rule(model: nn.Module, sharp: SharpnessConfig) -> Any:
+    """The method's step rule for fine-tuning (AdaSAP: uniform ASAM, robustness encouragement)."""
+    if sharp.method == "sgd":
+        return sgd_step
+    return SharpnessStep(model, dataclasses.replace(sharp, method="asam") if sharp.method == "adasap" else sharp)
 
 
 @torch.no_grad()
@@ -184,14 +189,14 @@ class _Schedule:
         self.p0: int | None = None  # parameters when pruning starts
         self.k: float | None = None  # params target: final kept fraction of neurons
         self.m: int | None = None  # params target: neurons when pruning starts
-        self.phase, self.resume = PHASES[0], None
 
     # ---- checkpoints ----
     def _state(self, phase: str, resume: Resume | None) -> dict[str, Any]:
         from latprune.pipeline.compact import layer_shapes
 
+        # the torch RNG travels in ``resume`` (train() reseeds at every phase start)
         return {"version": CHECKPOINT_VERSION, "key": self.key, "phase": phase,
-                "train": resume.to_dict() if resume else None, "rng": torch.get_rng_state(),
+                "train": resume.to_dict() if resume else None,
                 "layers": layer_shapes(self.model), "model": self.model.state_dict(),
                 "history": self.history, "phases": self.phases, "sharpness": self.sharpness,
                 "resumed": self.resumed, "l0": self.l0, "p0": self.p0, "k": self.k, "m": self.m}
@@ -200,41 +205,39 @@ class _Schedule:
         if self.checkpoint is not None and distributed.is_main():
             save_atomic(self._state(phase, resume), self.checkpoint)
 
-    def _load(self) -> None:
+    def _load(self) -> tuple[str, Resume | None]:
+        """(phase to continue, where inside it) from the checkpoint; the start without one."""
         from latprune.pipeline.compact import reshape_
 
         if self.checkpoint is None or not self.checkpoint.exists():
-            return
+            return PHASES[0], None
         try:
             ck = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         except Exception as e:  # a torn file cannot happen (atomic writes), a foreign one can
             log.warning("ignoring unreadable training checkpoint %s (%s)", self.checkpoint, str(e)[:80])
-            return
+            return PHASES[0], None
         if ck.get("version") != CHECKPOINT_VERSION or ck.get("key") != self.key:
             log.info("training checkpoint %s is for other settings: starting over", self.checkpoint)
-            return
+            return PHASES[0], None
         reshape_(self.model, ck["layers"])
         self.model.load_state_dict(ck["model"])
         for a in ("history", "phases", "sharpness", "resumed", "l0", "p0", "k", "m"):
             setattr(self, a, ck[a])
-        self.phase = ck["phase"]
-        self.resume = Resume.from_dict(ck["train"]) if ck["train"] else None
-        torch.set_rng_state(ck["rng"])
-        it = self.resume.iteration if self.resume else 0
-        self.resumed.append({"phase": self.phase, "iteration": it})
+        resume = Resume.from_dict(ck["train"]) if ck["train"] else None
+        it = resume.iteration if resume else 0
+        self.resumed.append({"phase": ck["phase"], "iteration": it})
         log.info("resuming training from %s, phase %s, iteration %d (%d removals done)", self.checkpoint,
-                 self.phase, it, len(self.history))
+                 ck["phase"], it, len(self.history))
+        return ck["phase"], resume
 
     # ---- phases ----
     def __call__(self) -> ScheduleResult:
-        self._load()
-        start = PHASES.index(self.phase) if self.phase in PHASES else len(PHASES)  # "done": nothing left
-        for phase in PHASES[start:]:
-            resume, self.resume = (self.resume if phase == self.phase else None), None
-            self.phase = phase
-            getattr(self, f"_{phase}")(resume)
-            nxt = PHASES.index(phase) + 1
-            self._save(PHASES[nxt] if nxt < len(PHASES) else "done", None)
+        phase, resume = self._load()
+        start = PHASES.index(phase) if phase in PHASES else len(PHASES)  # "done": nothing left
+        for i in range(start, len(PHASES)):
+            getattr(self, f"_{PHASES[i]}")(resume)
+            resume = None  # only the first phase run continues from inside
+            self._save(PHASES[i + 1] if i + 1 < len(PHASES) else "done", None)
         distributed.barrier()  # every rank has finished with the checkpoint
         if self.checkpoint is not None and distributed.is_main():
             self.checkpoint.unlink(missing_ok=True)
@@ -249,7 +252,7 @@ class _Schedule:
         self.phases[phase] = dataclasses.asdict(res)
 
     def _warmup(self, resume) -> None:
-        rule, _ = step_rules(self.model, self.sharp, self.input_shape)
+        rule = prune_rule(self.model, self.sharp, self.input_shape)
         self._train("warmup", dataclasses.replace(self.ft, epochs=self.sched.warmup_epochs), self.seed, rule, resume)
 
     def _probe_batches(self):
@@ -273,10 +276,10 @@ class _Schedule:
             if sched.target == "params":
                 plan = distributed.on_main(lambda: build_param_plan(
                     self.model, self.table, self.plan_cfg, self.input_shape,
-                    max_params=int(sched.param_ratio * self.p0), batches=self._taylor_batches()))
+                    max_params=int(sched.param_ratio * self.p0), batches=self._taylor_batches))
                 self.m = plan.history[0]["neurons"]
                 self.k = plan.history[0]["kept_neurons"] / self.m
-        rule, _ = step_rules(self.model, self.sharp, self.input_shape)
+        rule = prune_rule(self.model, self.sharp, self.input_shape)
 
         def prune_step(it: int, m: nn.Module) -> Removal | None:
             if it % sched.prune_every:
@@ -304,10 +307,12 @@ class _Schedule:
             raise RuntimeError(f"pruning phase made {len(self.history)} of {sched.prune_steps} removals")
         self._probe("post_pruning")
 
+    @functools.cached_property
     def _taylor_batches(self):
+        """Fixed batches whose gradients at the current weights feed the Taylor criterion."""
         if self.plan_cfg.importance != "taylor":
             return None
-        n = self.plan_cfg.taylor_batches * self.ft.batch_size  # gradients of fixed batches at current weights
+        n = self.plan_cfg.taylor_batches * self.ft.batch_size
         return list(self.data.batches(self.data.train, self.ft.batch_size, limit=n))
 
     def _plan_step(self, m: nn.Module, r: int) -> tuple[PruningPlan, Any]:
@@ -316,24 +321,18 @@ class _Schedule:
             if r == R:  # land on the parameter target exactly
                 budget = int(self.sched.param_ratio * self.p0)
                 return build_param_plan(m, self.table, self.plan_cfg, self.input_shape, max_params=budget,
-                                        batches=self._taylor_batches()), {"params": budget}
+                                        batches=self._taylor_batches), {"params": budget}
             keep = int(round(self.m * self.k ** (r / R)))
             return build_param_plan(m, self.table, self.plan_cfg, self.input_shape, keep=keep,
-                                    batches=self._taylor_batches()), {"neurons": keep}
+                                    batches=self._taylor_batches), {"neurons": keep}
         target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
         floor = {g.name: len(g.keep) for g in self.final.groups}
-        try:
-            plan = build_plan(m, self.table, target, self.plan_cfg, self.input_shape, self._taylor_batches(),
-                              min_widths=floor)
-        except BudgetBelowFloor as e:
-            # the floor is the validated plan's widths: at r = R the target is its prediction, which the
-            # pruned model's sum can exceed by a rounding error; below the floor is never wanted
-            plan = build_plan(m, self.table, e.floor_ms, self.plan_cfg, self.input_shape, self._taylor_batches(),
-                              min_widths=floor)
+        plan = build_plan(m, self.table, target, self.plan_cfg, self.input_shape, self._taylor_batches,
+                          min_widths=floor)
         return plan, {"latency_ms": target}
 
     def _finetune(self, resume) -> None:
-        _, ft_rule = step_rules(self.model, self.sharp, self.input_shape)
+        ft_rule = finetune_rule(self.model, self.sharp)
         self._train("finetune", self.ft, self.seed + 2, ft_rule, resume)
 
 
@@ -346,7 +345,7 @@ def step_time_ratio(model: nn.Module, data: Dataset, sharp: SharpnessConfig, cfg
     rng = np.random.default_rng(12345)
     batches = [b for _, b in zip(range(steps), data.batches(data.train, cfg.batch_size, shuffle=True, rng=rng))]
     a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-    rule, _ = step_rules(a, sharp, input_shape)
+    rule = prune_rule(a, sharp, input_shape)
     oa, ob = make_optimizer(a, cfg), make_optimizer(b, cfg)
     cpu_state = torch.get_rng_state()
     t_rule, t_sgd = [], []

@@ -152,7 +152,11 @@ def test_stage_subcommands_stop_after_their_stage(mini_run, cache, tmp_path, cap
 @needs_fmnist
 def test_torch_runtime_end_to_end(tmp_path, cache, capsys):
     out = tmp_path / "torch"
-    code = main(["run", *MINI, "--runtime", "torch", "--budget", "0.8", "--cache-dir", cache, "--out", str(out)])
+    # torch eager times ~3x noisier than ORT: at MINI's 4 ms rounds one bad entry once put the
+    # table's floor above the dense latency (exit 2); longer rounds for this table (issue 4 owns
+    # re-measuring noisy entries)
+    code = main(["run", *MINI, "--runtime", "torch", "--profile-round-s", "0.02", "--budget", "0.8",
+                 "--cache-dir", cache, "--out", str(out)])
     assert code in (0, 4)
     r = json.loads((out / "report.json").read_text())
     assert r["runtime"]["name"] == "torch" and r["runtime"]["provider"] == "cpu"

@@ -4,11 +4,11 @@ import torch
 
 from latprune.errors import BadInput
 from latprune.pipeline.robustness import CORRUPTIONS, RobustnessConfig, corrupted_test_set, evaluate_robustness
-from tests.unit.test_train import _tiny_data
+from latprune.testing import tiny_dataset
 
 
 def _data():
-    d = _tiny_data()
+    d = tiny_dataset(64, (3, 16, 16))
     rng = np.random.default_rng(1)
     d.test.x = rng.integers(0, 255, (6, 3, 32, 32), dtype=np.uint8)
     d.test.y = np.arange(6) % 10

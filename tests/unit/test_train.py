@@ -4,12 +4,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from latprune.pipeline.data import Dataset, Split
 from latprune.pipeline.groups import dependency_graph, prunable_groups
 from latprune.pipeline.plan import GroupPlan, PruningPlan
 from latprune.pipeline.prune import Removal, apply_plan_, carry_momentum_
 from latprune.pipeline.train import TrainConfig, evaluate, make_optimizer, train
-from latprune.testing import residual_net
+from latprune.testing import residual_net, tiny_dataset
 
 SHAPE = (3, 16, 16)
 KEEP_STEM = [0, 2, 3, 5, 8, 9, 12, 15]
@@ -49,16 +48,10 @@ def test_momentum_follows_the_kept_channels_on_both_dimensions():
     torch.testing.assert_close(buf["fc.weight"], old["fc.weight"])  # proj group untouched
 
 
-def _tiny_data(n=64):
-    rng = np.random.default_rng(0)
-    split = lambda k: Split(rng.integers(0, 255, (k, *SHAPE), dtype=np.uint8), rng.integers(0, 10, k))
-    return Dataset("tiny", "mem", split(n), split(16), split(16), [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3)
-
-
 def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
     import latprune.pipeline.train as tr
 
-    model, data = residual_net(), _tiny_data()
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
     seen = {}
     real = tr.carry_momentum_
 
@@ -93,7 +86,7 @@ from latprune.testing import fake_table  # noqa: E402
 
 @pytest.mark.parametrize("method,importance", [("adasap", "l2"), ("sgd", "taylor")])
 def test_schedule_prunes_r_times_along_a_shrinking_target(method, importance):
-    model, data = residual_net(), _tiny_data()
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
     table = fake_table(model, SHAPE)
     plan = build_plan(model, table, 0.4 * table.dense_ms, PlanConfig(), SHAPE)
     final = plan.predicted_ms
@@ -111,7 +104,7 @@ def test_schedule_prunes_r_times_along_a_shrinking_target(method, importance):
 
 
 def test_step_time_ratio_is_measured_for_two_pass_methods():
-    model, data = residual_net(), _tiny_data()
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
     r = step_time_ratio(model, data, SharpnessConfig(method="asam"), TrainConfig(batch_size=8), SHAPE, steps=2, rounds=1)
     assert np.isfinite(r) and r > 0  # a measured ratio; its size is for benchmarks, not tests
     assert step_time_ratio(model, data, SharpnessConfig(method="sgd"), TrainConfig(batch_size=8), SHAPE) == 1.0
