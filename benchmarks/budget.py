@@ -1,63 +1,122 @@
-"""Budgets -> measured latency, prediction and accuracy, on the embedded default.
+"""Budgets -> measured latency, and the knapsack plan against uniform pruning at equal latency.
 
-    python benchmarks/budget.py [--budgets 0.3 0.5 0.7] [--model resnet20] [--finetune-epochs 2]
-                                [--out runs/bench-budget] [--json BENCH.json]
+    python benchmarks/budget.py [--budgets 0.3 0.5 0.7] [--model resnet20] [--finetune-epochs 1]
+                                [--train-subset 10000] [--seed 0] [--out runs/bench-budget]
 
-Each budget is a full `latprune run` (pre-trained checkpoint and latency table come from the cache
-after the first). Prints a table and writes JSON with the environment.
+On the embedded default (Fashion-MNIST, the cached pre-trained dense model and latency table):
+
+1. For each budget, latprune's plan: the HALP knapsack on the table, through the closed loop
+   (planned widths timed against the dense model, the table corrected, re-solved).
+2. Two baselines from torch-pruning, uniform magnitude pruning (``GroupMagnitudeImportance(p=2)``,
+   the same ratio in every group, classifier kept), without and with ``round_to=8``. For each, the
+   ratio is searched (bisection) so that its *measured* latency reaches the knapsack plan's.
+3. All three are fine-tuned alike (one-shot pruning, then SGD for ``--finetune-epochs``, same
+   seed and data order) and timed once more against the dense model, interleaved.
+
+Prints a table and writes JSON (every row, the search, the environment) to OUT/budget.json.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
 
-import latprune
+import torch
+import torch_pruning as tp
+
 from latprune.errors import BudgetBelowFloor
 from latprune.latency_tables.device import environment
+from latprune.latency_tables.endtoend import PairConfig, measure_speedup
+from latprune.pipeline import run as pipeline
+from latprune.pipeline.calibrate import plan_to_budget
 from latprune.pipeline.config import RunConfig
+from latprune.pipeline.models import classifier_layers
+from latprune.pipeline.prune import apply_plan_
+from latprune.pipeline.train import TrainConfig, evaluate, train
+
+SEARCH = PairConfig(rounds=5, min_round_s=0.2, repeats=1, max_repeats=2)
+FINAL = PairConfig(rounds=9, min_round_s=0.3, repeats=2, max_repeats=4)
+
+
+def uniform(dense, ratio: float, round_to: int | None, shape) -> torch.nn.Module:
+    m = copy.deepcopy(dense).eval()
+    pruner = tp.pruner.MetaPruner(m, torch.zeros(1, *shape), importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, ignored_layers=classifier_layers(m), round_to=round_to)
+    pruner.step()
+    return m
+
+
+def search_ratio(dense, target_ratio: float, round_to: int | None, backend, shape, steps: int = 7):
+    """Largest kept width (smallest pruning ratio) whose measured latency ratio is <= target."""
+    lo, hi, best, trace = 0.0, 0.95, None, []
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        r = measure_speedup(backend, dense, uniform(dense, mid, round_to, shape), shape, SEARCH).ratio
+        trace.append({"pruning_ratio": mid, "measured_ratio": r})
+        if r <= target_ratio:
+            hi, best = mid, (mid if best is None else min(best, mid))
+        else:
+            lo = mid
+    return (best if best is not None else hi), trace
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--model", default="resnet20")
-    p.add_argument("--finetune-epochs", type=float, default=2)
+    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--train-subset", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-budget")
-    p.add_argument("--json", default=None)
     a = p.parse_args()
-    rows = []
+    cfg = RunConfig().with_overrides(model=a.model, out=f"{a.out}/base", progress=False, seed=a.seed,
+                                     data={"train_subset": a.train_subset})
+    ws = pipeline.prepare(cfg)
+    dense, _ = pipeline.dense_stage(ws)
+    table = pipeline.profile_stage(ws, dense)
+    shape, backend = ws.input_shape, ws.backend
+    ft = TrainConfig(epochs=a.finetune_epochs, lr=0.02, warmup_iters=20)
+    dense_acc = evaluate(dense, ws.data, ws.data.test)
+    rows, out = [], Path(a.out) / "budget.json"
     for b in a.budgets:
-        cfg = RunConfig().with_overrides(model=a.model, out=f"{a.out}/{a.model}-b{b}", progress=False,
-                                         budget={"fraction": b}, finetune={"epochs": a.finetune_epochs})
         t0 = time.perf_counter()
         try:
-            r = latprune.run(cfg).report
+            cal = plan_to_budget(dense, table, b, cfg.plan, backend, shape, cfg.budget.calibrate_iters,
+                                 (cfg.budget.window_low, cfg.budget.window_high), cfg.budget.timing)
         except BudgetBelowFloor as e:
-            rows.append({"budget": b, "error": str(e)})
+            rows.append({"budget": b, "method": "knapsack", "error": str(e)})
+            print(f"{b}: {e}", flush=True)
             continue
-        cal = r["plan"]["calibration"]
-        rows.append({
-            "budget": b, "met": r["budget"]["met"], "measured_ratio": r["compact"]["latency_ms"] / r["dense"]["latency_ms"],
-            "predicted_ratio": r["compact"]["predicted_ratio"], "speedup": r["speedup"], "ci95": r["speedup_ci95"],
-            "dense_ms": r["dense"]["latency_ms"], "compact_ms": r["compact"]["latency_ms"],
-            "dense_acc": r["dense"]["accuracy"], "compact_acc": r["compact"]["accuracy"],
-            "macs_ratio": r["compact"]["macs"] / r["dense"]["macs"], "calibration_iters": len(cal),
-            "wall_s": time.perf_counter() - t0,
-        })
-    print(f"{'budget':>6} {'met':>4} {'measured':>8} {'predicted':>9} {'speedup':>7} {'MACs':>5} {'acc dense':>9} {'acc compact':>11} {'iters':>5} {'wall s':>6}")
+        models = {"knapsack": apply_plan_(copy.deepcopy(dense), cal.plan, shape)}
+        searches = {}
+        for label, rt in (("uniform", None), ("uniform round_to 8", 8)):
+            ratio, trace = search_ratio(dense, cal.measured_ratio, rt, backend, shape)
+            models[label], searches[label] = uniform(dense, ratio, rt, shape), {"pruning_ratio": ratio, "trace": trace}
+        for label, m in models.items():
+            train(m, ws.data, ft, seed=a.seed, progress=False, desc=label)
+            s = measure_speedup(backend, dense, m.eval(), shape, FINAL)
+            macs, params = tp.utils.count_ops_and_params(m, torch.zeros(1, *shape))
+            rows.append({"budget": b, "method": label, "measured_ratio": s.ratio, "pair_ratios": s.repeats,
+                         "measured_over_target": s.ratio / b, "calibrated_ratio": cal.measured_ratio,
+                         "calibration_iters": len(cal.history), "params": int(params), "macs": int(macs),
+                         "accuracy": evaluate(m, ws.data, ws.data.test), "dense_accuracy": dense_acc,
+                         "search": searches.get(label), "wall_s": time.perf_counter() - t0})
+            print(f"{b} {label}: measured {s.ratio:.3f} ({s.ratio / b:.3f} x budget), accuracy "
+                  f"{rows[-1]['accuracy']:.4f}", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"rows": rows, "finetune": dataclasses.asdict(ft), "dense_accuracy": dense_acc,
+                                   "environment": environment()}, indent=1))
+    print(f"\n{'budget':>6} {'method':<19} {'measured':>8} {'/budget':>7} {'params':>7} {'MACs M':>7} {'accuracy':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['budget']:>6} {r['error']}")
+            print(f"{r['budget']:>6} {r['method']:<19} {r['error']}")
             continue
-        print(f"{r['budget']:>6} {str(r['met']):>4} {r['measured_ratio']:>8.3f} {r['predicted_ratio']:>9.3f} "
-              f"{r['speedup']:>7.2f} {r['macs_ratio']:>5.2f} {r['dense_acc']:>9.4f} {r['compact_acc']:>11.4f} "
-              f"{r['calibration_iters']:>5} {r['wall_s']:>6.0f}")
-    out = Path(a.json or f"{a.out}/budget.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "environment": environment()}, indent=1))
-    print(out)
+        print(f"{r['budget']:>6} {r['method']:<19} {r['measured_ratio']:>8.3f} {r['measured_over_target']:>7.3f} "
+              f"{r['params']:>7,} {r['macs'] / 1e6:>7.2f} {r['accuracy']:>8.4f}")
+    print(f"dense accuracy {dense_acc:.4f}; {out}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Stage 4b: verify the exported model computes what PyTorch computes, and measure the speedup.
 
-Parity runs on a real batch. Dense and compact latencies come from one interleaved run in one
-process (../shared/BENCHMARKS.md): the ratio of their medians is what the budget is checked on,
-with a bootstrap confidence interval over rounds.
+Parity runs on a real batch. Dense and compact latencies come from interleaved runs in one
+process (``latency_tables.endtoend.measure_speedup``, re-exported here): the ratio of their
+medians is what the budget is checked on, with a bootstrap confidence interval over rounds.
 """
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from latprune.errors import ParityError
-from latprune.latency_tables.backends import Backend
-from latprune.latency_tables.timing import bootstrap_ratio_ci
+from latprune.latency_tables.endtoend import PairConfig, SpeedResult, measure_speedup  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +57,3 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, x: torch.Tensor
             f"{p.max_rel_diff:.3g} (tolerance {rtol:g}), top-1 agreement {p.top1_agreement:.3f}"
         )
     return p
-
-
-@dataclasses.dataclass(frozen=True)
-class SpeedResult:
-    dense: dict
-    compact: dict
-    speedup: float
-    speedup_ci95: tuple[float, float]
-    ratio: float  # compact / dense medians: what the budget fraction is compared with
-
-
-def measure_speedup(backend: Backend, dense, compact, input_shape: tuple[int, int, int],
-                    rounds: int = 7, min_round_s: float = 0.5) -> SpeedResult:
-    """Dense and compact interleaved in one process; ``dense``/``compact`` are ONNX paths or modules."""
-    fns = [backend.model_runner(dense, input_shape), backend.model_runner(compact, input_shape)]
-    backend.measure(fns, 1, min_round_s / 4)  # throwaway round: first measurements run slow
-    td, tc = backend.measure(fns, rounds, min_round_s)
-    lo, hi = bootstrap_ratio_ci(td, tc)
-    speedup = td.median_ms / tc.median_ms
-    log.info("dense %.3f ms, compact %.3f ms: speedup %.2fx [%.2f, %.2f]", td.median_ms, tc.median_ms, speedup, lo, hi)
-    return SpeedResult(td.summary(), tc.summary(), speedup, (lo, hi), tc.median_ms / td.median_ms)

@@ -29,6 +29,32 @@ def cpu_description() -> str:
     return f"{model} [{' '.join(simd)}]" if simd else model
 
 
+def gpu_description() -> str:
+    """'GPU name (driver D, CUDA C, sm_XY)': the device in a GPU table's fingerprint."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    props = torch.cuda.get_device_properties(0)
+    driver = "unknown"
+    try:  # the kernel module's version line: "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15 ..."
+        with open("/proc/driver/nvidia/version") as f:
+            words = f.readline().split()
+        driver = next((w for w in words if w[:1].isdigit() and "." in w), driver)
+    except OSError:
+        pass
+    return f"{props.name} (driver {driver}, CUDA {torch.version.cuda}, sm_{props.major}{props.minor})"
+
+
+def latprune_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("latprune")
+    except Exception:  # running from a source tree that is not installed
+        return "unknown"
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded with every run and every figure."""
     import numpy
@@ -49,10 +75,5 @@ def environment() -> dict[str, Any]:
             env[mod] = __import__(mod).__version__
         except Exception:  # not installed, or broken install: record as absent
             env[mod] = None
-    try:
-        from importlib.metadata import version
-
-        env["latprune"] = version("latprune")
-    except Exception:
-        env["latprune"] = None
+    env["latprune"] = latprune_version()
     return env

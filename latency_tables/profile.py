@@ -2,8 +2,9 @@
 
 Every conv and linear layer is measured as it runs deployed (conv + folded BN + activation) on a
 (c_in, c_out) grid at multiples of ``step`` up to its dense widths, at the deployment batch and
-input size. Layers with identical signatures are measured once. The dense model is also timed end
-to end; the planner scales the tables to that measurement (see ``pipeline.plan.LatencyModel``).
+input size. Layers with identical signatures are measured once. Then the whole model: the dense
+model, the smallest plan and a few random plans are timed end to end, and the table's end-to-end
+term is fitted on them (``latency_tables.endtoend``), so a prediction is of the whole model.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from latprune.errors import BadInput
 from latprune.latency_tables.backends import Backend
-from latprune.latency_tables.table import LatencyTable, LayerSignature, LayerTable, channel_grid
+from latprune.latency_tables.endtoend import PairConfig, fit_end_to_end
+from latprune.latency_tables.table import EndToEnd, LatencyTable, LayerSignature, LayerTable, channel_grid
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +32,47 @@ class ProfileConfig:
     max_cv: float = 0.10  # entries noisier than this (CV of round medians) are measured again
     model_rounds: int = 5  # rounds for the dense end-to-end measurement
     model_min_round_s: float = 0.3
+    fit_configs: int = 8  # random pruned configurations the end-to-end term is fitted on (plus the smallest)
+    fit_rounds: int = 7  # interleaved rounds (against the dense model) per configuration
+    fit_round_s: float | None = None  # seconds per round; None: 10 x min_round_s
+    validate: int = 0  # random pruned configurations timed end to end to measure the prediction error
 
     def __post_init__(self):
         if self.step < 1:
             raise ValueError(f"profile step must be >= 1 channel, got {self.step}")
         if self.rounds < 1 or self.model_rounds < 1:
             raise ValueError("profile rounds must be >= 1")
-        if self.min_round_s <= 0 or self.model_min_round_s <= 0:
+        if self.min_round_s <= 0 or self.model_min_round_s <= 0 or (self.fit_round_s or 1) <= 0:
             raise ValueError("profile round durations must be > 0 seconds")
+        if self.fit_configs < 0 or self.fit_rounds < 1:
+            raise ValueError("profile fit_configs must be >= 0 and fit_rounds >= 1")
+        if self.validate < 0:
+            raise ValueError(f"--validate needs K >= 0 configurations, got {self.validate}")
+
+    def measurement_key(self) -> dict:
+        """The settings that change what the table holds (validation only adds its error)."""
+        d = dataclasses.asdict(self)
+        d.pop("validate")
+        return d
+
+    @property
+    def pair(self) -> PairConfig:
+        """How each pruned configuration is timed against the dense model for the fit and validation."""
+        return PairConfig(rounds=self.fit_rounds, min_round_s=self.fit_round_s or 10 * self.min_round_s,
+                          repeats=1, max_repeats=2)
 
 
-def layer_signatures(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, LayerSignature]:
-    """Signature of every Conv2d and Linear layer, with the input size seen in a forward pass."""
+def layer_signatures(model: nn.Module, input_shape: tuple[int, int, int],
+                     unmeasured: dict[str, str] | None = None) -> dict[str, LayerSignature]:
+    """Signature of every Conv2d and Linear layer, with the input size seen in a forward pass.
+
+    Layers the profiler cannot measure (grouped but not depthwise convs, 1-D/3-D and transposed
+    convs, linears on more than 2-D input) go into ``unmeasured`` with the reason; the planner
+    leaves the groups they produce unpruned.
+    """
     sigs: dict[str, LayerSignature] = {}
     hooks = []
+    unmeasured = {} if unmeasured is None else unmeasured
 
     def hook(name):
         def fn(mod, inputs, _out):
@@ -50,7 +80,8 @@ def layer_signatures(model: nn.Module, input_shape: tuple[int, int, int]) -> dic
             if isinstance(mod, nn.Conv2d):
                 depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
                 if mod.groups > 1 and not depthwise:
-                    kind = None  # grouped (non-depthwise) convs: not supported yet, not in the table
+                    kind = None
+                    unmeasured[name] = f"grouped convolution (groups={mod.groups}, not depthwise)"
                 else:
                     kind = "dwconv" if depthwise else "conv"
                 if kind:
@@ -58,14 +89,19 @@ def layer_signatures(model: nn.Module, input_shape: tuple[int, int, int]) -> dic
                         kind, mod.in_channels, mod.out_channels, tuple(mod.kernel_size), tuple(mod.stride),
                         tuple(mod.padding), tuple(mod.dilation), tuple(x.shape[-2:]), "relu",
                     )
-            elif isinstance(mod, nn.Linear) and x.dim() == 2:
-                sigs[name] = LayerSignature("linear", mod.in_features, mod.out_features, activation="none")
+            elif isinstance(mod, nn.Linear):
+                if x.dim() == 2:
+                    sigs[name] = LayerSignature("linear", mod.in_features, mod.out_features, activation="none")
+                else:
+                    unmeasured[name] = f"linear layer on {x.dim()}-D input"
 
         return fn
 
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             hooks.append(mod.register_forward_hook(hook(name)))
+        elif isinstance(mod, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            unmeasured[name] = f"{type(mod).__name__} (the profiler measures Conv2d and Linear)"
     was_training = model.training
     try:
         model.eval()
@@ -80,7 +116,20 @@ def layer_signatures(model: nn.Module, input_shape: tuple[int, int, int]) -> dic
 
 def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: Backend,
                   cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> LatencyTable:
-    sigs = layer_signatures(model, input_shape)
+    unmeasured: dict[str, str] = {}
+    sigs = layer_signatures(model, input_shape, unmeasured)
+    if not sigs:
+        raise BadInput("the model has no Conv2d or Linear layer the profiler can measure: nothing to prune")
+    for name, why in unmeasured.items():
+        log.warning("layer %s is not profiled (%s): it stays unpruned", name, why)
+    narrow = sorted(n for n, s in sigs.items() if s.kind != "linear" and max(s.c_in, s.c_out) <= cfg.step
+                    and s.c_out > 1)
+    if narrow and len(narrow) == len(sigs):
+        raise BadInput(f"--profile-step {cfg.step} is not smaller than any layer's width: every layer would be "
+                       "measured at its full width only; lower --profile-step")
+    if narrow:
+        log.warning("%d layer(s) are no wider than the grid step %d and are measured at full width only "
+                    "(e.g. %s): lower --profile-step to see them shrink", len(narrow), cfg.step, narrow[0])
     unique: dict[str, LayerSignature] = {}
     for s in sigs.values():
         unique.setdefault(s.key, s)
@@ -110,13 +159,18 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
 
     dense = backend.measure([backend.model_runner(model, input_shape)], cfg.model_rounds, cfg.model_min_round_s)[0]
     layers = {k: LayerTable(unique[k], g[0], g[1], g[2], g[3], g[4]) for k, g in grids.items()}
+    layer_keys = {name: s.key for name, s in sigs.items()}
+    covered = sum(layers[layer_keys[n]].lookup(s.c_in, s.c_out) for n, s in sigs.items())
+    log.info("dense %.3f ms end to end; layer tables sum to %.3f ms", dense.median_ms, covered)
     table = LatencyTable(
         fingerprint=backend.fingerprint(input_shape),
         layers=layers,
-        layer_keys={name: s.key for name, s in sigs.items()},
+        layer_keys=layer_keys,
         dense_ms=dense.median_ms,
-        meta={"profile": dataclasses.asdict(cfg), "dense": dense.summary(), "entries": len(plan)},
+        e2e=EndToEnd.fit([{"label": "dense", "layers_ms": covered, "measured_ms": dense.median_ms}]),
+        meta={"profile": dataclasses.asdict(cfg), "dense": dense.summary(), "entries": len(plan),
+              "unmeasured": unmeasured},
     )
-    covered = sum(table.lookup(n, s.c_in, s.c_out) for n, s in sigs.items())
-    log.info("dense %.3f ms end to end; layer tables sum to %.3f ms", dense.median_ms, covered)
-    return table
+    # the smallest plan is always among the fit's points: it anchors the floor the knapsack sees
+    return table.with_e2e(fit_end_to_end(model, table, backend, input_shape, cfg.fit_configs, cfg.step,
+                                         cfg.pair, progress=progress))

@@ -18,7 +18,7 @@ import numpy as np
 
 from latprune.errors import BadInput
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the end-to-end term (intercept + slope over the layer tables' sum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +65,10 @@ class Fingerprint:
     batch: int
     dtype: str
     input_shape: tuple[int, int, int]  # C, H, W of one image
+    latprune_version: str = ""  # recorded, not matched: a table outlives the release that measured it
 
-    MATCH_FIELDS = ("device", "runtime", "provider", "threads", "batch", "dtype", "input_shape")
+    # runtime_version is matched too: an ORT or TensorRT upgrade changes kernels and their timings
+    MATCH_FIELDS = ("device", "runtime", "runtime_version", "provider", "threads", "batch", "dtype", "input_shape")
 
     def mismatches(self, other: "Fingerprint") -> list[str]:
         out = []
@@ -130,25 +132,102 @@ def channel_grid(width: int, step: int) -> list[int]:
     return pts
 
 
+@dataclasses.dataclass(frozen=True)
+class EndToEnd:
+    """Whole-model latency from the layer tables' sum S: ``intercept_ms + slope * S``.
+
+    The layer tables do not add up to a whole model: each micro-model pays a runtime call and
+    layout conversions the whole model does not, and the whole model runs ops no table covers
+    (stem, pooling, adds, fc). Both parts are fitted on pruned configurations of the model timed end
+    to end (``points``: the dense model, the smallest plan, random plans), by least squares on the
+    relative error. One point gives the proportional model through it (intercept 0).
+    """
+
+    intercept_ms: float
+    slope: float
+    points: tuple[dict, ...] = ()  # {"label", "layers_ms", "measured_ms"}
+
+    def predict(self, layers_ms: float) -> float:
+        return self.intercept_ms + self.slope * layers_ms
+
+    @classmethod
+    def fit(cls, points: list[dict]) -> "EndToEnd":
+        if not points:
+            raise ValueError("the end-to-end term needs at least one measured configuration")
+        s = np.array([p["layers_ms"] for p in points], float)
+        m = np.array([p["measured_ms"] for p in points], float)
+        if np.any(s <= 0) or np.any(m <= 0) or not (np.all(np.isfinite(s)) and np.all(np.isfinite(m))):
+            raise ValueError("end-to-end points need positive, finite layers_ms and measured_ms")
+        proportional = cls(0.0, float(np.sum(s * m / m**2) / np.sum(s * s / m**2)), tuple(points))
+        if len(points) < 2 or np.ptp(s) < 1e-6 * s.max():
+            return proportional
+        # minimise sum(((a + b s - m) / m)^2): a weighted linear least-squares problem
+        A = np.stack([np.ones_like(s), s], 1) / m[:, None]
+        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(m), rcond=None)
+        if not (b > 0 and np.all(a + b * s > 0)):  # a fit no table could mean: keep it proportional
+            return proportional
+        return cls(float(a), float(b), tuple(points))
+
+    def corrected(self, measured: list[dict]) -> "EndToEnd":
+        """The term after a closed loop measured ``measured`` points near the target.
+
+        One point: keep the slope, move the intercept through it (the table's local error is
+        mostly an offset). Two or more: the secant through the two latest distinct ones, with the
+        slope kept within [0.5, 2] x the fitted one. The fit's own points are kept as they were.
+        """
+        if not measured:
+            return self
+        last = measured[-1]
+        slope = self.slope
+        distinct = [p for p in measured[:-1] if abs(p["layers_ms"] - last["layers_ms"]) > 1e-3 * last["layers_ms"]]
+        if distinct:
+            prev = distinct[-1]
+            secant = (last["measured_ms"] - prev["measured_ms"]) / (last["layers_ms"] - prev["layers_ms"])
+            slope = float(np.clip(secant, 0.5 * self.slope, 2.0 * self.slope))
+        return EndToEnd(float(last["measured_ms"] - slope * last["layers_ms"]), slope, self.points)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"intercept_ms": self.intercept_ms, "slope": self.slope, "points": list(self.points)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EndToEnd":
+        slope = float(d["slope"])
+        if not (math.isfinite(slope) and slope > 0 and math.isfinite(float(d["intercept_ms"]))):
+            raise ValueError(f"end-to-end slope must be positive and finite, got {d['slope']}")
+        return cls(float(d["intercept_ms"]), slope, tuple(d.get("points", ())))
+
+
 @dataclasses.dataclass
 class LatencyTable:
-    """Per-layer tables for one model in one deployment setting, plus its end-to-end dense latency.
+    """Per-layer tables for one model in one deployment setting, plus the end-to-end term.
 
     ``layer_keys`` maps each prunable layer of the model (by module name) to its signature key;
     layers sharing a signature share one :class:`LayerTable`. ``dense_ms`` is the measured
-    end-to-end latency of the dense model: what no table covers (stem, pooling, adds, per-op
-    overhead) is estimated as ``dense_ms`` minus the tables' sum at dense widths.
+    end-to-end latency of the dense model; ``e2e`` turns the tables' sum at any widths into a
+    whole-model prediction (:class:`EndToEnd`). ``meta["validation"]`` holds the prediction error on
+    random pruned configurations when the table was validated (``latprune profile --validate K``).
     """
 
     fingerprint: Fingerprint
     layers: dict[str, LayerTable]
     layer_keys: dict[str, str]
     dense_ms: float
+    e2e: EndToEnd
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def lookup(self, layer: str, c_in: float, c_out: float) -> float:
         return self.layers[self.layer_keys[layer]].lookup(c_in, c_out)
+
+    def with_e2e(self, e2e: EndToEnd) -> "LatencyTable":
+        return dataclasses.replace(self, e2e=e2e)
+
+    def measurements(self) -> dict[str, Any]:
+        """What predictions depend on (for cache keys): everything but the validation record,
+        which ``--validate`` may add to a table later without changing a single prediction."""
+        d = self.to_dict()
+        d["meta"] = {k: v for k, v in d["meta"].items() if k != "validation"}
+        return d
 
     def check_compatible(self, wanted: Fingerprint, force: bool = False) -> None:
         diffs = self.fingerprint.mismatches(wanted)
@@ -167,6 +246,7 @@ class LatencyTable:
             "header": fp,
             "meta": self.meta,
             "dense_ms": self.dense_ms,
+            "e2e": self.e2e.to_dict(),
             "layer_keys": self.layer_keys,
             "layers": {
                 k: {
@@ -184,10 +264,7 @@ class LatencyTable:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LatencyTable":
         if d.get("schema_version") != SCHEMA_VERSION:
-            raise BadInput(
-                f"latency table schema {d.get('schema_version')!r} is not {SCHEMA_VERSION}: "
-                "re-profile with this latprune version"
-            )
+            raise StaleSchema(d.get("schema_version"))
         h = dict(d["header"])
         h["input_shape"] = tuple(h["input_shape"])
         layers = {}
@@ -207,7 +284,8 @@ class LatencyTable:
         dense = float(d["dense_ms"])
         if not (math.isfinite(dense) and dense > 0):
             raise ValueError(f"dense_ms must be positive, got {dense}")
-        return cls(Fingerprint(**h), layers, dict(d["layer_keys"]), dense, d.get("meta", {}))
+        return cls(Fingerprint(**h), layers, dict(d["layer_keys"]), dense, EndToEnd.from_dict(d["e2e"]),
+                   d.get("meta", {}))
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_json_atomic(path, self.to_dict())
@@ -217,6 +295,12 @@ class LatencyTable:
         p = Path(path)
         try:
             return cls.from_dict(json.loads(p.read_text()))
+        except StaleSchema as e:
+            raise BadInput(
+                f"latency table {p} has schema {e.found!r}, this latprune reads schema {SCHEMA_VERSION}: "
+                f"rebuild it with `latprune profile --model <model> --out <dir>` (or delete it; "
+                "`latprune run` re-profiles)"
+            ) from None
         except FileNotFoundError:
             raise BadInput(f"latency table {p} does not exist: run `latprune profile` first") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -224,6 +308,12 @@ class LatencyTable:
                 f"latency table {p} is truncated or corrupted ({type(e).__name__}: {e}): "
                 "delete it and re-profile"
             ) from None
+
+
+class StaleSchema(ValueError):
+    def __init__(self, found: Any):
+        self.found = found
+        super().__init__(f"latency table schema {found!r} is not {SCHEMA_VERSION}")
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:

@@ -48,10 +48,18 @@ class Timing:
         }
 
 
-def warmup(fn: Callable[[], object], min_calls: int = 3, min_s: float = 0.05) -> None:
+def wall_clock_ms(fn: Callable[[], object]) -> float:
+    """Host wall-clock time of one call, in ms: right for runtimes whose call returns when done."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def warmup(fn: Callable[[], object], min_calls: int = 3, min_s: float = 0.05,
+           timer: Callable[[Callable[[], object]], float] = wall_clock_ms) -> None:
     t0, n = time.perf_counter(), 0
     while n < min_calls or time.perf_counter() - t0 < min_s:
-        fn()
+        timer(fn)
         n += 1
 
 
@@ -61,21 +69,24 @@ def time_interleaved(
     min_round_s: float = 0.5,
     min_calls: int = 3,
     warmup_s: float = 0.2,
+    timer: Callable[[Callable[[], object]], float] = wall_clock_ms,
 ) -> list[Timing]:
-    """Time several programs in interleaved rounds; each round of each program lasts ``min_round_s``."""
+    """Time several programs in interleaved rounds; each round of each program lasts ``min_round_s``.
+
+    ``timer`` times one call in ms: host wall clock by default, CUDA events for asynchronous GPU
+    runtimes (``latency_tables.backends``).
+    """
     if rounds < 1 or min_round_s <= 0:
         raise ValueError(f"need rounds >= 1 and min_round_s > 0, got {rounds}, {min_round_s}")
     for fn in fns:
-        warmup(fn, min_s=warmup_s)
+        warmup(fn, min_s=warmup_s, timer=timer)
     out = [Timing([]) for _ in fns]
     for _ in range(rounds):
         for fn, t in zip(fns, out):
             times: list[float] = []
             start = time.perf_counter()
             while len(times) < min_calls or time.perf_counter() - start < min_round_s:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+                times.append(timer(fn))
             t.rounds.append(times)
     return out
 

@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     b = g.add_mutually_exclusive_group()
     b.add_argument("--budget", type=float, help="latency budget as a fraction of the measured dense latency (default 0.5)")
     b.add_argument("--budget-ms", type=float, help="latency budget in ms per deployment batch")
-    g.add_argument("--runtime", choices=["ort", "torch"], help="deployment runtime (default ort: ONNX Runtime CPU)")
+    g.add_argument("--runtime", choices=["ort", "torch", "torch-cuda", "ort-cuda", "ort-trt", "trt"],
+                   help="deployment runtime (default ort: ONNX Runtime CPU); the GPU ones are unverified (README)")
+    g.add_argument("--fp16", action="store_true", default=None, help="half precision (torch-cuda, ort-trt, trt)")
     g.add_argument("--deploy-batch", type=int, help="batch the budget is measured at (default 32)")
     g.add_argument("--threads", type=int, help="runtime threads (default 2)")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this (default 8)")
@@ -57,10 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--test-subset", type=int, help="report accuracy on the first N test images (0 = all)")
     g.add_argument("--val-size", type=int, help="validation images held out of the training set (default 5000)")
     g.add_argument("--profile-step", type=int, help="latency table grid step in channels (default 8)")
-    g.add_argument("--profile-round-s", type=float, help="seconds per timing round of a table entry (default 0.02)")
+    g.add_argument("--profile-round-s", type=float,
+                   help="seconds per timing round of a table entry (default 0.02; 10x that per round of the "
+                        "end-to-end fit)")
+    g.add_argument("--fit-configs", type=int,
+                   help="random pruned configurations the table's end-to-end term is fitted on (default 8)")
     g.add_argument("--verify-rounds", type=int, help="interleaved rounds for the final dense/compact timing (default 11)")
     g.add_argument("--verify-round-s", type=float, help="seconds per round of the final timing (default 0.4)")
     g.add_argument("--calibrate-iters", type=int, help="closed-loop re-plans against measured latency (default 4)")
+    g.add_argument("--calibrate-round-s", type=float,
+                   help="seconds per round when the closed loop times a plan against the dense model (default 0.25)")
+    g.add_argument("--validate", type=int, metavar="K",
+                   help="time K random pruned configurations end to end and store the table's prediction error")
     g.add_argument("--table", help="use this latency table instead of profiling")
     g.add_argument("--force", action="store_true", default=None, help="use a table measured for another setting")
     g.add_argument("--seed", type=int, help="random seed (default 0), recorded in the report")
@@ -112,14 +122,16 @@ def config_from_args(a: argparse.Namespace):
     elif a.budget_ms is not None:
         budget = {"ms": a.budget_ms}
     budget["calibrate_iters"] = a.calibrate_iters
+    budget["calibrate_round_s"] = a.calibrate_round_s
     return cfg.with_overrides(
         model=a.model, weights=a.weights, seed=a.seed, out=a.out, table=a.table, force=a.force,
         cache_dir=a.cache_dir, progress=False if a.no_progress else None,
         data={"name": a.data, "train_subset": a.train_subset, "test_subset": a.test_subset, "val_size": a.val_size},
-        deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads},
+        deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads, "fp16": a.fp16},
         budget=budget,
         plan={"round_to": a.round_to, "importance": "l2" if a.importance == "magnitude" else a.importance},
-        profile={"step": a.profile_step, "min_round_s": a.profile_round_s},
+        profile={"step": a.profile_step, "min_round_s": a.profile_round_s, "validate": a.validate,
+                 "fit_configs": a.fit_configs},
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
         finetune={"epochs": a.finetune_epochs, "batch_size": a.batch_size},
         schedule={"warmup_epochs": a.warmup_epochs, "prune_steps": a.prune_steps, "prune_every": a.prune_every,
@@ -163,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             dense, _ = pipeline.dense_stage(ws)
             table = distributed.main_first(lambda: pipeline.profile_stage(ws, dense))
             if a.command == "profile":
+                v = table.meta.get("validation")
+                if v:
+                    print(f"table prediction error on {v['k']} random pruned configurations: median "
+                          f"{100 * v['median_rel_err']:.1f} %, p90 {100 * v['p90_rel_err']:.1f} %", file=sys.stderr)
                 print(ws.run_dir / "table.json")
                 return 0
             cal = distributed.main_first(lambda: pipeline.plan_stage(ws, dense, table))

@@ -3,7 +3,9 @@
 The models cover the coupling patterns the knapsack and torch-pruning must handle: a plain conv
 stack, a residual net with a projection shortcut, a depthwise inverted-residual net, and a concat.
 ``fake_table`` costs every layer as c_in * c_out * k^2 * h * w / stride^2 (a MAC count), so
-planning tests are exact and need no timing.
+planning tests are exact and need no timing. :class:`FakeBackend` is a test double of a runtime
+whose whole-model latency is a known function of the model's widths (``intercept_ms + slope x``
+that cost summed over layers): the closed loop and the end-to-end fit are tested against it.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from latprune.latency_tables.table import Fingerprint, LatencyTable, LayerTable, channel_grid
+from latprune.latency_tables.backends import Backend
+from latprune.latency_tables.table import EndToEnd, Fingerprint, LatencyTable, LayerTable, channel_grid
+from latprune.latency_tables.timing import Timing
 
 
 def _cbr(c_in, c_out, k=3, s=1, groups=1):
@@ -119,9 +123,55 @@ def fake_table(model: nn.Module, input_shape=(3, 32, 32), step: int = 8, batch: 
         med = np.array([[fake_cost_ms(s, (o if s.kind == "dwconv" else i), o) for o in co] for i in ci])
         layers[s.key] = LayerTable(s, ci, co, med, np.zeros_like(med), np.ones_like(med, dtype=int))
     fp = Fingerprint("fake-device", "fake", "0", "none", 1, batch, "float32", tuple(input_shape))
-    table = LatencyTable(fp, layers, {n: s.key for n, s in sigs.items()}, dense_ms=1.0)
-    table.dense_ms = overhead_ms + sum(table.lookup(n, s.c_in, s.c_out) for n, s in sigs.items())
-    return table
+    dense_layers = sum(layers[s.key].lookup(s.c_in, s.c_out) for s in sigs.values())
+    e2e = EndToEnd(overhead_ms, 1.0, ({"label": "dense", "layers_ms": dense_layers,
+                                       "measured_ms": overhead_ms + dense_layers},))
+    return LatencyTable(fp, layers, {n: s.key for n, s in sigs.items()}, overhead_ms + dense_layers, e2e)
+
+
+def model_cost_ms(model: nn.Module, input_shape=(3, 32, 32)) -> float:
+    """:func:`fake_cost_ms` summed over the model's layers at their current widths."""
+    from latprune.latency_tables.profile import layer_signatures
+
+    return sum(fake_cost_ms(s, s.c_in, s.c_out) for s in layer_signatures(model, input_shape).values())
+
+
+class FakeBackend(Backend):
+    """A runtime whose latency is known exactly: a layer costs ``fake_cost_ms``, a whole model
+    ``intercept_ms + slope * model_cost_ms(model)``. Nothing is run or timed; for tests only."""
+
+    name = "fake"
+    provider = "none"
+
+    def __init__(self, intercept_ms: float = 0.0, slope: float = 1.0, batch: int = 1):
+        super().__init__(threads=1, batch=batch)
+        self.intercept_ms, self.slope = intercept_ms, slope
+        self.models_timed = 0
+
+    def version(self) -> str:
+        return "0"
+
+    def fingerprint(self, input_shape):
+        return Fingerprint("fake-device", "fake", "0", "none", 1, self.batch, "float32", tuple(input_shape))
+
+    def _layer_runner(self, sig, c_in, c_out):
+        def run():
+            return None
+
+        run.latency_ms = fake_cost_ms(sig, c_in, c_out)
+        return run
+
+    def _model_runner(self, model, input_shape):
+        self.models_timed += 1
+
+        def run():
+            return None
+
+        run.latency_ms = self.intercept_ms + self.slope * model_cost_ms(model, input_shape)
+        return run
+
+    def measure(self, fns, rounds, min_round_s):
+        return [Timing([[fn.latency_ms] * 3 for _ in range(rounds)]) for fn in fns]
 
 
 def tiny_dataset(n: int = 64, shape=(3, 16, 16), num_classes: int = 10, seed: int = 0):

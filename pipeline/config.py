@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from latprune.errors import BadInput
+from latprune.latency_tables.backends import RUNTIMES
+from latprune.latency_tables.endtoend import PairConfig
 from latprune.latency_tables.profile import ProfileConfig
 from latprune.pipeline.adasap import SharpnessConfig
 from latprune.pipeline.data import DataConfig
@@ -27,7 +29,13 @@ class BudgetConfig:
     fraction: float | None = 0.5
     ms: float | None = None
     calibrate_iters: int = 4  # closed loop: measure the planned widths, re-solve if off target
-    aim: float = 0.85  # aim the measured ratio at this share of the budget (headroom for drift)
+    # the closed loop accepts a plan measured in [window_low, window_high] x budget; the gap under
+    # 1.0 is headroom for drift between this measurement and the final one
+    window_low: float = 0.90
+    window_high: float = 0.97
+    calibrate_rounds: int = 7  # interleaved rounds per pair of sessions, per closed-loop measurement
+    calibrate_round_s: float = 0.25
+    calibrate_repeats: int = 2  # pairs of fresh sessions per measurement (more while noisy, up to 4)
 
     def __post_init__(self):
         if self.ms is not None:
@@ -38,27 +46,48 @@ class BudgetConfig:
                 f"budget must be in (0, 1] as a fraction of dense latency, got {self.fraction}: "
                 "e.g. --budget 0.5, or give --budget-ms"
             )
-        if not (0.5 <= self.aim <= 1.0):
-            raise BadInput(f"budget.aim must be in [0.5, 1], got {self.aim}")
+        if not (0.5 <= self.window_low < self.window_high <= 1.0):
+            raise BadInput(f"budget window must satisfy 0.5 <= window_low < window_high <= 1, got "
+                           f"{self.window_low}, {self.window_high}")
+        if self.calibrate_rounds < 1 or self.calibrate_round_s <= 0 or self.calibrate_repeats < 1:
+            raise BadInput("calibrate rounds and repeats must be >= 1 and the round length > 0 s")
+
+    @property
+    def timing(self) -> PairConfig:
+        return PairConfig(self.calibrate_rounds, self.calibrate_round_s, self.calibrate_repeats,
+                          max(self.calibrate_repeats, 4))
 
 
 @dataclasses.dataclass(frozen=True)
 class DeployConfig:
-    runtime: str = "ort"  # ort | torch
+    runtime: str = "ort"  # one of latency_tables.backends.RUNTIMES
     batch: int = 32
     threads: int = 2
+    fp16: bool = False  # torch-cuda, ort-trt and trt only
 
     def __post_init__(self):
-        if self.runtime not in ("ort", "torch"):
-            raise BadInput(f"--runtime must be ort or torch, got {self.runtime!r}")
+        if self.runtime not in RUNTIMES:
+            raise BadInput(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.batch < 1 or self.threads < 1:
             raise BadInput(f"--deploy-batch and --threads must be >= 1, got {self.batch}, {self.threads}")
 
 
 @dataclasses.dataclass(frozen=True)
 class VerifyConfig:
+    """The final dense/compact timing: ``repeats`` pairs of fresh sessions (more, up to 5, while the
+    speedup's interval is wider than +-3 %), each ``rounds`` interleaved rounds."""
+
     rounds: int = 11
     min_round_s: float = 0.4
+    repeats: int = 3
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.min_round_s <= 0 or self.repeats < 1:
+            raise BadInput("--verify-rounds and verify repeats must be >= 1 and --verify-round-s > 0")
+
+    @property
+    def timing(self) -> PairConfig:
+        return PairConfig(self.rounds, self.min_round_s, self.repeats, max(self.repeats, 5), max_ci=0.03)
 
 
 def default_cache_dir() -> str:

@@ -2,7 +2,8 @@
 
 The plan says, for every prunable channel group (torch-pruning's DependencyGraph), which channels
 to keep. Latency is predicted from the table: the sum over layers of T(c_in, c_out) at the planned
-widths, scaled so the dense sum equals the measured dense latency (see :class:`LatencyModel`).
+widths, turned into a whole-model latency by the table's fitted end-to-end term
+(:class:`~latprune.latency_tables.table.EndToEnd`, used by :class:`LatencyModel`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from latprune.errors import BadInput, BudgetBelowFloor
-from latprune.latency_tables.table import LatencyTable, write_json_atomic
+from latprune.latency_tables.table import EndToEnd, LatencyTable, write_json_atomic
 from latprune.pipeline.groups import LayerWidths, dependency_graph, layer_widths, prunable_groups
 from latprune.pipeline.knapsack import (BudgetUnreachable, GroupChoices, candidate_widths, plan_widths,
                                         prefix_values)
@@ -66,13 +67,15 @@ class PruningPlan:
     target_ms: float
     predicted_ms: float
     dense_predicted_ms: float  # the model being planned, before this plan (the dense model at first)
-    table_scale: float  # measured dense latency / the tables' sum at dense widths
+    layers_ms: float  # the layer tables' sum at the planned widths
+    e2e: dict  # the end-to-end term the prediction used: predicted = intercept_ms + slope * layers_ms
     groups: list[GroupPlan]
     layer_channels: dict[str, list[int]]  # layer -> [c_in, c_out] after pruning
     iterations: int
     history: list[dict]
     importance: str
     round_to: int
+    unpruned: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> why the knapsack left it whole
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,42 +101,36 @@ class PruningPlan:
 
 @dataclasses.dataclass
 class LatencyModel:
-    """Whole-model latency prediction for any assignment of group widths (torch-free).
+    """Whole-model latency prediction for any assignment of group widths (torch-free):
+    ``e2e.intercept_ms + e2e.slope * sum over layers of T(c_in, c_out)``.
 
-    The layer tables are scaled so that, at dense widths, they sum to the measured end-to-end dense
-    latency: ``predict = dense_ms * sum(T at plan) / sum(T at dense)``. Measured here (ResNet-20,
-    ORT CPU, batch 32): each micro-model's time includes a session call and NCHWc reorders that the
-    whole model does not pay, so the tables sum to ~1.17x the dense latency; subtracting that excess
-    as a constant predicted 0.41 of dense for a plan that measured 0.50, scaling predicted 0.50.
+    ``e2e`` defaults to the table's fitted term; the closed loop passes a corrected one.
     """
 
     table: LatencyTable
     widths: LayerWidths
+    e2e: EndToEnd | None = None
 
-    @property
-    def dense_layers_ms(self) -> float:
-        """The tables' sum at the widths they were profiled at (the dense model's), whatever
-        the widths of the model being planned now (iterative pruning plans a pruned model)."""
-        t = self.table
-        return sum(t.lookup(l, t.layers[k].signature.c_in, t.layers[k].signature.c_out) for l, k in t.layer_keys.items()
-                   if l in self.widths.dense)
-
-    @property
-    def scale(self) -> float:
-        return self.table.dense_ms / self.dense_layers_ms
+    def __post_init__(self):
+        self.e2e = self.e2e or self.table.e2e
 
     def layers_ms(self, kept: dict[str, int], layers=None) -> float:
         return sum(self.table.lookup(l, *self.widths.widths(l, kept)) for l in (layers or self.widths.dense))
 
     def predict(self, kept: dict[str, int]) -> float:
-        return self.scale * self.layers_ms(kept)
+        return self.e2e.predict(self.layers_ms(kept))
+
+
+def model_layers_ms(model: nn.Module, table: LatencyTable, input_shape: tuple[int, int, int]) -> float:
+    """The layer tables' sum for ``model`` at its current widths."""
+    groups = [cg for cg, _ in prunable_groups(model, dependency_graph(model, torch.zeros(1, *input_shape)))]
+    lm = LatencyModel(table, layer_widths(model, groups, table.layer_keys))
+    return lm.layers_ms(dict(lm.widths.group_size))
 
 
 def predicted_latency(model: nn.Module, table: LatencyTable, input_shape: tuple[int, int, int]) -> float:
-    """The table's prediction for ``model`` at its current widths."""
-    groups = [cg for cg, _ in prunable_groups(model, dependency_graph(model, torch.zeros(1, *input_shape)))]
-    lm = LatencyModel(table, layer_widths(model, groups, table.layer_keys))
-    return lm.predict(dict(lm.widths.group_size))
+    """The table's whole-model prediction for ``model`` at its current widths."""
+    return table.e2e.predict(model_layers_ms(model, table, input_shape))
 
 
 def group_importance(model: nn.Module, dg, groups, criterion: str,
@@ -164,25 +161,38 @@ def group_importance(model: nn.Module, dg, groups, criterion: str,
 
 def build_plan(model: nn.Module, table: LatencyTable, target_ms: float, cfg: PlanConfig,
                input_shape: tuple[int, int, int], batches=None,
-               min_widths: dict[str, int] | None = None) -> PruningPlan:
+               min_widths: dict[str, int] | None = None, e2e: EndToEnd | None = None) -> PruningPlan:
     """Plan which channels of ``model`` to keep so the predicted latency is at most ``target_ms``.
 
     ``min_widths`` (by group) bounds how far each group may shrink: iterative pruning passes the
-    final plan's widths, so intermediate steps never cut a group below where it must end.
+    final plan's widths, so intermediate steps never cut a group below where it must end. ``e2e``
+    replaces the table's end-to-end term (the closed loop's corrected one).
     """
     if target_ms <= 0:
         raise BadInput(f"latency target must be > 0 ms, got {target_ms}")
     dg = dependency_graph(model, torch.zeros(1, *input_shape))
     groups = prunable_groups(model, dg)
-    missing = [l for cg, _ in groups for l in cg.producers if l not in table.layer_keys]
-    if missing:
-        raise BadInput(f"latency table has no entry for layers {missing[:3]}: re-profile this model")
+    unmeasured = table.meta.get("unmeasured", {})
+    stale = [l for cg, _ in groups for l in cg.producers if l not in table.layer_keys and l not in unmeasured]
+    if stale:
+        raise BadInput(f"latency table has no entry for layers {stale[:3]}: re-profile this model")
+    unpruned = {}
+    for cg, _ in groups:
+        why = [f"{l}: {unmeasured[l]}" for l in cg.producers if l in unmeasured]
+        if why:
+            unpruned[cg.name] = "not profiled (" + "; ".join(why) + ")"
+        elif cg.size <= cfg.round_to:
+            unpruned[cg.name] = f"{cg.size} channels, not more than --round-to {cfg.round_to}"
+    for name, why in unpruned.items():  # once per run: iterative steps (min_widths) plan again
+        log.log(logging.DEBUG if min_widths else logging.WARNING, "group %s stays unpruned: %s", name, why)
     scores = group_importance(model, dg, groups, cfg.importance, batches)
     lw = layer_widths(model, [cg for cg, _ in groups], table.layer_keys)
-    lm = LatencyModel(table, lw)
+    lm = LatencyModel(table, lw, e2e)
     choices = []
     for cg, _ in groups:
         ws = candidate_widths(cg.size, cfg.round_to)
+        if cg.name in unpruned:
+            ws = ws[-1:]
         if min_widths and cg.name in min_widths:
             ws = ws[ws >= min(min_widths[cg.name], cg.size)]
         choices.append(GroupChoices(cg.name, ws, prefix_values(scores[cg.name], ws)))
@@ -206,15 +216,16 @@ def build_plan(model: nn.Module, table: LatencyTable, target_ms: float, cfg: Pla
              sol.predicted_ms, target_ms, lm.predict(dense_kept), sol.iterations)
     return PruningPlan(
         target_ms=target_ms, predicted_ms=sol.predicted_ms, dense_predicted_ms=lm.predict(dense_kept),
-        table_scale=lm.scale, groups=plans,
+        layers_ms=lm.layers_ms(sol.widths), e2e=lm.e2e.to_dict() | {"points": len(lm.e2e.points)}, groups=plans,
         layer_channels={l: list(lw.widths(l, sol.widths)) for l in lw.dense},
         iterations=sol.iterations, history=sol.history, importance=cfg.importance, round_to=cfg.round_to,
+        unpruned=unpruned,
     )
 
 
 def _touch_fn(lm: LatencyModel, layers: list[str]):
-    scale = lm.scale
-    return lambda kept: scale * lm.layers_ms(kept, layers)
+    slope = lm.e2e.slope
+    return lambda kept: slope * lm.layers_ms(kept, layers)
 
 
 def count_params(model: nn.Module) -> int:
@@ -251,7 +262,7 @@ def build_param_plan(model: nn.Module, table: LatencyTable, cfg: PlanConfig, inp
         return out
 
     def params_for(n: int) -> int:
-        probe = PruningPlan(0.0, 0.0, 0.0, 1.0, plan_for(n), {}, 0, [], cfg.importance, 1)
+        probe = PruningPlan(0.0, 0.0, 0.0, 0.0, {}, plan_for(n), {}, 0, [], cfg.importance, 1)
         return count_params(apply_plan_(copy.deepcopy(model), probe, input_shape))
 
     if max_params is not None:
@@ -273,6 +284,6 @@ def build_param_plan(model: nn.Module, table: LatencyTable, cfg: PlanConfig, inp
     predicted = lm.predict(kept)
     return PruningPlan(
         target_ms=predicted, predicted_ms=predicted, dense_predicted_ms=lm.predict(dict(lw.group_size)),
-        table_scale=lm.scale, groups=plans, layer_channels={l: list(lw.widths(l, kept)) for l in lw.dense},
+        layers_ms=lm.layers_ms(kept), e2e=lm.e2e.to_dict() | {"points": len(lm.e2e.points)}, groups=plans, layer_channels={l: list(lw.widths(l, kept)) for l in lw.dense},
         iterations=1, history=[{"kept_neurons": keep, "neurons": total}], importance=cfg.importance, round_to=1,
     )

@@ -81,6 +81,27 @@ def _sharpness_line(s: dict[str, Any]) -> str:
             f"{s['post_pruning']:.4f} after the last removal (before fine-tuning).")
 
 
+def _table_section(r: dict[str, Any]) -> list[str]:
+    t = r.get("table") or {}
+    e = t.get("e2e") or {}
+    lines = ["## Latency table", "",
+             f"{t.get('entries')} measured entries; whole-model prediction = {_fmt(e.get('intercept_ms'))} ms + "
+             f"{_fmt(e.get('slope'))} x (sum of the layer tables), fitted on {e.get('points')} configurations timed end "
+             "to end. Staircases: ![staircases](table_staircases.png)"]
+    v = t.get("validation")
+    if v:
+        lines += ["", f"Validated on {v['k']} random pruned configurations: median error {100 * v['median_rel_err']:.1f} %, "
+                  f"p90 {100 * v['p90_rel_err']:.1f} %, max {100 * v['max_rel_err']:.1f} %. "
+                  "![predicted vs measured](table_validation.png)"]
+    else:
+        lines += ["", "Not validated in this run (`latprune profile --validate K` measures the prediction error)."]
+    for name, why in (t.get("unmeasured") or {}).items():
+        lines.append(f"- layer `{name}` was not profiled: {why}")
+    for name, why in (r.get("plan", {}).get("unpruned") or {}).items():
+        lines.append(f"- group `{name}` stays unpruned: {why}")
+    return lines
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     b, d, c, rt = r["budget"], r["dense"], r["compact"], r["runtime"]
     verdict = "**met**" if b["met"] else "**MISSED**"
@@ -125,18 +146,27 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "## Budget calibration (planned widths timed before training)",
         "",
-        "| iteration | table target | predicted | measured |",
-        "|---:|---:|---:|---:|",
+        "Ratios to the dense model. Each row: the knapsack solved with the end-to-end term shown, the plan",
+        "was pruned from a copy and timed against the dense model; off the window, the term is corrected",
+        "through the measured point and the knapsack re-solved.",
+        "",
+        "| iteration | target | predicted | measured (pairs of sessions) | end-to-end term |",
+        "|---:|---:|---:|---|---|",
     ]
     for h in r["plan"]["calibration"]:
-        lines.append(f"| {h['iteration']} | {h['table_target_ratio']:.3f} | {h['predicted_ratio']:.3f} | "
-                     f"{h['measured_ratio']:.3f} |")
+        pairs = ", ".join(f"{x:.3f}" for x in h.get("pair_ratios", []))
+        again = f" (plan of iteration {h['repeat_of']} again)" if "repeat_of" in h else ""
+        lines.append(f"| {h['iteration']} | {h['target_ratio']:.3f} | {h['predicted_ratio']:.3f} | "
+                     f"{h['measured_ratio']:.3f} ({pairs}){again} | {h['e2e']['intercept_ms']:.3f} ms + "
+                     f"{h['e2e']['slope']:.3f} x tables |")
     if r["plan"]["calibrated_ratio"] is not None:
+        final_pairs = ", ".join(f"{x:.3f}" for x in r.get("verify", {}).get("pair_ratios", []))
         lines += ["", f"The chosen widths measured {r['plan']['calibrated_ratio']:.3f} of dense before training and "
-                  f"{c['latency_ms'] / d['latency_ms']:.3f} now: the difference is timing drift on this machine "
-                  "(weights do not change latency)."]
+                  f"{c['latency_ms'] / d['latency_ms']:.3f} now (pairs of sessions: {final_pairs}); weights do not "
+                  "change latency, so a difference is timing drift on this machine."]
     else:
         lines += ["", "No calibration: a parameter target does not constrain latency."]
+    lines += ["", *_table_section(r)]
     rob = r.get("robustness")
     if rob:
         lines += ["", f"## Robustness: {rob['suite']}, first {rob['eval_images']} test images", "",

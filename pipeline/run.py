@@ -28,7 +28,9 @@ from latprune.export.verify import Parity, SpeedResult, check_parity, measure_sp
 from latprune.latency_tables.backends import Backend, get_backend
 from latprune.latency_tables.device import environment
 from latprune.latency_tables.profile import layer_signatures, profile_model
-from latprune.latency_tables.table import LatencyTable, write_json_atomic
+from latprune.latency_tables.endtoend import validate_table
+from latprune.latency_tables.plots import plot_staircases, plot_validation
+from latprune.latency_tables.table import SCHEMA_VERSION, EndToEnd, LatencyTable, write_json_atomic
 from latprune.pipeline import distributed
 from latprune.pipeline.calibrate import CalibratedPlan, plan_to_budget
 from latprune.pipeline.compact import load_compact, save_compact
@@ -100,7 +102,7 @@ def prepare(cfg: RunConfig) -> Workspace:
     data = load_dataset(cfg.data, seed=cfg.seed, cache_dir=Path(cfg.cache_dir).expanduser())
     spec = ModelSpec(cfg.model, data.num_classes)
     spec.build()  # unknown names and broken factories fail here
-    backend = get_backend(cfg.deploy.runtime, cfg.deploy.threads, cfg.deploy.batch)
+    backend = get_backend(cfg.deploy.runtime, cfg.deploy.threads, cfg.deploy.batch, cfg.deploy.fp16)
     if cfg.weights and not Path(cfg.weights).exists():
         raise BadInput(f"--weights {cfg.weights} does not exist: pass a state_dict saved with torch.save")
     if cfg.table:
@@ -139,23 +141,36 @@ def dense_stage(ws: Workspace) -> tuple[nn.Module, dict]:
 
 
 def profile_stage(ws: Workspace, dense: nn.Module) -> LatencyTable:
-    """The latency table: ``--table``, the run dir's, the cache's, or measured now."""
+    """The latency table: ``--table``, the cache's, or measured now; validated end to end on
+    ``--validate K`` random pruned configurations when asked (the error is stored in the table)."""
     fp = ws.backend.fingerprint(ws.input_shape)
+    source = None
     if ws.cfg.table:
         table = LatencyTable.load(ws.cfg.table)
         table.check_compatible(fp, ws.cfg.force)
     else:
         sigs = {n: s.key for n, s in layer_signatures(dense, ws.input_shape).items()}
-        key = cache_key(fp=dataclasses.asdict(fp), layers=sigs, profile=dataclasses.asdict(ws.cfg.profile))
-        cached = ws.cache / "tables" / f"{ws.spec.name.replace(':', '_')}-{key}.json"
-        if cached.exists():
-            table = LatencyTable.load(cached)
-            log.info("using cached latency table %s", cached)
+        key = cache_key(fp=dataclasses.asdict(fp), layers=sigs, profile=ws.cfg.profile.measurement_key(),
+                        schema=SCHEMA_VERSION)
+        source = ws.cache / "tables" / f"{ws.spec.name.replace(':', '_')}-{key}.json"
+        if source.exists():
+            table = LatencyTable.load(source)
+            log.info("using cached latency table %s", source)
         else:
             with ws.timed("profile"):
                 table = profile_model(dense, ws.input_shape, ws.backend, ws.cfg.profile, ws.cfg.progress)
-            table.save(cached)
+            table.save(source)
+    k = ws.cfg.profile.validate
+    if k and (table.meta.get("validation") or {}).get("k", 0) < k:
+        with ws.timed("validate"):
+            table.meta["validation"] = validate_table(dense, table, ws.backend, ws.input_shape, k, ws.cfg.profile.step,
+                                                      ws.cfg.profile.pair, seed=ws.cfg.seed, progress=ws.cfg.progress)
+        if source is not None:
+            table.save(source)
     table.save(ws.run_dir / "table.json")
+    plot_staircases(table, ws.run_dir / "table_staircases.png")
+    if table.meta.get("validation"):
+        plot_validation(table, ws.run_dir / "table_validation.png")
     return table
 
 
@@ -168,12 +183,14 @@ def plan_stage(ws: Workspace, dense: nn.Module, table: LatencyTable) -> Calibrat
         wanted = min(wanted, 1.0)
     else:
         wanted = cfg.budget.fraction
-    key, done = ws.stage_key("plan", table=table.to_dict(), wanted=wanted, plan=dataclasses.asdict(cfg.plan),
+    key, done = ws.stage_key("plan", table=table.measurements(), wanted=wanted, plan=dataclasses.asdict(cfg.plan),
                              budget=dataclasses.asdict(cfg.budget), dense=_dense_identity(cfg),
                              target=[cfg.schedule.target, cfg.schedule.param_ratio])
     if done and (ws.run_dir / "plan.json").exists():
         d = json.loads((ws.run_dir / "calibration.json").read_text())
-        return CalibratedPlan(PruningPlan.load(ws.run_dir / "plan.json"), d["wanted_ratio"], d["measured_ratio"], d["history"])
+        e2e = EndToEnd.from_dict(d["e2e"]) if d.get("e2e") else None
+        return CalibratedPlan(PruningPlan.load(ws.run_dir / "plan.json"), d["wanted_ratio"], d["measured_ratio"],
+                              d["history"], e2e)
     batches = None
     if cfg.plan.importance == "taylor":
         batches = list(ws.data.batches(ws.data.train, cfg.finetune.batch_size, limit=cfg.plan.taylor_batches * cfg.finetune.batch_size))
@@ -185,10 +202,12 @@ def plan_stage(ws: Workspace, dense: nn.Module, table: LatencyTable) -> Calibrat
             cal = CalibratedPlan(plan, plan.predicted_ms / table.dense_ms, None, [])
         else:
             cal = plan_to_budget(dense, table, wanted, cfg.plan, ws.backend, ws.input_shape,
-                                 cfg.budget.calibrate_iters, cfg.budget.aim, batches=batches)
+                                 cfg.budget.calibrate_iters, (cfg.budget.window_low, cfg.budget.window_high),
+                                 cfg.budget.timing, batches=batches)
     cal.plan.save(ws.run_dir / "plan.json")
     write_json_atomic(ws.run_dir / "calibration.json",
-                      {"wanted_ratio": cal.wanted_ratio, "measured_ratio": cal.measured_ratio, "history": cal.history})
+                      {"wanted_ratio": cal.wanted_ratio, "measured_ratio": cal.measured_ratio, "history": cal.history,
+                       "e2e": cal.e2e.to_dict() if cal.e2e else None})
     ws.done("plan", key)
     return cal
 
@@ -219,7 +238,7 @@ def prune_stage(ws: Workspace, dense: nn.Module, table: LatencyTable, cal: Calib
         if distributed.is_main():
             write_json_atomic(probe_file, probe)
     with ws.timed("train_and_prune"):
-        res = train_and_prune_(compact, ws.data, table, cal.plan, cfg.plan, cfg.schedule, cfg.sharpness,
+        res = train_and_prune_(compact, ws.data, cal.table(table), cal.plan, cfg.plan, cfg.schedule, cfg.sharpness,
                                cfg.finetune, ws.input_shape, cfg.seed, cfg.progress,
                                checkpoint=ws.run_dir / "training.ckpt.pt", key=key)
     info = {"method": cfg.sharpness.method, "target": cfg.schedule.target, "importance": cfg.plan.importance,
@@ -248,9 +267,9 @@ def export_stage(ws: Workspace, dense: nn.Module, compact: nn.Module) -> tuple[P
 def verify_stage(ws: Workspace, dense_onnx: Path, compact_onnx: Path, dense: nn.Module,
                  compact: nn.Module) -> SpeedResult:
     """Dense and compact timed interleaved on the deployment runtime."""
-    a, b = (dense_onnx, compact_onnx) if ws.cfg.deploy.runtime == "ort" else (dense, compact)
+    a, b = (dense_onnx, compact_onnx) if ws.backend.loads_onnx else (dense, compact)
     with ws.timed("verify"):
-        return measure_speedup(ws.backend, a, b, ws.input_shape, ws.cfg.verify.rounds, ws.cfg.verify.min_round_s)
+        return measure_speedup(ws.backend, a, b, ws.input_shape, ws.cfg.verify.timing)
 
 
 def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: LatencyTable, cal: CalibratedPlan,
@@ -290,18 +309,31 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
         "robustness": robustness,
         "speedup": speed.speedup, "speedup_ci95": list(speed.speedup_ci95),
         "parity": dataclasses.asdict(parity),
-        "runtime": {"name": "onnxruntime" if fp.runtime == "ort" else "torch", "version": fp.runtime_version,
+        "runtime": {"name": _RUNTIME_NAMES[fp.runtime.split("-")[0]], "backend": fp.runtime, "version": fp.runtime_version,
                     "provider": fp.provider, "threads": fp.threads, "batch": fp.batch,
                     "input_shape": [fp.batch, *fp.input_shape], "device": fp.device, "dtype": fp.dtype},
         "plan": {"importance": cal.plan.importance, "round_to": cal.plan.round_to,
                  "table_target_ms": cal.plan.target_ms, "table_predicted_ms": cal.plan.predicted_ms,
-                 "table_scale": cal.plan.table_scale, "knapsack_iterations": cal.plan.iterations,
+                 "table_layers_ms": cal.plan.layers_ms, "e2e": cal.plan.e2e, "unpruned": cal.plan.unpruned,
+                 "knapsack_iterations": cal.plan.iterations,
                  "calibration": cal.history, "calibrated_ratio": cal.measured_ratio},
-        "table": {"entries": table.meta.get("entries"), "dense_ms_at_profile": table.dense_ms},
+        "table": {"entries": table.meta.get("entries"), "dense_ms_at_profile": table.dense_ms,
+                  "e2e": {"intercept_ms": table.e2e.intercept_ms, "slope": table.e2e.slope,
+                          "points": len(table.e2e.points)},
+                  "validation": _validation_summary(table), "unmeasured": table.meta.get("unmeasured", {})},
+        "verify": {"pair_ratios": speed.repeats, "timing": dataclasses.asdict(cfg.verify)},
         "seed": cfg.seed, "stage_seconds": dict(ws.seconds), "environment": environment(),
         "artifacts": sorted(p.name for p in ws.run_dir.iterdir() if not p.name.startswith(".")),
     }
     return report
+
+
+_RUNTIME_NAMES = {"ort": "onnxruntime", "torch": "torch", "trt": "tensorrt"}
+
+
+def _validation_summary(table: LatencyTable) -> dict[str, Any] | None:
+    v = table.meta.get("validation")
+    return None if v is None else {k: v[k] for k in ("k", "median_rel_err", "p90_rel_err", "max_rel_err")}
 
 
 def _budget(cfg: RunConfig, dense_ms: float, compact_ms: float, d_params: int, c_params: int) -> dict[str, Any]:

@@ -4,17 +4,19 @@ import pytest
 import torch
 
 from latprune.errors import BadInput
-from latprune.latency_tables.backends import get_backend, layer_module, layer_onnx
+from latprune.latency_tables.backends import check_provider, get_backend, layer_module, layer_onnx
+from latprune.latency_tables.endtoend import PairConfig, validate_table
 from latprune.latency_tables.profile import ProfileConfig, layer_signatures, profile_model
 from latprune.latency_tables.table import LayerSignature
 from latprune.latency_tables.timing import Timing, bootstrap_ratio_ci
 from latprune.testing import depthwise_net, residual_net
 
-FAST = ProfileConfig(step=16, rounds=2, min_round_s=0.002, model_rounds=2, model_min_round_s=0.01)
+FAST = ProfileConfig(step=16, rounds=2, min_round_s=0.002, model_rounds=2, model_min_round_s=0.01,
+                     fit_configs=2, fit_rounds=3)
 
 
 def test_unknown_runtime_lists_the_valid_ones():
-    with pytest.raises(BadInput, match="use one of ort, torch"):
+    with pytest.raises(BadInput, match="use one of ort, ort-cuda, ort-trt, torch, torch-cuda, trt"):
         get_backend("tensorflow")
 
 
@@ -51,6 +53,20 @@ def test_real_profile_of_a_tiny_model(runtime):
     assert table.dense_ms > 0
     assert table.fingerprint.runtime == runtime and table.fingerprint.batch == 2
     assert table.fingerprint.input_shape == (3, 16, 16)
+    assert [p["label"] for p in table.e2e.points] == ["dense", "smallest", "random0", "random1"]
+    assert table.e2e.slope > 0 and table.e2e.predict(table.e2e.points[0]["layers_ms"]) > 0
+
+
+def test_real_ort_table_validates_on_a_tiny_model():
+    model, shape = residual_net(), (3, 16, 16)
+    backend = get_backend("ort", threads=1, batch=8)
+    table = profile_model(model, shape, backend, FAST, progress=False)
+    v = validate_table(model, table, backend, shape, k=3, step=16, cfg=PairConfig(3, 0.02, 1, 1), progress=False)
+    assert v["k"] == 3 and len(v["points"]) == 3
+    for p in v["points"]:
+        assert p["measured_ms"] > 0 and p["predicted_ms"] > 0 and 0 < p["ratio"] <= 1.5
+    # loose: whole-model times here are ~0.1 ms; the benchmark measures the real error (BENCHMARKS.md)
+    assert v["median_rel_err"] < 0.5 and v["p90_rel_err"] >= v["median_rel_err"]
 
 
 def test_depthwise_layers_are_profiled_on_the_diagonal():
@@ -65,3 +81,71 @@ def test_bootstrap_interval_brackets_the_ratio():
     lo, hi = bootstrap_ratio_ci(a, b)
     assert lo <= a.median_ms / b.median_ms <= hi
     assert 1.9 < lo and hi < 2.1
+
+
+# ---- providers and GPU runtimes ----------------------------------------------------------------
+
+CONV = LayerSignature("conv", 16, 16, (3, 3), (1, 1), (1, 1), in_hw=(8, 8))
+
+
+def test_a_gpu_provider_missing_from_onnxruntime_names_the_extra():
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(BadInput, match=r"not CUDAExecutionProvider: pip install 'latprune\[gpu\]"):
+        get_backend("ort-cuda", 1, 1).layer_runner(CONV, 16, 16)
+
+
+def test_a_silent_cpu_fallback_is_refused():
+    # A real CPU session checked against a GPU request: what get_providers() shows after ORT fell back.
+    sess = ort.InferenceSession(layer_onnx(CONV, 16, 16, 1).SerializeToString(), providers=["CPUExecutionProvider"])
+    check_provider(sess, "CPUExecutionProvider")
+    with pytest.raises(BadInput, match=r"asked ONNX Runtime for CUDAExecutionProvider, but \['CPUExecutionProvider'\]"):
+        check_provider(sess, "CUDAExecutionProvider")
+
+
+def test_per_node_cpu_fallback_is_an_error(monkeypatch):
+    # Pretend the CUDA provider is installed: ORT then places every node on the CPU (no CUDA here),
+    # which session.disable_cpu_ep_fallback turns into an error instead of a silent CPU timing.
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises((RuntimeError, BadInput), match="CUDAExecutionProvider"):
+        get_backend("ort-cuda", 1, 1).layer_runner(CONV, 16, 16)
+
+
+def test_fp16_only_where_the_runtime_has_it():
+    with pytest.raises(BadInput, match="--fp16 is not available on runtime ort"):
+        get_backend("ort", fp16=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")
+@pytest.mark.parametrize("runtime", ["torch-cuda", "trt"])
+def test_gpu_runtimes_refuse_a_machine_without_a_gpu(runtime):
+    with pytest.raises(BadInput, match="needs a CUDA GPU"):
+        get_backend(runtime)
+
+
+@pytest.mark.gpu
+def test_torch_cuda_profile_of_a_tiny_model():
+    table = profile_model(residual_net(), (3, 16, 16), get_backend("torch-cuda", 1, 2), FAST, progress=False)
+    assert table.fingerprint.provider == "cuda" and "driver" in table.fingerprint.device
+    assert all(np.all(t.median_ms > 0) for t in table.layers.values())
+
+
+@pytest.mark.gpu
+def test_ort_cuda_runs_on_the_gpu():
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    b = get_backend("ort-cuda", 1, 2)
+    (t,) = b.measure([b.layer_runner(CONV, 16, 16)], 2, 0.01)
+    assert t.median_ms > 0
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("fp16", [False, True])
+def test_tensorrt_layer_engine_and_shared_timing_cache(fp16):
+    b = get_backend("trt", 1, 2, fp16=fp16)
+    (t,) = b.measure([b.layer_runner(CONV, 16, 16)], 2, 0.01)
+    size = len(b.timing_cache)
+    b.layer_runner(CONV, 16, 8)
+    assert t.median_ms > 0 and size > 0 and len(b.timing_cache) >= size

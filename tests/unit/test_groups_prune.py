@@ -39,7 +39,7 @@ def test_concat_consumer_sees_both_branches():
 def _plan_keeping(model, keep_fn):
     gs = groups_of(model)
     plans = [GroupPlan(g.name, g.size, keep_fn(g)) for g in gs]
-    return PruningPlan(1.0, 1.0, 1.0, 0.0, plans, {}, 1, [], "l2", 8)
+    return PruningPlan(1.0, 1.0, 1.0, 0.0, {}, plans, {}, 1, [], "l2", 8)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

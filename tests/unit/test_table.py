@@ -73,3 +73,26 @@ def test_wrong_schema_is_refused(tmp_path, table):
     (tmp_path / "t.json").write_text(json.dumps(d))
     with pytest.raises(BadInput, match="schema"):
         LatencyTable.load(tmp_path / "t.json")
+
+
+def test_a_table_from_an_older_schema_names_the_rebuild_command(tmp_path, table):
+    d = table.to_dict()
+    d["schema_version"] = 1
+    del d["e2e"]
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    with pytest.raises(BadInput, match=r"schema 1, this latprune reads schema 2: rebuild it with `latprune profile"):
+        LatencyTable.load(tmp_path / "t.json")
+
+
+def test_a_runtime_upgrade_is_a_different_setting(table):
+    other = Fingerprint(**{**table.fingerprint.__dict__, "runtime_version": "1.99"})
+    with pytest.raises(BadInput, match=r"runtime_version: table has '0', run wants '1.99'"):
+        table.check_compatible(other)
+    newer = Fingerprint(**{**table.fingerprint.__dict__, "latprune_version": "9.9"})
+    table.check_compatible(newer)  # recorded, not matched
+
+
+def test_end_to_end_term_survives_the_round_trip(tmp_path, table):
+    back = LatencyTable.load(table.save(tmp_path / "t.json"))
+    assert back.e2e.intercept_ms == table.e2e.intercept_ms and back.e2e.slope == table.e2e.slope
+    assert back.e2e.points == table.e2e.points

@@ -21,7 +21,7 @@ def _plan(model):
     for cg, _ in prunable_groups(model, dg):
         keep = KEEP_STEM if "stem.0" in cg.producers else KEEP_B1 if cg.name == "b1.0" else list(range(cg.size))
         groups.append(GroupPlan(cg.name, cg.size, keep))
-    return PruningPlan(1.0, 1.0, 1.0, 1.0, groups, {}, 1, [], "l2", 8)
+    return PruningPlan(1.0, 1.0, 1.0, 1.0, {}, groups, {}, 1, [], "l2", 8)
 
 
 def test_momentum_follows_the_kept_channels_on_both_dimensions():

@@ -1,0 +1,80 @@
+"""How well does a latency table predict the measured end-to-end latency of pruned models?
+
+    python benchmarks/table_accuracy.py [--cases resnet20:32:32 resnet56:32:32 resnet18:32:32 ...]
+                                        [--validate 10] [--runtime ort] [--threads 2]
+                                        [--json runs/bench-tables/table_accuracy.json]
+
+A case is MODEL:INPUT:BATCH[:STEP] (STEP: the grid step in channels, default 8; use a coarser one
+for wide layers at 224x224). For each case: build the table as ``latprune profile`` does (layer
+grid, dense timing, end-to-end fit), timed; then time ``--validate`` random pruned configurations
+(widths drawn on the grid, channels physically removed, not the fit's configurations) end to end
+against the dense model and compare with the table's prediction. Random weights: latency does not
+depend on them. Prints one row per case and writes JSON with every point and the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from latprune.latency_tables.backends import get_backend
+from latprune.latency_tables.device import environment
+from latprune.latency_tables.endtoend import validate_table
+from latprune.latency_tables.plots import plot_validation
+from latprune.latency_tables.profile import ProfileConfig, profile_model
+from latprune.pipeline.models import ModelSpec
+
+DEFAULT_CASES = ["resnet20:32:32", "resnet20:32:1", "resnet56:32:32", "resnet56:32:1", "resnet18:32:32",
+                 "resnet18:32:1", "mobilenet_v2:32:32", "mobilenet_v2:32:1", "resnet18:224:1:64",
+                 "mobilenet_v2:224:1:32"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
+    p.add_argument("--validate", type=int, default=10)
+    p.add_argument("--runtime", default="ort")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default="runs/bench-tables/table_accuracy.json")
+    a = p.parse_args()
+    out = Path(a.json)
+    done = json.loads(out.read_text())["rows"] if out.exists() else []
+    rows = [r for r in done if r["case"] in a.cases]
+    for case in a.cases:
+        if any(r["case"] == case for r in rows):
+            continue  # resumable: a finished case is kept
+        name, size, batch, *step = case.split(":")
+        size, batch, step = int(size), int(batch), int(step[0]) if step else 8
+        model = ModelSpec(name, 10).build().eval()
+        shape = (3, size, size)
+        backend = get_backend(a.runtime, a.threads, batch)
+        cfg = ProfileConfig(step=step)
+        t0 = time.perf_counter()
+        table = profile_model(model, shape, backend, cfg, progress=False)
+        build_s = time.perf_counter() - t0
+        v = validate_table(model, table, backend, shape, a.validate, step, cfg.pair, progress=False)
+        plot_validation(dataclasses.replace(table, meta={**table.meta, "validation": v}),
+                        out.parent / f"validation-{name}-{size}-b{batch}.png")
+        rows.append({"case": case, "model": name, "input": size, "batch": batch, "step": step,
+                     "entries": table.meta["entries"], "signatures": len(table.layers), "build_s": build_s,
+                     "dense_ms": table.dense_ms, "e2e": table.e2e.to_dict(),
+                     "median_rel_err": v["median_rel_err"], "p90_rel_err": v["p90_rel_err"],
+                     "max_rel_err": v["max_rel_err"], "points": v["points"]})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"rows": rows, "environment": environment()}, indent=1))
+        r = rows[-1]
+        print(f"{case}: {r['entries']} entries in {r['build_s']:.0f} s, dense {r['dense_ms']:.3f} ms, "
+              f"median error {100 * r['median_rel_err']:.1f} %, p90 {100 * r['p90_rel_err']:.1f} %", flush=True)
+    print(f"\n{'model':<13} {'input':>5} {'batch':>5} {'step':>4} {'entries':>7} {'build s':>7} {'dense ms':>9} "
+          f"{'median err':>10} {'p90 err':>8} {'max err':>8}")
+    for r in rows:
+        print(f"{r['model']:<13} {r['input']:>5} {r['batch']:>5} {r['step']:>4} {r['entries']:>7} {r['build_s']:>7.0f} "
+              f"{r['dense_ms']:>9.3f} {100 * r['median_rel_err']:>9.1f}% {100 * r['p90_rel_err']:>7.1f}% "
+              f"{100 * r['max_rel_err']:>7.1f}%")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Whole-model timing: dense against a pruned configuration, and what the tables must predict.
+
+The layer tables are fitted to the whole model (:class:`~latprune.latency_tables.table.EndToEnd`)
+and validated on it here. Latency does not depend on weight values, so a configuration is the
+model itself with channels physically removed (torch-pruning), its weights whatever they are.
+
+Every whole-model figure is a *ratio to the dense model timed interleaved with it* (A B A B ...,
+../shared/BENCHMARKS.md), converted to milliseconds with the table's dense latency: on a shared
+machine both models drift together, and the ratio is what a budget is checked on. A measurement
+is ``repeats`` pairs of fresh sessions (on the 2-core build machine the same pair of models read
+ratios 0.38-0.48 in fresh sessions a few seconds apart; one pair is not enough), and more pairs,
+up to ``max_repeats``, while the ratio's 95 % interval is wider than ``max_ci``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from latprune.latency_tables.backends import Backend
+from latprune.latency_tables.table import EndToEnd, LatencyTable
+from latprune.latency_tables.timing import Timing, bootstrap_ratio_ci
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+    rounds: int = 7  # interleaved rounds per pair of sessions
+    min_round_s: float = 0.25
+    repeats: int = 2  # pairs of fresh sessions, pooled
+    max_repeats: int = 4  # more pairs while the ratio's interval is wider than max_ci
+    max_ci: float = 0.04  # relative half-width of the ratio's 95 % interval
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.repeats < 1 or self.max_repeats < self.repeats or self.min_round_s <= 0:
+            raise ValueError(f"invalid timing settings {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedResult:
+    dense: dict
+    compact: dict
+    speedup: float
+    speedup_ci95: tuple[float, float]
+    ratio: float  # compact / dense medians: what the budget fraction is compared with
+    repeats: list[float] = dataclasses.field(default_factory=list)  # the ratio of each pair of sessions
+
+
+def measure_speedup(backend: Backend, dense, compact, input_shape: tuple[int, int, int],
+                    cfg: PairConfig = PairConfig()) -> SpeedResult:
+    """Dense and compact interleaved in one process; ``dense``/``compact`` are ONNX paths or modules."""
+    a, b = backend.prepare_model(dense, input_shape), backend.prepare_model(compact, input_shape)
+    td, tc, ratios = Timing([]), Timing([]), []
+
+    def one_pair():
+        fns = [backend.model_runner(a, input_shape), backend.model_runner(b, input_shape)]
+        backend.measure(fns, 1, cfg.min_round_s / 4)  # throwaway round: first measurements run slow
+        d, c = backend.measure(fns, cfg.rounds, cfg.min_round_s)
+        td.rounds.extend(d.rounds)
+        tc.rounds.extend(c.rounds)
+        ratios.append(c.median_ms / d.median_ms)
+        del fns  # release both sessions before the next pair
+
+    for _ in range(cfg.repeats):
+        one_pair()
+    lo, hi = bootstrap_ratio_ci(td, tc)
+    speedup = td.median_ms / tc.median_ms
+    while len(ratios) < cfg.max_repeats and (hi - lo) / 2 > cfg.max_ci * speedup:
+        log.info("speedup interval %.2f-%.2f is wide: timing another pair of sessions", lo, hi)
+        one_pair()
+        lo, hi = bootstrap_ratio_ci(td, tc)
+        speedup = td.median_ms / tc.median_ms
+    log.info("dense %.3f ms, compact %.3f ms: speedup %.2fx [%.2f, %.2f], pairs %s", td.median_ms,
+             tc.median_ms, speedup, lo, hi, ", ".join(f"{r:.3f}" for r in ratios))
+    return SpeedResult(td.summary(), tc.summary(), speedup, (lo, hi), tc.median_ms / td.median_ms, ratios)
+
+
+# ---- configurations ---------------------------------------------------------------------------
+
+def group_sizes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    from latprune.pipeline.groups import dependency_graph, prunable_groups
+
+    return {cg.name: cg.size for cg, _ in prunable_groups(model, dependency_graph(model, torch.zeros(1, *input_shape)))}
+
+
+def random_widths(sizes: dict[str, int], step: int, rng: np.random.Generator) -> dict[str, int]:
+    """A width per group drawn uniformly from its grid (multiples of ``step`` and the full width)."""
+    from latprune.pipeline.knapsack import candidate_widths
+
+    return {g: int(rng.choice(candidate_widths(n, step))) for g, n in sizes.items()}
+
+
+def smallest_widths(sizes: dict[str, int], step: int) -> dict[str, int]:
+    from latprune.pipeline.knapsack import candidate_widths
+
+    return {g: int(candidate_widths(n, step)[0]) for g, n in sizes.items()}
+
+
+def pruned_copy(model: nn.Module, widths: dict[str, int], input_shape: tuple[int, int, int]) -> nn.Module:
+    """``model`` with each group cut to its first ``widths[g]`` channels, physically."""
+    from latprune.pipeline.plan import GroupPlan, PruningPlan
+    from latprune.pipeline.prune import apply_plan_
+
+    sizes = group_sizes(model, input_shape)
+    groups = [GroupPlan(g, sizes[g], list(range(k))) for g, k in widths.items()]
+    plan = PruningPlan(0.0, 0.0, 0.0, 0.0, {}, groups, {}, 0, [], "l2", 1)
+    return apply_plan_(copy.deepcopy(model).eval(), plan, input_shape)
+
+
+def layers_ms(table: LatencyTable, model: nn.Module, input_shape: tuple[int, int, int]) -> float:
+    from latprune.pipeline.plan import model_layers_ms
+
+    return model_layers_ms(model, table, input_shape)
+
+
+def measure_configs(model: nn.Module, table: LatencyTable, backend: Backend, input_shape: tuple[int, int, int],
+                    configs: list[tuple[str, dict[str, int]]], cfg: PairConfig, progress: bool = True,
+                    desc: str = "end to end") -> list[dict[str, Any]]:
+    """Time each configuration against the dense model; a point per configuration."""
+    points = []
+    for label, widths in tqdm(configs, desc=desc, unit="model", disable=not progress):
+        probe = pruned_copy(model, widths, input_shape)
+        s = measure_speedup(backend, model, probe, input_shape, cfg)
+        points.append({"label": label, "layers_ms": layers_ms(table, probe, input_shape),
+                       "measured_ms": s.ratio * table.dense_ms, "ratio": s.ratio,
+                       "ratio_ci95": [1 / s.speedup_ci95[1], 1 / s.speedup_ci95[0]], "widths": widths})
+    return points
+
+
+def fit_end_to_end(model: nn.Module, table: LatencyTable, backend: Backend, input_shape: tuple[int, int, int],
+                   n_random: int, step: int, cfg: PairConfig, seed: int = 0, progress: bool = True) -> EndToEnd:
+    """Fit the table's end-to-end term on the dense model, the smallest plan and ``n_random`` random
+    plans (widths on the grid), each timed against the dense model."""
+    sizes = group_sizes(model, input_shape)
+    rng = np.random.default_rng(seed)
+    configs = [("smallest", smallest_widths(sizes, step))]
+    configs += [(f"random{i}", random_widths(sizes, step, rng)) for i in range(n_random)]
+    dense_point = {"label": "dense", "layers_ms": layers_ms(table, model, input_shape),
+                   "measured_ms": table.dense_ms, "ratio": 1.0}
+    points = [dense_point, *measure_configs(model, table, backend, input_shape, configs, cfg, progress, "fit")]
+    e2e = EndToEnd.fit(points)
+    log.info("end-to-end term: %.3f ms + %.3f x layer tables (%d points)", e2e.intercept_ms, e2e.slope, len(points))
+    return e2e
+
+
+def validate_table(model: nn.Module, table: LatencyTable, backend: Backend, input_shape: tuple[int, int, int],
+                   k: int, step: int, cfg: PairConfig, seed: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Prediction error on ``k`` random pruned configurations (not the fit's: another seed).
+
+    Returns ``{"k", "median_rel_err", "p90_rel_err", "points"}``, each point with its prediction;
+    the error is |predicted - measured| / measured, the measured value dense-relative (see above).
+    """
+    if k < 1:
+        raise ValueError(f"--validate needs K >= 1 configurations, got {k}")
+    sizes = group_sizes(model, input_shape)
+    rng = np.random.default_rng(10_000 + seed)
+    configs = [(f"validate{i}", random_widths(sizes, step, rng)) for i in range(k)]
+    points = measure_configs(model, table, backend, input_shape, configs, cfg, progress, "validate")
+    for p in points:
+        p["predicted_ms"] = table.e2e.predict(p["layers_ms"])
+        p["rel_err"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
+    err = np.array([p["rel_err"] for p in points])
+    out = {"k": k, "median_rel_err": float(np.median(err)), "p90_rel_err": float(np.percentile(err, 90)),
+           "max_rel_err": float(err.max()), "timing": dataclasses.asdict(cfg), "points": points}
+    log.info("validation on %d random configurations: median error %.1f %%, p90 %.1f %%", k,
+             100 * out["median_rel_err"], 100 * out["p90_rel_err"])
+    return out
