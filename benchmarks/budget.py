@@ -1,7 +1,8 @@
 """Budgets -> measured latency, and the knapsack plan against uniform pruning at equal latency.
 
     python benchmarks/budget.py [--budgets 0.3 0.5 0.7] [--model resnet20] [--finetune-epochs 1]
-                                [--train-subset 10000] [--seed 0] [--out runs/bench-budget]
+                                [--train-subset 10000] [--seed 0] [--importance l2|taylor]
+                                [--out runs/bench-budget]
 
 On the embedded default (Fashion-MNIST, the cached pre-trained dense model and latency table):
 
@@ -13,7 +14,8 @@ On the embedded default (Fashion-MNIST, the cached pre-trained dense model and l
 3. All three are fine-tuned alike (one-shot pruning, then SGD for ``--finetune-epochs``, same
    seed and data order) and timed once more against the dense model, interleaved.
 
-Prints a table and writes JSON (every row, the search, the environment) to OUT/budget.json.
+Prints a table and writes JSON (every row, the widths, the search, the environment) to
+OUT/budget-IMPORTANCE.json.
 """
 from __future__ import annotations
 
@@ -63,6 +65,10 @@ def search_ratio(dense, target_ratio: float, round_to: int | None, backend, shap
     return (best if best is not None else hi), trace
 
 
+def _widths(m) -> dict[str, int]:
+    return {n: mod.out_channels for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
@@ -70,22 +76,27 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--train-subset", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--importance", choices=["l2", "taylor"], default="l2", help="the knapsack's channel importance")
     p.add_argument("--out", default="runs/bench-budget")
     a = p.parse_args()
     cfg = RunConfig().with_overrides(model=a.model, out=f"{a.out}/base", progress=False, seed=a.seed,
-                                     data={"train_subset": a.train_subset})
+                                     data={"train_subset": a.train_subset}, plan={"importance": a.importance})
     ws = pipeline.prepare(cfg)
     dense, _ = pipeline.dense_stage(ws)
     table = pipeline.profile_stage(ws, dense)
     shape, backend = ws.input_shape, ws.backend
     ft = TrainConfig(epochs=a.finetune_epochs, lr=0.02, warmup_iters=20)
     dense_acc = evaluate(dense, ws.data, ws.data.test)
-    rows, out = [], Path(a.out) / "budget.json"
+    rows, out = [], Path(a.out) / f"budget-{a.importance}.json"
     for b in a.budgets:
         t0 = time.perf_counter()
+        batches = None
+        if a.importance == "taylor":
+            n = cfg.plan.taylor_batches * cfg.finetune.batch_size
+            batches = list(ws.data.batches(ws.data.train, cfg.finetune.batch_size, limit=n))
         try:
             cal = plan_to_budget(dense, table, b, cfg.plan, backend, shape, cfg.budget.calibrate_iters,
-                                 (cfg.budget.window_low, cfg.budget.window_high), cfg.budget.timing)
+                                 (cfg.budget.window_low, cfg.budget.window_high), cfg.budget.timing, batches)
         except BudgetBelowFloor as e:
             rows.append({"budget": b, "method": "knapsack", "error": str(e)})
             print(f"{b}: {e}", flush=True)
@@ -99,7 +110,8 @@ def main() -> None:
             train(m, ws.data, ft, seed=a.seed, progress=False, desc=label)
             s = measure_speedup(backend, dense, m.eval(), shape, FINAL)
             macs, params = tp.utils.count_ops_and_params(m, torch.zeros(1, *shape))
-            rows.append({"budget": b, "method": label, "measured_ratio": s.ratio, "pair_ratios": s.repeats,
+            rows.append({"budget": b, "method": label, "importance": a.importance if label == "knapsack" else "l2",
+                         "widths": _widths(m), "measured_ratio": s.ratio, "pair_ratios": s.repeats,
                          "measured_over_target": s.ratio / b, "calibrated_ratio": cal.measured_ratio,
                          "calibration_iters": len(cal.history), "params": int(params), "macs": int(macs),
                          "accuracy": evaluate(m, ws.data, ws.data.test), "dense_accuracy": dense_acc,

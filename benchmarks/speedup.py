@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from latprune.export.verify import measure_speedup
+from latprune.latency_tables.endtoend import PairConfig, measure_speedup
 from latprune.latency_tables.backends import get_backend
 from latprune.latency_tables.device import environment
 from latprune.pipeline.compact import load_compact
@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--round-s", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=3, help="pairs of fresh sessions, pooled")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     run = Path(a.run_dir)
@@ -37,7 +38,7 @@ def main() -> None:
     rows = []
     for b in a.batches:
         backend = get_backend(a.runtime, a.threads, b)
-        s = measure_speedup(backend, dense, compact, shape, a.rounds, a.round_s)
+        s = measure_speedup(backend, dense, compact, shape, PairConfig(a.rounds, a.round_s, a.repeats, a.repeats))
         rows.append({"batch": b, "dense_ms": s.dense["median_ms"], "compact_ms": s.compact["median_ms"],
                      "dense_cv": s.dense["cv"], "compact_cv": s.compact["cv"], "speedup": s.speedup,
                      "ci95": list(s.speedup_ci95)})
