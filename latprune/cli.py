@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             return result.exit_code
         ws = pipeline.prepare(cfg)
         with ws.removed_on_bad_input():
-            dense, _ = pipeline.dense_stage(ws)
+            if a.command == "profile":  # latency does not depend on weight values: no pre-training
+                dense = ws.spec.build().eval()
+            else:
+                dense, _ = pipeline.dense_stage(ws)
             table = distributed.main_first(lambda: pipeline.profile_stage(ws, dense))
             if a.command == "profile":
                 v = table.meta.get("validation")

@@ -79,9 +79,10 @@ def test_run_writes_a_complete_report(mini_run, capsys):
 
 @pytest.mark.slow
 @needs_fmnist
-def test_profile_validate_stores_the_prediction_error(mini_run, cache, tmp_path, capsys):
-    out = tmp_path / "prof"
-    assert main(["profile", *MINI, "--validate", "2", "--cache-dir", cache, "--out", str(out)]) == 0
+def test_profile_validate_stores_the_prediction_error(tmp_path, capsys):
+    out, fresh = tmp_path / "prof", tmp_path / "cache"
+    assert main(["profile", *MINI, "--validate", "2", "--cache-dir", str(fresh), "--out", str(out)]) == 0
+    assert not list(fresh.glob("checkpoints/*.pt")), "profiling needs no trained weights"
     v = json.loads((out / "table.json").read_text())["meta"]["validation"]
     assert v["k"] == 2 and len(v["points"]) == 2 and v["p90_rel_err"] >= v["median_rel_err"] >= 0
     assert all(p["predicted_ms"] > 0 and p["measured_ms"] > 0 for p in v["points"])
