@@ -92,8 +92,14 @@ class Backend(abc.ABC):
         return self._model_runner(model, tuple(input_shape))
 
     def prepare_model(self, model, input_shape: tuple[int, int, int]):
-        """Convert ``model`` once into what this runtime loads (ONNX bytes for ORT), so timing it
-        in several fresh sessions does not export it each time."""
+        """Convert ``model`` once into what this runtime loads (ONNX bytes, where ``loads_onnx``),
+        so timing it in several fresh sessions does not export it each time."""
+        from torch import nn
+
+        if self.loads_onnx and isinstance(model, nn.Module):
+            from latprune.export.onnx_export import onnx_bytes
+
+            return onnx_bytes(model, (self.batch, *input_shape))
         return model
 
     def measure(self, fns: list[Callable[[], object]], rounds: int, min_round_s: float) -> list[Timing]:
@@ -160,15 +166,6 @@ class _OrtBackend(Backend):
             raise RuntimeError(f"ONNX Runtime could not create a {self.provider} session: {str(e)[:300]}") from None
         check_provider(sess, self.provider)
         return sess
-
-    def prepare_model(self, model, input_shape):
-        from torch import nn
-
-        if isinstance(model, nn.Module):
-            from latprune.export.onnx_export import onnx_bytes
-
-            return onnx_bytes(model, (self.batch, *input_shape))
-        return model
 
     def _runner(self, sess, shape: tuple[int, ...]) -> Callable[[], object]:
         name = sess.get_inputs()[0].name
@@ -345,15 +342,6 @@ class TensorrtBackend(Backend):
 
     def device(self) -> str:
         return gpu_description()
-
-    def prepare_model(self, model, input_shape):
-        from torch import nn
-
-        if isinstance(model, nn.Module):
-            from latprune.export.onnx_export import onnx_bytes
-
-            return onnx_bytes(model, (self.batch, *input_shape))
-        return model
 
     def build_engine(self, onnx_model: bytes) -> bytes:
         """Serialised engine for an ONNX model (static shapes), through the shared timing cache."""

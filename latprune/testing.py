@@ -142,6 +142,7 @@ class FakeBackend(Backend):
 
     name = "fake"
     provider = "none"
+    loads_onnx = False  # it "times" nn.Modules
 
     def __init__(self, intercept_ms: float = 0.0, slope: float = 1.0, batch: int = 1):
         super().__init__(threads=1, batch=batch)
