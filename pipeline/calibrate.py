@@ -82,7 +82,7 @@ def plan_to_budget(model: nn.Module, table: LatencyTable, wanted_ratio: float, c
             break
         # the table's error at this plan, in ms of the table's dense latency: correct and re-solve
         measured.append({"layers_ms": plan.layers_ms, "measured_ms": speed.ratio * table.dense_ms})
-        e2e = e2e.corrected(measured)
+        e2e = table.e2e.corrected(measured)  # always from the fitted term: the clamp stays relative to it
     under = [t for t in tried if t[0] <= hi * wanted_ratio]
     # the slowest plan under the window's top (the most channels), else the fastest plan seen
     ratio, plan, used = max(under, key=lambda t: t[0]) if under else min(tried, key=lambda t: t[0])
