@@ -114,6 +114,24 @@ def layer_signatures(model: nn.Module, input_shape: tuple[int, int, int],
     return sigs
 
 
+def isolated_outliers(med: np.ndarray, high: float = 1.25, low: float = 0.8) -> list[tuple[int, int]]:
+    """Grid entries that break monotonicity by a margin: above ``high`` x an entry with more
+    channels (the next one along either axis), or below ``low`` x an entry with fewer.
+
+    Latency does not fall as channels are added (a staircase at worst), so such an entry is a
+    measurement that went wrong, or its neighbour is: both are measured again.
+    """
+    out = []
+    n_i, n_o = med.shape
+    for i in range(n_i):
+        for o in range(n_o):
+            up = [med[a, b] for a, b in ((i + 1, o), (i, o + 1)) if a < n_i and b < n_o]
+            down = [med[a, b] for a, b in ((i - 1, o), (i, o - 1)) if a >= 0 and b >= 0]
+            if (up and med[i, o] > high * max(up)) or (down and med[i, o] < low * min(down)):
+                out.append((i, o))
+    return out
+
+
 def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: Backend,
                   cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> LatencyTable:
     unmeasured: dict[str, str] = {}
@@ -145,17 +163,27 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
     # A throwaway measurement: the first one in a process can be 2x slow even after warm-up.
     backend.measure([backend.layer_runner(next(iter(unique.values())), 1, 1)], 1, cfg.min_round_s)
 
-    for key, i, o in tqdm(plan, desc="profile", unit="entry", disable=not progress):
+    def measure_entry(key, i, o, rounds):
         s = unique[key]
         ci_grid, co_grid, med, cv, cnt = grids[key]
         c_out = co_grid[o]
         c_in = c_out if s.kind == "dwconv" else ci_grid[i]
         runner = backend.layer_runner(s, c_in, c_out)
-        t = backend.measure([runner], cfg.rounds, cfg.min_round_s)[0]
+        t = backend.measure([runner], rounds, cfg.min_round_s)[0]
         if t.cv > cfg.max_cv:  # noisy: measure again, longer, and keep the steadier of the two
-            t2 = backend.measure([runner], 2 * cfg.rounds, cfg.min_round_s)[0]
+            t2 = backend.measure([runner], 2 * rounds, cfg.min_round_s)[0]
             t = t2 if t2.cv < t.cv else t
         med[i, o], cv[i, o], cnt[i, o] = t.median_ms, t.cv, t.samples.size
+
+    for key, i, o in tqdm(plan, desc="profile", unit="entry", disable=not progress):
+        measure_entry(key, i, o, cfg.rounds)
+    # An entry can be steady within itself and still wrong (the machine was slow for its whole
+    # measurement): entries that break monotonicity against a grid neighbour are measured again.
+    spikes = [(key, i, o) for key, g in grids.items() for i, o in isolated_outliers(g[2])]
+    for key, i, o in spikes:
+        measure_entry(key, i, o, 2 * cfg.rounds)
+    if spikes:
+        log.info("re-measured %d entries that broke monotonicity", len(spikes))
 
     dense = backend.measure([backend.model_runner(model, input_shape)], cfg.model_rounds, cfg.model_min_round_s)[0]
     layers = {k: LayerTable(unique[k], g[0], g[1], g[2], g[3], g[4]) for k, g in grids.items()}
@@ -169,6 +197,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
         dense_ms=dense.median_ms,
         e2e=EndToEnd.fit([{"label": "dense", "layers_ms": covered, "measured_ms": dense.median_ms}]),
         meta={"profile": dataclasses.asdict(cfg), "dense": dense.summary(), "entries": len(plan),
+              "remeasured_outliers": len(spikes),
               "unmeasured": unmeasured},
     )
     # the smallest plan is always among the fit's points: it anchors the floor the knapsack sees

@@ -6,6 +6,7 @@ import pytest
 from latprune.errors import BudgetBelowFloor
 from latprune.latency_tables.endtoend import (PairConfig, fit_end_to_end, group_sizes, pruned_copy,
                                               smallest_widths, validate_table)
+from latprune.latency_tables.profile import ProfileConfig, isolated_outliers, profile_model
 from latprune.latency_tables.table import EndToEnd
 from latprune.pipeline.calibrate import plan_to_budget
 from latprune.pipeline.plan import PlanConfig, build_plan, predicted_latency
@@ -105,3 +106,37 @@ def test_plan_prediction_is_the_affine_term_of_the_layer_sum():
     assert plan.predicted_ms == pytest.approx(0.3 + 2.0 * plan.layers_ms)
     assert predicted_latency(model, table, SHAPE) == pytest.approx(0.3 + 2.0 * model_cost_ms(model, SHAPE))
     assert np.isclose(plan.e2e["slope"], 2.0)
+
+
+def test_isolated_outliers_are_spikes_not_steps():
+    step = np.array([[0.5, 0.5, 0.8, 0.8], [0.6, 0.6, 0.9, 0.9]])
+    assert isolated_outliers(step) == []
+    spike = np.array([[0.3, 0.9, 0.35, 0.4], [0.35, 0.4, 0.45, 0.5]])
+    assert (0, 1) in isolated_outliers(spike) and (1, 3) not in isolated_outliers(spike)
+    assert isolated_outliers(np.array([[1.0, 2.0], [2.0, 4.0]])) == []  # doubling per step is real
+    dip = np.array([[0.3, 0.35, 0.4], [0.4, 0.1, 0.5], [0.5, 0.55, 0.6]])
+    assert isolated_outliers(dip) == [(1, 1)]
+
+
+class SpikyBackend(FakeBackend):
+    """The fake runtime, but the first timing of one layer width comes out 4x too slow."""
+
+    def __init__(self, spike_at):
+        super().__init__()
+        self.spike_at, self.spiked = spike_at, False
+
+    def _layer_runner(self, sig, c_in, c_out):
+        run = super()._layer_runner(sig, c_in, c_out)
+        if (c_in, c_out) == self.spike_at and not self.spiked:
+            self.spiked, run.latency_ms = True, 4 * run.latency_ms
+        return run
+
+
+def test_a_spiked_table_entry_is_measured_again():
+    model = residual_net()
+    cfg = ProfileConfig(step=8, fit_configs=1)
+    table = profile_model(model, SHAPE, SpikyBackend(spike_at=(8, 8)), cfg, progress=False)
+    exact = fake_table(model, SHAPE, step=8)
+    assert 1 <= table.meta["remeasured_outliers"] <= 3  # the spike, and at most its lower neighbours
+    for k, t in table.layers.items():
+        np.testing.assert_allclose(t.median_ms, exact.layers[k].median_ms)
