@@ -233,11 +233,11 @@ class OrtTensorrtBackend(_OrtGpuBackend):
     provider = "TensorrtExecutionProvider"
     supports_fp16 = True
 
-    def __init__(self, *a, cache_dir: str | None = None, **kw):
+    def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         import tempfile
 
-        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="latprune-ort-trt-")
+        self.cache_dir = tempfile.mkdtemp(prefix="latprune-ort-trt-")  # engines of this process only
 
     def _provider_options(self):
         return {"device_id": 0, "trt_fp16_enable": self.fp16, "trt_builder_optimization_level": 3,

@@ -103,32 +103,30 @@ def smallest_widths(sizes: dict[str, int], step: int) -> dict[str, int]:
     return {g: int(candidate_widths(n, step)[0]) for g, n in sizes.items()}
 
 
-def pruned_copy(model: nn.Module, widths: dict[str, int], input_shape: tuple[int, int, int]) -> nn.Module:
-    """``model`` with each group cut to its first ``widths[g]`` channels, physically."""
+def pruned_copy(model: nn.Module, widths: dict[str, int], input_shape: tuple[int, int, int],
+                sizes: dict[str, int] | None = None) -> nn.Module:
+    """``model`` with each group cut to its first ``widths[g]`` channels, physically (``sizes``:
+    the model's :func:`group_sizes`, when the caller has them)."""
     from latprune.pipeline.plan import GroupPlan, PruningPlan
     from latprune.pipeline.prune import apply_plan_
 
-    sizes = group_sizes(model, input_shape)
+    sizes = sizes or group_sizes(model, input_shape)
     groups = [GroupPlan(g, sizes[g], list(range(k))) for g, k in widths.items()]
     plan = PruningPlan(0.0, 0.0, 0.0, 0.0, {}, groups, {}, 0, [], "l2", 1)
     return apply_plan_(copy.deepcopy(model).eval(), plan, input_shape)
-
-
-def layers_ms(table: LatencyTable, model: nn.Module, input_shape: tuple[int, int, int]) -> float:
-    from latprune.pipeline.plan import model_layers_ms
-
-    return model_layers_ms(model, table, input_shape)
 
 
 def measure_configs(model: nn.Module, table: LatencyTable, backend: Backend, input_shape: tuple[int, int, int],
                     configs: list[tuple[str, dict[str, int]]], cfg: PairConfig, progress: bool = True,
                     desc: str = "end to end") -> list[dict[str, Any]]:
     """Time each configuration against the dense model; a point per configuration."""
-    points = []
+    from latprune.pipeline.plan import model_layers_ms
+
+    points, sizes = [], group_sizes(model, input_shape)
     for label, widths in tqdm(configs, desc=desc, unit="model", disable=not progress):
-        probe = pruned_copy(model, widths, input_shape)
+        probe = pruned_copy(model, widths, input_shape, sizes)
         s = measure_speedup(backend, model, probe, input_shape, cfg)
-        points.append({"label": label, "layers_ms": layers_ms(table, probe, input_shape),
+        points.append({"label": label, "layers_ms": model_layers_ms(probe, table, input_shape),
                        "measured_ms": s.ratio * table.dense_ms, "ratio": s.ratio,
                        "ratio_ci95": [1 / s.speedup_ci95[1], 1 / s.speedup_ci95[0]], "widths": widths})
     return points
@@ -142,7 +140,9 @@ def fit_end_to_end(model: nn.Module, table: LatencyTable, backend: Backend, inpu
     rng = np.random.default_rng(seed)
     configs = [("smallest", smallest_widths(sizes, step))]
     configs += [(f"random{i}", random_widths(sizes, step, rng)) for i in range(n_random)]
-    dense_point = {"label": "dense", "layers_ms": layers_ms(table, model, input_shape),
+    from latprune.pipeline.plan import model_layers_ms
+
+    dense_point = {"label": "dense", "layers_ms": model_layers_ms(model, table, input_shape),
                    "measured_ms": table.dense_ms, "ratio": 1.0}
     points = [dense_point, *measure_configs(model, table, backend, input_shape, configs, cfg, progress, "fit")]
     e2e = EndToEnd.fit(points)
