@@ -1,14 +1,20 @@
 """Stage 4b: verify the exported model computes what PyTorch computes, and measure the speedup.
 
-Parity runs on a real batch. Dense and compact latencies come from interleaved runs in one
-process (``latency_tables.endtoend.measure_speedup``, re-exported here): the ratio of their
-medians is what the budget is checked on, with a bootstrap confidence interval over rounds.
+Parity runs on real batches, every output compared by name: an element passes when
+``|onnx - torch| <= atol + rtol * |torch|`` (numpy's ``allclose`` rule), and for a classifier's
+2-D output the top-1 class must agree on at least ``min_top1`` of the images. The result names
+the first output that diverged; the run writes it into the report and exits 3.
+
+Dense and compact latencies come from interleaved runs in one process
+(``latency_tables.endtoend.measure_speedup``, re-exported here): the ratio of their medians is what
+the budget is checked on, with a bootstrap confidence interval over rounds.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -19,41 +25,106 @@ from latprune.latency_tables.endtoend import PairConfig, SpeedResult, measure_sp
 
 log = logging.getLogger(__name__)
 
+ATOL, RTOL, MIN_TOP1 = 1e-4, 1e-4, 0.99  # fp32 on the CPU; fp16 engines need their own (export.tensorrt)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputParity:
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float  # max |diff| / max |torch output|
+    worst_excess: float  # max of |diff| - (atol + rtol |torch|): <= 0 everywhere means it passes
+    top1_agreement: float | None  # 2-D outputs only
+    ok: bool
+
 
 @dataclasses.dataclass(frozen=True)
 class Parity:
-    max_abs_diff: float
-    max_rel_diff: float  # max |diff| / max |torch logits|
-    top1_agreement: float
-    batch: int
+    outputs: list[OutputParity]
+    images: int
+    batches: int
     atol: float
     rtol: float
+    min_top1: float
+    reference: str = "torch"
+    runtime: str = "onnxruntime CPUExecutionProvider"
 
     @property
     def ok(self) -> bool:
-        return self.max_rel_diff <= self.rtol or self.max_abs_diff <= self.atol
+        return all(o.ok for o in self.outputs)
+
+    @property
+    def failed(self) -> str | None:
+        """The first output that diverged, or None."""
+        return next((o.name for o in self.outputs if not o.ok), None)
+
+    # the headline figures of the first output (a classifier's logits)
+    @property
+    def max_abs_diff(self) -> float:
+        return max(o.max_abs_diff for o in self.outputs)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.outputs[0].top1_agreement
+
+    def message(self) -> str:
+        o = next((o for o in self.outputs if not o.ok), self.outputs[0])
+        top1 = "" if o.top1_agreement is None else f", top-1 agreement {o.top1_agreement:.3f} (need {self.min_top1})"
+        return (f"{self.runtime} output '{o.name}' {'diverges from' if not o.ok else 'matches'} {self.reference} on "
+                f"{self.images} images: max abs diff {o.max_abs_diff:.3g}, relative {o.max_rel_diff:.3g} "
+                f"(tolerance {self.atol:g} + {self.rtol:g} x |{self.reference}|){top1}")
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "failed_output": self.failed, "max_abs_diff": self.max_abs_diff,
+                "top1_agreement": self.top1_agreement, "batch": self.images, "images": self.images,
+                "batches": self.batches, "atol": self.atol, "rtol": self.rtol, "min_top1": self.min_top1,
+                "reference": self.reference, "runtime": self.runtime,
+                "outputs": [dataclasses.asdict(o) for o in self.outputs], "detail": self.message()}
+
+    def raise_if_failed(self) -> "Parity":
+        if not self.ok:
+            raise ParityError(self.message())
+        return self
 
 
-def check_parity(model: nn.Module, onnx_path: str | os.PathLike, x: torch.Tensor,
-                 atol: float = 1e-4, rtol: float = 1e-4, min_top1: float = 0.99) -> Parity:
-    """Compare ONNX Runtime CPU with torch on batch ``x``; raise :class:`ParityError` on mismatch."""
+def compare_outputs(names: list[str], got: list[list[np.ndarray]], ref: list[list[np.ndarray]], atol: float = ATOL,
+                    rtol: float = RTOL, min_top1: float = MIN_TOP1, **kw) -> Parity:
+    """``got[b][i]`` / ``ref[b][i]``: output ``i`` of batch ``b`` from the runtime and the reference."""
+    outs = []
+    for i, name in enumerate(names):
+        g = np.concatenate([np.asarray(b[i], dtype=np.float64) for b in got])
+        r = np.concatenate([np.asarray(b[i], dtype=np.float64) for b in ref])
+        if g.shape != r.shape:
+            outs.append(OutputParity(name, float("inf"), float("inf"), float("inf"), None, False))
+            continue
+        diff = np.abs(g - r)
+        excess = float((diff - (atol + rtol * np.abs(r))).max()) if diff.size else 0.0
+        top1 = float((g.argmax(1) == r.argmax(1)).mean()) if g.ndim == 2 and g.shape[1] > 1 else None
+        ok = bool(np.isfinite(g).all()) and excess <= 0 and (top1 is None or top1 >= min_top1)
+        outs.append(OutputParity(name, float(diff.max()), float(diff.max() / max(np.abs(r).max(), 1e-12)),
+                                 excess, top1, ok))
+    images = sum(len(b[0]) for b in ref)
+    return Parity(outs, images, len(ref), atol, rtol, min_top1, **kw)
+
+
+def check_parity(model: nn.Module, onnx_path: str | os.PathLike, batches: torch.Tensor | Iterable[torch.Tensor],
+                 atol: float = ATOL, rtol: float = RTOL, min_top1: float = MIN_TOP1) -> Parity:
+    """ONNX Runtime (CPU) against torch on ``batches`` (one tensor or several); does not raise:
+    check ``.ok`` or call ``.raise_if_failed()``."""
     import onnxruntime as ort
 
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]
     model.eval()
-    with torch.no_grad():
-        ref = model(x).numpy()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    if got.shape != ref.shape:
-        raise ParityError(f"ONNX output 'logits' has shape {got.shape}, torch gives {ref.shape}")
-    diff = np.abs(got - ref)
-    p = Parity(
-        max_abs_diff=float(diff.max()), max_rel_diff=float(diff.max() / max(np.abs(ref).max(), 1e-12)),
-        top1_agreement=float((got.argmax(1) == ref.argmax(1)).mean()), batch=len(x), atol=atol, rtol=rtol,
-    )
-    if not p.ok or p.top1_agreement < min_top1:
-        raise ParityError(
-            f"ONNX output 'logits' diverges from torch: max abs diff {p.max_abs_diff:.3g}, relative "
-            f"{p.max_rel_diff:.3g} (tolerance {rtol:g}), top-1 agreement {p.top1_agreement:.3f}"
-        )
-    return p
+    names = [o.name for o in sess.get_outputs()]
+    got, ref = [], []
+    for x in batches:
+        with torch.no_grad():
+            out = model(x)
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        ref.append([o.numpy() for o in out])
+        got.append(sess.run(None, {sess.get_inputs()[0].name: x.numpy()}))
+    if len(ref[0]) != len(names):
+        raise ParityError(f"the ONNX file has {len(names)} outputs, torch gives {len(ref[0])}: re-export the model")
+    return compare_outputs(names, got, ref, atol, rtol, min_top1)

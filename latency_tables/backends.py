@@ -102,6 +102,10 @@ class Backend(abc.ABC):
             return onnx_bytes(model, (self.batch, *input_shape))
         return model
 
+    def time_call(self, fn: Callable[[], object]) -> float:
+        """Latency of one call of ``fn``, in ms, on this runtime's clock."""
+        return self._timer(fn)
+
     def measure(self, fns: list[Callable[[], object]], rounds: int, min_round_s: float) -> list[Timing]:
         timings = time_interleaved(fns, rounds=rounds, min_round_s=min_round_s, timer=self._timer)
         for t in timings:
@@ -140,7 +144,9 @@ class _OrtBackend(Backend):
     def _provider_options(self) -> dict:
         return {}
 
-    def session(self, model_bytes_or_path):
+    def session(self, model_bytes_or_path, profile_prefix: str | None = None):
+        """A session as deployed; with ``profile_prefix``, ORT's profiler records every node and
+        the provider that ran it (``pipeline.diagnose``)."""
         ort = _import_ort()
         available = ort.get_available_providers()
         if self.provider not in available:
@@ -154,6 +160,9 @@ class _OrtBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Two sessions timed interleaved on a small machine: no spinning, or the idle one steals cores.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
         providers = [(self.provider, self._provider_options())]
         if self.provider != "CPUExecutionProvider":
             # a node the GPU provider cannot run would silently run on the CPU: make it an error
@@ -345,25 +354,11 @@ class TensorrtBackend(Backend):
 
     def build_engine(self, onnx_model: bytes) -> bytes:
         """Serialised engine for an ONNX model (static shapes), through the shared timing cache."""
-        trt = self.trt
-        builder = trt.Builder(self.logger)
-        network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
-        parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse(onnx_model):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT cannot parse the ONNX model: {errors}")
-        config = builder.create_builder_config()
-        config.builder_optimization_level = self.OPT_LEVEL
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        if self.fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        cache = config.create_timing_cache(self.timing_cache)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise RuntimeError("TensorRT failed to build the engine (see its log above)")
-        self.timing_cache = bytes(config.get_timing_cache().serialize())
-        return bytes(plan)
+        from latprune.export.tensorrt import TrtConfig, build_serialized
+
+        plan, self.timing_cache = build_serialized(onnx_model, TrtConfig(self.fp16, self.OPT_LEVEL),
+                                                   self.timing_cache, self.logger)
+        return plan
 
     def _engine_runner(self, onnx_model: bytes):
         import torch

@@ -203,3 +203,21 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
     # the smallest plan is always among the fit's points: it anchors the floor the knapsack sees
     return table.with_e2e(fit_end_to_end(model, table, backend, input_shape, cfg.fit_configs, cfg.step,
                                          cfg.pair, progress=progress))
+
+
+def check_layers(model: nn.Module, table: LatencyTable, backend: Backend, input_shape: tuple[int, int, int],
+                 rounds: int = 3, min_round_s: float = 0.02) -> list[dict]:
+    """Every profiled layer of ``model`` (pruned or not) measured at its current widths, beside
+    what the table predicts there: the per-layer side of "did the table tell the truth"."""
+    out = []
+    for name, s in layer_signatures(model, input_shape).items():
+        if name not in table.layer_keys:
+            continue
+        dense_sig = table.layers[table.layer_keys[name]].signature
+        c_in = s.c_out if s.kind == "dwconv" else s.c_in
+        t = backend.measure([backend.layer_runner(dense_sig, c_in, s.c_out)], rounds, min_round_s)[0]
+        out.append({"layer": name, "c_in": c_in, "c_out": s.c_out, "dense_c_in": dense_sig.c_in,
+                    "dense_c_out": dense_sig.c_out, "predicted_ms": table.lookup(name, c_in, s.c_out),
+                    "measured_ms": t.median_ms, "dense_predicted_ms": table.lookup(name, dense_sig.c_in, dense_sig.c_out),
+                    "cv": t.cv})
+    return out

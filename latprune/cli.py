@@ -1,5 +1,6 @@
-"""``latprune``: the command line. Exit status: 0 success, 2 bad input, 3 parity failure,
-4 budget missed (the report is still written and says so)."""
+"""``latprune``: the command line. Exit status (latprune.errors): 0 success, 2 bad input, 3 the
+export failed verification (parity, file size), 4 latency budget missed, 5 accuracy gate failed
+(the report is written first in 3-5), 6 ``bench`` timings too noisy for the claim."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from latprune.errors import LatpruneError
 
-STAGES = ("run", "profile", "plan", "prune", "export")
+STAGES = ("run", "profile", "plan", "prune", "export", "sweep")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="deployment runtime (default ort: ONNX Runtime CPU); the GPU ones are unverified (README)")
     g.add_argument("--fp16", action="store_true", default=None, help="half precision (torch-cuda, ort-trt, trt)")
     g.add_argument("--deploy-batch", type=int, help="batch the budget is measured at (default 32)")
+    g.add_argument("--dynamic-batch", action="store_true", default=None,
+                   help="export ONNX with a dynamic batch axis (default: static, at --deploy-batch)")
+    g.add_argument("--opset", type=int, help="ONNX opset of the exported files (default 17)")
+    g.add_argument("--max-accuracy-drop", type=float, metavar="F",
+                   help="gate: fail (exit 5) if clean test accuracy drops by more than F (0.01 = one point); "
+                        "also the corruption-accuracy gate unless --max-corruption-drop is given")
+    g.add_argument("--max-corruption-drop", type=float, metavar="F",
+                   help="gate: fail (exit 5) if corruption accuracy (mean of 75) drops by more than F")
     g.add_argument("--threads", type=int, help="runtime threads (default 2)")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this (default 8)")
     g.add_argument("--importance", choices=["magnitude", "l2", "taylor"],
@@ -86,10 +95,58 @@ def _parser() -> argparse.ArgumentParser:
         "plan": "profile if needed, then plan to the budget (plan.json)",
         "prune": "plan if needed, then remove channels and fine-tune (model.pt + arch.json)",
         "export": "all of the above if needed, then ONNX export, parity, timing, report",
+        "sweep": "one run per budget (--budgets), sharing the dense model and table; the accuracy-latency front",
     }
     for s in STAGES:
-        sub.add_parser(s, parents=[common], help=helps[s], description=helps[s])
+        sp = sub.add_parser(s, parents=[common], help=helps[s], description=helps[s])
+        if s == "sweep":
+            sp.add_argument("--budgets", default="0.3,0.5,0.7",
+                            help="comma-separated budget fractions (default 0.3,0.5,0.7)")
+    _bench_parser(sub)
     return p
+
+
+def _bench_parser(sub) -> None:
+    h = "time dense against compact interleaved (trtexec-style): percentiles, CV, throughput, speedup interval"
+    b = sub.add_parser("bench", help=h, description=h)
+    b.add_argument("run_dir", nargs="?", help="directory of a finished run (dense.onnx, model.onnx, weights)")
+    b.add_argument("--dense", help="dense ONNX file (instead of a run directory)")
+    b.add_argument("--compact", help="compact ONNX file (instead of a run directory)")
+    b.add_argument("--runtime", choices=["ort", "torch", "trt"], default="ort",
+                   help="ort (ONNX Runtime CPU, default), torch (eager CPU), trt (TensorRT engines; unverified, GPU only)")
+    b.add_argument("--warmup", type=float, default=500.0, metavar="MS", help="warm-up per model in ms (default 500)")
+    b.add_argument("--iterations", type=int, default=300, help="timed calls per model (default 300)")
+    b.add_argument("--batch", type=int, help="batch size (default: the files' batch; others are re-exported)")
+    b.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
+    b.add_argument("--fp16", action="store_true", help="half-precision engines (--runtime trt)")
+    b.add_argument("--block", type=int, default=10, help="calls per model per interleaved block (default 10)")
+    b.add_argument("--max-cv", type=float, default=0.15, help="noisy above this coefficient of variation (default 0.15)")
+    b.add_argument("--max-ci", type=float, default=0.05,
+                   help="noisy above this relative half-width of the speedup's 95%% interval (default 0.05)")
+    b.add_argument("--allow-noisy", action="store_true", help="report a noisy result instead of refusing it (exit 6)")
+    b.add_argument("--json", help="where to write the JSON (default RUN_DIR/bench-<runtime>-b<batch>.json)")
+    b.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    b.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def bench_main(a: argparse.Namespace) -> int:
+    from latprune.errors import TooNoisy
+    from latprune.export.bench import BenchConfig, render, run_bench
+
+    cfg = BenchConfig(runtime=a.runtime, batch=a.batch, threads=a.threads, fp16=a.fp16, warmup_ms=a.warmup,
+                      iterations=a.iterations, block=a.block, max_cv=a.max_cv, max_ci=a.max_ci,
+                      allow_noisy=a.allow_noisy, seed=a.seed)
+    if a.run_dir and (a.dense or a.compact):
+        from latprune.errors import BadInput
+
+        raise BadInput("give a run directory or --dense/--compact files, not both")
+    r = run_bench(cfg, a.run_dir, a.dense, a.compact, a.json)
+    print(render(r), file=sys.stderr)
+    print(r["json"])
+    if r["noisy"] and not cfg.allow_noisy:
+        raise TooNoisy("the timings are too noisy to support this speedup (see NOISY above): quieten the machine, "
+                       "raise --iterations, or pass --allow-noisy to report it anyway")
+    return 0
 
 
 _RESUME_OK = {"command", "resume", "no_progress", "verbose", "force"}
@@ -127,7 +184,9 @@ def config_from_args(a: argparse.Namespace):
         model=a.model, weights=a.weights, seed=a.seed, out=a.out, table=a.table, force=a.force,
         cache_dir=a.cache_dir, progress=False if a.no_progress else None,
         data={"name": a.data, "train_subset": a.train_subset, "test_subset": a.test_subset, "val_size": a.val_size},
-        deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads, "fp16": a.fp16},
+        deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads, "fp16": a.fp16,
+                "dynamic_batch": a.dynamic_batch, "opset": a.opset},
+        gates={"max_accuracy_drop": a.max_accuracy_drop, "max_corruption_drop": a.max_corruption_drop},
         budget=budget,
         plan={"round_to": a.round_to, "importance": "l2" if a.importance == "magnitude" else a.importance},
         profile={"step": a.profile_step, "min_round_s": a.profile_round_s, "validate": a.validate,
@@ -151,10 +210,18 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
+        if a.command == "bench":
+            return bench_main(a)
         from latprune.pipeline import distributed
         from latprune.pipeline import run as pipeline
 
         cfg = config_from_args(a)
+        if a.command == "sweep":
+            from latprune.pipeline.sweep import parse_budgets, sweep
+
+            res = sweep(cfg, parse_budgets(a.budgets))
+            print(res.path)
+            return res.exit_code
         distributed.init_from_env()  # under torchrun: join the process group (data-parallel training)
         if a.command in ("run", "export"):
             result = pipeline.run(cfg)
@@ -168,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" vs target {b['target_ms']:.3f} ms" if b.get("target_ms") is not None else "")
                   + f" (dense {r['dense']['latency_ms']:.3f} ms), speedup {r['speedup']:.2f}x, "
                   f"accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}", file=sys.stderr)
+            for g in result.failed_gates:
+                print(f"latprune: gate '{g['name']}' FAILED: {g['detail']}", file=sys.stderr)
             print(result.report_path)
             return result.exit_code
         ws = pipeline.prepare(cfg)

@@ -1,4 +1,11 @@
-"""Errors with the exit status the CLI maps them to (README: 2 bad input, 3 parity, 4 budget)."""
+"""Errors with the exit status the CLI maps them to.
+
+0 success; 2 bad input (the message names the fix); 3 the exported model failed verification
+(parity with torch, or a compact file no smaller than the dense one); 4 the latency budget was
+missed; 5 an accuracy gate (``--max-accuracy-drop``, ``--max-corruption-drop``) failed; 6
+``latprune bench`` refused a claim its timings are too noisy to support (``--allow-noisy``).
+A run that fails a gate (3, 4, 5) still writes its whole report first.
+"""
 
 
 class LatpruneError(Exception):
@@ -25,3 +32,18 @@ class ParityError(LatpruneError):
 
 class BudgetMissed(LatpruneError):
     exit_code = 4
+
+
+class AccuracyGateFailed(LatpruneError):
+    exit_code = 5
+
+
+class TooNoisy(LatpruneError):
+    exit_code = 6
+
+
+# the exit status of each deployment gate of a run (report.json "gates"), in the order checked
+GATE_EXIT = {"parity": ParityError.exit_code, "onnx_shrink": ParityError.exit_code,
+             "tensorrt_parity": ParityError.exit_code,
+             "latency": BudgetMissed.exit_code, "params": BudgetMissed.exit_code,
+             "accuracy": AccuracyGateFailed.exit_code, "corruption_accuracy": AccuracyGateFailed.exit_code}

@@ -72,8 +72,12 @@ def reshape_(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
     return model
 
 
-def load_compact(run_dir: str | os.PathLike) -> nn.Module:
-    """``latprune.load``: the compact model of a run directory, in eval mode."""
+def load_compact(run_dir: str | os.PathLike, which: str = "compact") -> nn.Module:
+    """``latprune.load``: the compact model of a run directory (``which="dense"``: the dense model
+    it was pruned from, saved at export), in eval mode. Built from ``arch.json`` and a plain state
+    dict loaded with ``weights_only=True``: no pickled classes."""
+    if which not in ("compact", "dense"):
+        raise BadInput(f"which must be 'compact' or 'dense', got {which!r}")
     run_dir = Path(run_dir)
     try:
         arch = json.loads((run_dir / "arch.json").read_text())
@@ -82,7 +86,11 @@ def load_compact(run_dir: str | os.PathLike) -> nn.Module:
     if arch.get("version") != ARCH_VERSION:
         raise BadInput(f"arch.json version {arch.get('version')} is not {ARCH_VERSION}: upgrade latprune")
     model = ModelSpec(**arch["model"]).build()
-    reshape_(model, arch["layers"])
-    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    if which == "compact":
+        reshape_(model, arch["layers"])
+    weights = run_dir / ("model.pt" if which == "compact" else "dense.pt")
+    if not weights.exists():
+        raise BadInput(f"{run_dir} has no {weights.name}: it is written by `latprune export` (or run); export first")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()

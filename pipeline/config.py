@@ -64,8 +64,12 @@ class DeployConfig:
     batch: int = 32
     threads: int = 2
     fp16: bool = False  # torch-cuda, ort-trt and trt only
+    dynamic_batch: bool = False  # ONNX export: the batch axis named "batch" instead of fixed
+    opset: int = 17
 
     def __post_init__(self):
+        if not (13 <= self.opset <= 21):
+            raise BadInput(f"--opset must be between 13 and 21, got {self.opset}")
         if self.runtime not in RUNTIMES:
             raise BadInput(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.batch < 1 or self.threads < 1:
@@ -80,14 +84,39 @@ class VerifyConfig:
     rounds: int = 11
     min_round_s: float = 0.4
     repeats: int = 3
+    parity_images: int = 256  # test images torch and ONNX Runtime are compared on (whole batches)
+    atol: float = 1e-4  # parity: |onnx - torch| <= atol + rtol |torch| for every output element
+    rtol: float = 1e-4
 
     def __post_init__(self):
         if self.rounds < 1 or self.min_round_s <= 0 or self.repeats < 1:
             raise BadInput("--verify-rounds and verify repeats must be >= 1 and --verify-round-s > 0")
+        if self.parity_images < 1 or self.atol < 0 or self.rtol < 0:
+            raise BadInput("verify.parity_images must be >= 1 and the parity tolerances >= 0")
 
     @property
     def timing(self) -> PairConfig:
         return PairConfig(self.rounds, self.min_round_s, self.repeats, max(self.repeats, 5), max_ci=0.03)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Deployment gates next to the latency budget. Drops are dense minus compact accuracy, as
+    fractions (0.01 = one point); None: no gate. ``max_corruption_drop`` defaults to
+    ``max_accuracy_drop`` and is checked on the corruption accuracy (mean over the 75 corruptions)."""
+
+    max_accuracy_drop: float | None = None
+    max_corruption_drop: float | None = None
+
+    def __post_init__(self):
+        for k in ("max_accuracy_drop", "max_corruption_drop"):
+            v = getattr(self, k)
+            if v is not None and not (0 <= v <= 1):
+                raise BadInput(f"--{k.replace('_', '-')} is a fraction of accuracy in [0, 1] (0.01 = one point), got {v}")
+
+    @property
+    def corruption_limit(self) -> float | None:
+        return self.max_accuracy_drop if self.max_corruption_drop is None else self.max_corruption_drop
 
 
 def default_cache_dir() -> str:
@@ -109,6 +138,7 @@ class RunConfig:
     sharpness: SharpnessConfig = SharpnessConfig()
     robustness: RobustnessConfig = RobustnessConfig()
     verify: VerifyConfig = VerifyConfig()
+    gates: GateConfig = GateConfig()
     seed: int = 0
     out: str | None = None
     table: str | None = None  # use this latency table instead of profiling

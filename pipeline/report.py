@@ -1,13 +1,58 @@
-"""Stage 5: the run's report, ``report.json`` (schema below) and ``report.md``.
+"""Stage 5: the run's report, ``report.json`` (schema below), ``report.md`` and its plots.
 
-report.json, schema_version 1. Latencies are milliseconds per batch of ``runtime.batch`` images,
-medians of dense and compact timed interleaved in one process; accuracies are fractions in [0, 1];
-``speedup = dense.latency_ms / compact.latency_ms``. With ``budget.target == "latency"``,
-``budget.met`` is ``compact.latency_ms <= budget.target_ms``; with ``"params"`` (AdaSAP_P),
-``budget.param_ratio`` is the requested kept-parameter ratio, ``budget.achieved_param_ratio`` the
-result, ``budget.met`` whether it is at most the request, and ``target_ms`` is null.
-``training.sharpness`` holds the loss increase under a worst-case L2 ball of radius ``rho``
-(``pre_pruning``: after warm-up; ``post_pruning``: after the last removal, before fine-tuning).
+report.json, ``schema_version`` 2. Units: latencies in milliseconds per batch of
+``runtime.batch`` images (medians of dense and compact timed interleaved in one process);
+accuracies are fractions in [0, 1]; sizes in bytes.
+
+- ``model``, ``data``, ``seed``: what was pruned, on what, with which seed.
+- ``budget``: ``target`` ("latency" or "params"); latency: ``fraction`` of the measured dense
+  latency, ``target_ms``, ``requested_ms`` (``--budget-ms`` or null), ``met`` =
+  ``compact.latency_ms <= target_ms``; params (AdaSAP_P): ``param_ratio`` requested,
+  ``achieved_param_ratio``, ``met``, ``target_ms`` null.
+- ``dense`` / ``compact``: ``latency_ms``, ``latency_p90_ms``, ``cv`` (of per-round medians),
+  ``predicted_ms`` (the table's prediction), ``accuracy`` (test set), ``params``, ``macs`` (per
+  image), ``channels`` (output channels per conv/linear layer); dense: ``pretrain``; compact:
+  ``predicted_ratio``.
+- ``speedup`` = dense.latency_ms / compact.latency_ms; ``speedup_ci95`` [lo, hi], bootstrap over
+  rounds; ``verify``: ``pair_ratios`` (compact/dense of each pair of sessions), ``timing``.
+- ``gates``: list of {``name``, ``ok``, ``detail``, and for thresholds ``limit`` and ``value``},
+  in order: ``parity``, ``onnx_shrink``, [``tensorrt_parity``], ``latency`` or ``params``,
+  [``accuracy``], [``corruption_accuracy``] (drops are dense minus compact). The exit status is
+  the first failed gate's (3, 3, 3, 4, 5, 5).
+- ``parity``: ``ok``, ``failed_output`` (name or null), ``max_abs_diff``, ``top1_agreement``,
+  ``images``, ``batches``, ``atol``, ``rtol``, ``min_top1``, ``reference``, ``runtime``,
+  ``outputs`` (per output: ``name``, ``max_abs_diff``, ``max_rel_diff``, ``worst_excess``,
+  ``top1_agreement``, ``ok``), ``detail`` (one sentence).
+- ``onnx``: ``dense`` / ``compact`` (``file``, ``opset``, ``input_shape``, ``dynamic_batch``,
+  ``size_bytes``, ``sha256``), ``shrink`` (``ok``, ``ratio``, sizes, parameter counts),
+  ``contract`` (the preprocessing contract also stored in the files' metadata).
+- ``tensorrt``: null unless ``--runtime trt``: ``engines`` (per engine ``file``, ``layers``,
+  ``size_bytes``, ``build_s``, ``fp16``, ``opt_level``, ``timing_cache``), ``parity`` (as above,
+  against ONNX Runtime), ``latency`` (per engine ``gpu_compute`` and ``end_to_end`` statistics),
+  ``verified_on_gpu`` (false until the path has run on a GPU), ``note``.
+- ``layer_latency``: per profiled layer of the compact model: ``layer``, ``c_in``, ``c_out``,
+  ``dense_c_in``, ``dense_c_out``, ``predicted_ms`` (table at the compact widths),
+  ``measured_ms`` (the layer alone, now), ``dense_predicted_ms``, ``cv``.
+- ``why_not_faster``: ``hardware_multiple``, ``off_grid`` (``layer``, ``channels``,
+  ``next_multiple``), ``untouchable`` (``floor_ms``: prediction with every prunable group at
+  ``round_to``; ``share`` = floor / ``predicted_ms``; ``fixed_layers``; ``intercept_ms``),
+  ``providers`` (ORT runtimes: ``nodes``, ``per_provider``, ``requested``, ``fallback_nodes``,
+  ``session_providers``).
+- ``training``: ``method``, ``target``, ``importance``, ``step_time_ratio``, ``predicted_ms``,
+  ``prune_history`` (per removal: ``step``, ``iteration``, ``target``, ``predicted_ms``,
+  ``neurons``, ``params``), ``phases``, ``sharpness`` (loss increase under a worst-case L2 ball of
+  radius ``rho``: ``pre_pruning`` after warm-up, ``post_pruning`` after the last removal),
+  ``resumed``.
+- ``robustness``: null with ``--robust-images 0``; else the compact model's ``clean_acc``,
+  ``corruption_acc`` (mean of 75), ``R_C``, ``per_corruption``, ``eval_images``, ``suite``, and
+  the same for ``dense``.
+- ``runtime``: ``name``, ``backend``, ``version``, ``provider``, ``threads``, ``batch``,
+  ``input_shape``, ``device``, ``dtype``.
+- ``plan``: the knapsack's ``importance``, ``round_to``, ``table_target_ms``,
+  ``table_predicted_ms``, ``table_layers_ms``, ``e2e``, ``unpruned``, ``knapsack_iterations``,
+  ``calibration`` (closed-loop iterations), ``calibrated_ratio``.
+- ``table``: ``entries``, ``dense_ms_at_profile``, ``e2e``, ``validation``, ``unmeasured``.
+- ``stage_seconds``, ``environment`` (versions, CPU, threads), ``artifacts`` (files in the run dir).
 """
 from __future__ import annotations
 
@@ -16,20 +61,20 @@ from typing import Any
 
 from latprune.latency_tables.table import write_bytes_atomic, write_json_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
     report = {"schema_version": SCHEMA_VERSION, **report}
     plot_channels(report, run_dir / "channels.png")
+    if report.get("layer_latency"):
+        plot_layer_latency(report, run_dir / "layer_latency.png")
     write_bytes_atomic(run_dir / "report.md", render_markdown(report).encode())
     return write_json_atomic(run_dir / "report.json", report)
 
 
 def plot_channels(r: dict[str, Any], path: Path) -> Path:
     """Bar chart of output channels per layer, dense against compact, with the headline figures."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,10 +96,45 @@ def plot_channels(r: dict[str, Any], path: Path) -> Path:
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return _png(fig, path)
+
+
+def _png(fig, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return write_bytes_atomic(path, buf.getvalue())
+
+
+def plot_layer_latency(r: dict[str, Any], path: Path) -> Path:
+    """Per layer: the table's prediction at the dense widths, at the compact widths, and the compact
+    layer measured alone at its widths now."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = r["layer_latency"]
+    names = [f"{x['layer']}\n{x['dense_c_in']}x{x['dense_c_out']}->{x['c_in']}x{x['c_out']}" for x in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * len(rows) + 2), 4.6))
+    x = range(len(rows))
+    ax.bar([i - 0.27 for i in x], [v["dense_predicted_ms"] for v in rows], 0.27, label="dense widths, table", color="#c9d1d9")
+    ax.bar(list(x), [v["predicted_ms"] for v in rows], 0.27, label="compact widths, table (predicted)", color="#9ecae1")
+    ax.bar([i + 0.27 for i in x], [v["measured_ms"] for v in rows], 0.27, label="compact widths, measured now", color="#1f77b4")
+    ax.set_xticks(list(x), names, rotation=75, ha="right", fontsize=6)
+    ax.set_ylabel(f"ms per batch of {r['runtime']['batch']} (layer alone)")
+    ax.set_xlabel("layer and its widths (c_in x c_out): dense -> compact", fontsize=8)
+    pred = sum(v["predicted_ms"] for v in rows)
+    meas = sum(v["measured_ms"] for v in rows)
+    ax.set_title(f"Per-layer latency on {r['runtime']['name']} ({r['runtime']['threads']} threads): compact layers sum to "
+                 f"{meas:.2f} ms measured vs {pred:.2f} ms predicted", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig, path)
 
 
 def _budget_short(b: dict[str, Any]) -> str:
@@ -102,6 +182,84 @@ def _table_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _gates_section(r: dict[str, Any]) -> list[str]:
+    gates = r.get("gates") or []
+    failed = [g["name"] for g in gates if not g["ok"]]
+    lines = ["## Deployment gates: " + (f"**FAILED: {', '.join(failed)}**" if failed else "all passed"), "",
+             "| gate | verdict | detail |", "|---|---|---|"]
+    lines += [f"| {g['name']} | {'pass' if g['ok'] else '**FAIL**'} | {g['detail']} |" for g in gates]
+    return lines
+
+
+def _export_section(r: dict[str, Any]) -> list[str]:
+    o = r.get("onnx")
+    if not o:
+        return []
+    d, c, p = o["dense"], o["compact"], r["parity"]
+    lines = ["## Exported files", "",
+             "| file | opset | input | size (bytes) | sha256 |", "|---|---:|---|---:|---|",
+             *[f"| {a['file']} | {a['opset']} | {a['input_shape']} | {a['size_bytes']:,} | `{a['sha256'][:16]}` |" for a in (d, c)],
+             "",
+             f"Parity (ONNX Runtime CPU against torch, {p['images']} test images in {p['batches']} batches; an element "
+             f"passes when |diff| <= {p['atol']:g} + {p['rtol']:g} x |torch|, top-1 must agree on {p['min_top1']:.0%}):",
+             "", "| output | max abs diff | max rel diff | top-1 agreement | verdict |", "|---|---:|---:|---:|---|"]
+    for x in p["outputs"]:
+        t1 = "n/a" if x["top1_agreement"] is None else f"{x['top1_agreement']:.4f}"
+        lines.append(f"| {x['name']} | {x['max_abs_diff']:.2e} | {x['max_rel_diff']:.2e} | {t1} | "
+                     f"{'pass' if x['ok'] else '**diverged**'} |")
+    k = o["contract"]
+    lines += ["", "Preprocessing contract (also in each file's ONNX metadata, key `latprune.preprocessing`): input "
+              f"{k.get('layout')}, shape {k.get('input_shape')}, channels {k.get('channel_order')}, resize "
+              f"{k.get('resize')}, mean {k.get('mean')}, std {k.get('std')}, classes {k.get('classes')}."]
+    t = r.get("tensorrt")
+    if t:
+        lines += ["", f"### TensorRT ({t['note']})", "",
+                  "| engine | size (bytes) | build (s) | GPU compute p50 (ms) | end to end with copies p50 (ms) |",
+                  "|---|---:|---:|---:|---:|"]
+        for k2, e in t["engines"].items():
+            lat = t["latency"][k2]
+            lines.append(f"| {e['file']} | {e['size_bytes']:,} | {e['build_s']:.1f} | {lat['gpu_compute']['median_ms']:.3f} | "
+                         f"{lat['end_to_end']['median_ms']:.3f} |")
+        lines += ["", f"Engine parity: {t['parity']['detail']}."]
+    return lines
+
+
+def _why_section(r: dict[str, Any]) -> list[str]:
+    w = r.get("why_not_faster")
+    if not w:
+        return []
+    u = w["untouchable"]
+    lines = ["## Why is it not faster?", "",
+             f"- **Time pruning cannot touch**: with every prunable group cut to {u['round_to']} channels the table "
+             f"predicts {u['floor_ms']:.3f} ms, {100 * u['share']:.0f} % of the compact model's predicted "
+             f"{u['predicted_ms']:.3f} ms (per-call overhead, stem, pooling, adds, the classifier"
+             + (f"; layers no prunable group reaches: {', '.join(u['fixed_layers'])}" if u["fixed_layers"] else "")
+             + "). Only the other "
+             f"{100 * (1 - u['share']):.0f} % can still be pruned away on this runtime."]
+    og, k = w["off_grid"], w["hardware_multiple"]
+    if og:
+        lines.append(f"- **Widths off the hardware grid** (multiples of {k} on this device): "
+                     + ", ".join(f"`{x['layer']}` {x['channels']} (next {x['next_multiple']})" for x in og[:12])
+                     + (f" and {len(og) - 12} more" if len(og) > 12 else "") + f"; `--round-to {k}` keeps widths on it.")
+    else:
+        lines.append(f"- **Widths**: every pruned width is a multiple of {k}, the width this device vectorises over.")
+    p = w.get("providers")
+    if p:
+        per = ", ".join(f"{n} on {prov}" for prov, n in p["per_provider"].items())
+        lines.append(f"- **Provider placement** (ORT profile of one run of model.onnx): {p['nodes']} nodes, {per}; "
+                     + ("no fallback." if not p["fallback_nodes"] else f"**{p['fallback_nodes']} node(s) fell back** "
+                        f"from {p['requested']}."))
+    lat = r.get("layer_latency") or []
+    if lat:
+        worst = max(lat, key=lambda x: abs(x["measured_ms"] - x["predicted_ms"]) / max(x["predicted_ms"], 1e-9))
+        err = (worst["measured_ms"] - worst["predicted_ms"]) / max(worst["predicted_ms"], 1e-9)
+        lines.append(f"- **Table against the compact layers** (each timed alone at its widths, "
+                     f"![per-layer latency](layer_latency.png)): largest miss `{worst['layer']}` at "
+                     f"{worst['c_in']}x{worst['c_out']}, measured {worst['measured_ms']:.3f} ms vs predicted "
+                     f"{worst['predicted_ms']:.3f} ms ({100 * err:+.0f} %).")
+    return lines
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     b, d, c, rt = r["budget"], r["dense"], r["compact"], r["runtime"]
     verdict = "**met**" if b["met"] else "**MISSED**"
@@ -128,8 +286,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         f"Speedup {r['speedup']:.2f}x (95% bootstrap interval over rounds {r['speedup_ci95'][0]:.2f}-"
         f"{r['speedup_ci95'][1]:.2f}); MACs reduced {d['macs'] / max(c['macs'], 1):.2f}x.",
-        f"ONNX parity: max abs diff {r['parity']['max_abs_diff']:.2e}, top-1 agreement "
-        f"{r['parity']['top1_agreement']:.3f} on {r['parity']['batch']} test images.",
+        "",
+        *_gates_section(r),
         "",
         f"Training: {r['training']['method']} (one step costs {r['training']['step_time_ratio']:.2f}x an SGD step); "
         f"{len(r['training']['prune_history'])} removals, each "
@@ -166,7 +324,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                   "change latency, so a difference is timing drift on this machine."]
     else:
         lines += ["", "No calibration: a parameter target does not constrain latency."]
-    lines += ["", *_table_section(r)]
+    lines += ["", *_table_section(r), "", *_export_section(r), "", *_why_section(r)]
     rob = r.get("robustness")
     if rob:
         lines += ["", f"## Robustness: {rob['suite']}, first {rob['eval_images']} test images", "",

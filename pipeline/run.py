@@ -22,12 +22,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from latprune.errors import BadInput
-from latprune.export.onnx_export import export_onnx
+from latprune.errors import GATE_EXIT, BadInput
+from latprune.export.onnx_export import OnnxArtifact, check_shrink, contract_metadata, export_onnx
 from latprune.export.verify import Parity, SpeedResult, check_parity, measure_speedup
 from latprune.latency_tables.backends import Backend, get_backend
-from latprune.latency_tables.device import environment
-from latprune.latency_tables.profile import layer_signatures, profile_model
+from latprune.latency_tables.device import environment, latprune_version
+from latprune.latency_tables.profile import check_layers, layer_signatures, profile_model
 from latprune.latency_tables.endtoend import validate_table
 from latprune.latency_tables.plots import plot_staircases, plot_validation
 from latprune.latency_tables.table import SCHEMA_VERSION, EndToEnd, LatencyTable, write_json_atomic
@@ -36,12 +36,13 @@ from latprune.pipeline.calibrate import CalibratedPlan, plan_to_budget
 from latprune.pipeline.compact import load_compact, save_compact
 from latprune.pipeline.config import RunConfig
 from latprune.pipeline.data import Dataset, load_dataset
+from latprune.pipeline.diagnose import diagnose
 from latprune.pipeline.models import ModelSpec
 from latprune.pipeline.plan import PruningPlan, build_param_plan, count_params
 from latprune.pipeline.schedule import step_time_ratio, train_and_prune_
 from latprune.pipeline.report import write_report
 from latprune.pipeline.robustness import corrupted_test_set, evaluate_robustness
-from latprune.pipeline.train import cache_key, evaluate, pretrained
+from latprune.pipeline.train import cache_key, evaluate, pretrained, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ def prepare(cfg: RunConfig) -> Workspace:
         raise BadInput(f"--weights {cfg.weights} does not exist: pass a state_dict saved with torch.save")
     if cfg.table:
         LatencyTable.load(cfg.table).check_compatible(backend.fingerprint(data.input_shape), cfg.force)
+    if cfg.gates.max_corruption_drop is not None and not cfg.robustness.images:
+        raise BadInput("a corruption-accuracy gate needs the corruption evaluation: set --robust-images > 0 "
+                       "(or drop --max-corruption-drop)")
     out = Path(distributed.broadcast(cfg.out or f"runs/{cfg.model.replace(':', '_').replace('/', '_')}-"
                                                  f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"))
     created = distributed.broadcast(not out.exists())
@@ -251,34 +255,69 @@ def prune_stage(ws: Workspace, dense: nn.Module, table: LatencyTable, cal: Calib
     return compact.eval(), info
 
 
-def export_stage(ws: Workspace, dense: nn.Module, compact: nn.Module) -> tuple[Path, Path, Parity]:
-    shape = (ws.cfg.deploy.batch, *ws.input_shape)
-    meta = {"latprune.preprocessing": json.dumps(ws.data.preprocessing())}
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    dense: OnnxArtifact
+    compact: OnnxArtifact
+    parity: Parity
+    shrink: dict[str, Any]
+    contract: dict[str, Any]
+    tensorrt: dict[str, Any] | None = None  # runtime trt only (unverified on a GPU)
+
+
+def export_stage(ws: Workspace, dense: nn.Module, compact: nn.Module) -> ExportResult:
+    """Both models to single-file ONNX with the preprocessing contract; the dense weights saved
+    beside the compact ones (``latprune.load(run_dir, "dense")``); parity on real test batches; the
+    compact file must be smaller; TensorRT engines when the runtime is ``trt``. Failed checks are
+    recorded for the report's gates, not raised."""
+    cfg = ws.cfg
+    shape = (cfg.deploy.batch, *ws.input_shape)
+    contract = ws.data.preprocessing()
+    meta = contract_metadata(contract, model=ws.spec.name, version=latprune_version(),
+                             batch="dynamic" if cfg.deploy.dynamic_batch else str(cfg.deploy.batch))
     with ws.timed("export"):
-        d = export_onnx(dense, ws.run_dir / "dense.onnx", shape, metadata=meta)
-        c = export_onnx(compact, ws.run_dir / "model.onnx", shape, metadata=meta)
-        x, _ = next(ws.data.batches(ws.data.test, ws.cfg.deploy.batch))
-        if len(x) < ws.cfg.deploy.batch:
-            raise BadInput(f"test set has {len(x)} images, fewer than --deploy-batch {ws.cfg.deploy.batch}")
-        parity = check_parity(compact, c.path, x)
-    return d.path, c.path, parity
+        d = export_onnx(dense, ws.run_dir / "dense.onnx", shape, cfg.deploy.opset, meta, cfg.deploy.dynamic_batch)
+        c = export_onnx(compact, ws.run_dir / "model.onnx", shape, cfg.deploy.opset, meta, cfg.deploy.dynamic_batch)
+        save_atomic(dense.state_dict(), ws.run_dir / "dense.pt")
+        n = max(cfg.verify.parity_images // cfg.deploy.batch, 1) * cfg.deploy.batch
+        batches = [x for x, _ in ws.data.batches(ws.data.test, cfg.deploy.batch, limit=n) if len(x) == cfg.deploy.batch]
+        if not batches:
+            raise BadInput(f"the test set has fewer images than --deploy-batch {cfg.deploy.batch}: lower --deploy-batch")
+        if cfg.deploy.dynamic_batch:  # the dynamic axis must work at other sizes too
+            batches.append(batches[0][:1])
+        parity = check_parity(compact, c.path, batches, cfg.verify.atol, cfg.verify.rtol)
+        (log.info if parity.ok else log.error)("parity: %s", parity.message())
+        shrink = check_shrink(d, c, count_params(dense), count_params(compact))
+        trt = _tensorrt_export(ws, d.path, c.path, [b.numpy() for b in batches[:2]]) if cfg.deploy.runtime == "trt" else None
+    return ExportResult(d, c, parity, shrink, contract, trt)
 
 
-def verify_stage(ws: Workspace, dense_onnx: Path, compact_onnx: Path, dense: nn.Module,
-                 compact: nn.Module) -> SpeedResult:
+def _tensorrt_export(ws: Workspace, dense_onnx: Path, compact_onnx: Path, batches) -> dict[str, Any]:
+    """Engines (dense and compact, one timing cache), layer information, parity against ONNX
+    Runtime, GPU compute and end-to-end latency. Unverified on a GPU (export/tensorrt.py)."""
+    from latprune.export.tensorrt import UNVERIFIED, TrtConfig, build_engines, engine_latency, engine_parity
+
+    eng = build_engines({"dense": dense_onnx, "model": compact_onnx}, ws.run_dir, TrtConfig(fp16=ws.cfg.deploy.fp16))
+    parity = engine_parity(eng["model"].path, compact_onnx, batches, ws.cfg.deploy.fp16)
+    latency = {k: engine_latency(e.path) for k, e in eng.items()}
+    return {"engines": {k: e.to_dict() for k, e in eng.items()}, "parity": parity.to_dict(), "latency": latency,
+            "verified_on_gpu": False, "note": UNVERIFIED}
+
+
+def verify_stage(ws: Workspace, ex: ExportResult, dense: nn.Module, compact: nn.Module) -> SpeedResult:
     """Dense and compact timed interleaved on the deployment runtime."""
-    a, b = (dense_onnx, compact_onnx) if ws.backend.loads_onnx else (dense, compact)
+    a, b = (ex.dense.path, ex.compact.path) if ws.backend.loads_onnx else (dense, compact)
     with ws.timed("verify"):
         return measure_speedup(ws.backend, a, b, ws.input_shape, ws.cfg.verify.timing)
 
 
 def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: LatencyTable, cal: CalibratedPlan,
-                 parity: Parity, speed: SpeedResult, pre: dict, ft: dict) -> dict[str, Any]:
+                 ex: ExportResult, speed: SpeedResult, pre: dict, ft: dict) -> dict[str, Any]:
     cfg, fp = ws.cfg, ws.backend.fingerprint(ws.input_shape)
     dense_ms, compact_ms = speed.dense["median_ms"], speed.compact["median_ms"]
-    ex = torch.zeros(1, *ws.input_shape)
-    d_macs, d_params = tp.utils.count_ops_and_params(dense, ex)
-    c_macs, c_params = tp.utils.count_ops_and_params(compact, ex)
+    example = torch.zeros(1, *ws.input_shape)
+    d_macs, d_params = tp.utils.count_ops_and_params(dense, example)
+    c_macs, c_params = tp.utils.count_ops_and_params(compact, example)
     with ws.timed("evaluate"):
         d_acc, c_acc = evaluate(dense, ws.data, ws.data.test), evaluate(compact, ws.data, ws.data.test)
     robustness = None
@@ -289,6 +328,11 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
             rc = evaluate_robustness(compact, ws.data, clean, corrupted)
         robustness = {**dataclasses.asdict(rc), "dense": dataclasses.asdict(rd), "suite": "CIFAR-10-C-style "
                       "(imagecorruptions-imaug: 15 corruptions x 5 severities)"}
+    with ws.timed("layer_check"):  # every compact layer timed at its widths, against the table
+        layers = check_layers(compact, table, ws.backend, ws.input_shape)
+    factory = (lambda path, prefix: ws.backend.session(path, prefix)) if hasattr(ws.backend, "session") else None
+    why = diagnose(dense, compact, table, cal.plan.unpruned, cal.plan.round_to, ws.input_shape, fp, ws.backend.provider,
+                   ex.compact.path, factory)
 
     def channels(m):
         return {n: (mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features)
@@ -308,7 +352,12 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
         "training": ft,
         "robustness": robustness,
         "speedup": speed.speedup, "speedup_ci95": list(speed.speedup_ci95),
-        "parity": dataclasses.asdict(parity),
+        "parity": ex.parity.to_dict(),
+        "onnx": {"dense": ex.dense.to_dict(), "compact": ex.compact.to_dict(), "shrink": ex.shrink,
+                 "contract": ex.contract},
+        "tensorrt": ex.tensorrt,
+        "layer_latency": layers,
+        "why_not_faster": why,
         "runtime": {"name": _RUNTIME_NAMES[fp.runtime.split("-")[0]], "backend": fp.runtime, "version": fp.runtime_version,
                     "provider": fp.provider, "threads": fp.threads, "batch": fp.batch,
                     "input_shape": [fp.batch, *fp.input_shape], "device": fp.device, "dtype": fp.dtype},
@@ -325,7 +374,39 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
         "seed": cfg.seed, "stage_seconds": dict(ws.seconds), "environment": environment(),
         "artifacts": sorted(p.name for p in ws.run_dir.iterdir() if not p.name.startswith(".")),
     }
+    report["gates"] = _gates(cfg, report)
     return report
+
+
+def _gates(cfg: RunConfig, r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every deployment gate with its verdict, in the order their exit status is chosen."""
+    p, sh, b = r["parity"], r["onnx"]["shrink"], r["budget"]
+    gates = [{"name": "parity", "ok": p["ok"], "detail": p["detail"]},
+             {"name": "onnx_shrink", "ok": sh["ok"], "detail": sh.get("detail") or
+              f"model.onnx is {sh['ratio']:.2f} of dense.onnx ({sh['compact_bytes']:,} / {sh['dense_bytes']:,} bytes)"}]
+    if r.get("tensorrt"):
+        tp = r["tensorrt"]["parity"]
+        gates.append({"name": "tensorrt_parity", "ok": tp["ok"], "detail": tp["detail"]})
+    if b["target"] == "params":
+        gates.append({"name": "params", "ok": b["met"], "limit": b["param_ratio"], "value": b["achieved_param_ratio"],
+                      "detail": f"kept parameter ratio {b['achieved_param_ratio']:.3f} for at most {b['param_ratio']:.3f}"})
+    else:
+        c = r["compact"]["latency_ms"]
+        gates.append({"name": "latency", "ok": b["met"], "limit": b["target_ms"], "value": c,
+                      "detail": f"compact {c:.3f} ms for a budget of {b['target_ms']:.3f} ms"})
+    limit = cfg.gates.max_accuracy_drop
+    if limit is not None:
+        drop = r["dense"]["accuracy"] - r["compact"]["accuracy"]
+        gates.append({"name": "accuracy", "ok": drop <= limit + 1e-12, "limit": limit, "value": drop,
+                      "detail": f"clean accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}: "
+                                f"drop {drop:.4f} for at most {limit:.4f}"})
+    limit, rob = cfg.gates.corruption_limit, r.get("robustness")
+    if limit is not None and rob:
+        drop = rob["dense"]["corruption_acc"] - rob["corruption_acc"]
+        gates.append({"name": "corruption_accuracy", "ok": drop <= limit + 1e-12, "limit": limit, "value": drop,
+                      "detail": f"corruption accuracy {rob['dense']['corruption_acc']:.4f} -> {rob['corruption_acc']:.4f}: "
+                                f"drop {drop:.4f} for at most {limit:.4f}"})
+    return gates
 
 
 _RUNTIME_NAMES = {"ort": "onnxruntime", "torch": "torch", "trt": "tensorrt"}
@@ -353,8 +434,14 @@ class RunResult:
     report: dict[str, Any] | None
 
     @property
+    def failed_gates(self) -> list[dict[str, Any]]:
+        return [g for g in (self.report or {}).get("gates", []) if not g["ok"]]
+
+    @property
     def exit_code(self) -> int:
-        return 0 if self.report is None or self.report["budget"]["met"] else 4
+        """0, or the status of the first failed gate (parity 3, latency 4, accuracy 5)."""
+        failed = self.failed_gates
+        return GATE_EXIT[failed[0]["name"]] if failed else 0
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -367,8 +454,8 @@ def run(cfg: RunConfig) -> RunResult:
         compact, ft = prune_stage(ws, dense, table, cal)  # every rank trains; rank 0 writes
         if not distributed.is_main():
             return RunResult(ws.run_dir, None, None)
-        dense_onnx, compact_onnx, parity = export_stage(ws, dense, compact)
-        speed = verify_stage(ws, dense_onnx, compact_onnx, dense, compact)
-        report = report_stage(ws, dense, compact, table, cal, parity, speed, pre, ft)
+        ex = export_stage(ws, dense, compact)
+        speed = verify_stage(ws, ex, dense, compact)
+        report = report_stage(ws, dense, compact, table, cal, ex, speed, pre, ft)
         path = write_report(ws.run_dir, report)
     return RunResult(ws.run_dir, path, report)

@@ -43,7 +43,7 @@ def test_run_writes_a_complete_report(mini_run, capsys):
     code, out = mini_run
     assert code in (0, 4)  # 4: the report is written and says the budget was missed
     r = json.loads((out / "report.json").read_text())
-    assert r["schema_version"] == 1
+    assert r["schema_version"] == 2
     assert r["budget"]["met"] == (code == 0)
     assert r["budget"]["target_ms"] == pytest.approx(0.8 * r["dense"]["latency_ms"])
     assert r["speedup"] == pytest.approx(r["dense"]["latency_ms"] / r["compact"]["latency_ms"])
@@ -70,8 +70,21 @@ def test_run_writes_a_complete_report(mini_run, capsys):
     assert t["sharpness"]["pre_pruning"] >= 0 and t["sharpness"]["post_pruning"] >= 0
     assert not (out / "training.ckpt.pt").exists()  # the training checkpoint goes once training ends
     assert sum(r["compact"]["channels"].values()) < sum(r["dense"]["channels"].values())
+    assert [g["name"] for g in r["gates"]] == ["parity", "onnx_shrink", "latency"]
+    assert all(g["ok"] for g in r["gates"][:2]) and r["gates"][2]["ok"] == r["budget"]["met"]
+    p = r["parity"]
+    assert p["ok"] and p["images"] == 256 and p["batches"] == 8 and p["outputs"][0]["name"] == "logits"
+    o = r["onnx"]
+    assert o["compact"]["opset"] == 17 and not o["compact"]["dynamic_batch"] and o["shrink"]["ratio"] < 1
+    assert o["contract"]["classes"][0] == "T-shirt/top" and o["contract"]["mean"]
+    assert len(r["layer_latency"]) == len(json.loads((out / "table.json").read_text())["layer_keys"]) and all(x["measured_ms"] > 0 for x in r["layer_latency"])
+    w = r["why_not_faster"]
+    assert 0 < w["untouchable"]["floor_ms"] < w["untouchable"]["predicted_ms"] and w["hardware_multiple"] in (4, 8, 16)
+    assert w["providers"]["fallback_nodes"] == 0 and w["providers"]["per_provider"]["CPUExecutionProvider"] > 10
+    md = (out / "report.md").read_text()
+    assert "## Why is it not faster?" in md and "## Deployment gates" in md and "| logits |" in md
     for f in ("table_staircases.png", "config.json", "table.json", "plan.json", "arch.json", "model.pt", "model.onnx", "dense.onnx",
-              "report.md", "environment.json", "channels.png"):
+              "report.md", "environment.json", "channels.png", "layer_latency.png", "dense.pt"):
         assert (out / f).exists(), f
     assert (out / "model.onnx").stat().st_size < (out / "dense.onnx").stat().st_size
     assert not list(out.glob(".*.tmp"))
@@ -223,3 +236,57 @@ def test_corrupted_and_mismatched_tables_are_refused(tmp_path, capsys, cache):
 @needs_fmnist
 def test_unreachable_budget_leaves_no_run_dir(tmp_path, capsys, cache, mini_run):
     _bad(["run", *MINI, "--budget", "0.01"], tmp_path, capsys, cache, "smallest reachable latency")
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_failed_gates_still_write_the_report_and_exit_nonzero(mini_run, cache, tmp_path, capsys):
+    _, out = mini_run
+    r = json.loads((out / "report.json").read_text())
+    drop = r["dense"]["accuracy"] - r["compact"]["accuracy"]
+    corrupted_drop = r["robustness"]["dense"]["corruption_acc"] - r["robustness"]["corruption_acc"]
+    copy = tmp_path / "gated"
+    shutil.copytree(out, copy)
+    (copy / "report.json").unlink()
+    # a limit below the observed drop fails (a negative limit is refused, so a run whose compact model
+    # gained accuracy gets a limit it passes, and the corruption gate is the one that fails)
+    limit = max(drop - 0.01, 0.0) if drop > 0 else 0.5
+    corr_limit = 0.5 if drop > 0 else 0.0
+    code = main(["export", *MINI, "--budget", "0.8", "--cache-dir", cache, "--out", str(copy),
+                 "--max-accuracy-drop", str(limit), "--max-corruption-drop", str(corr_limit)])
+    g = {x["name"]: x for x in json.loads((copy / "report.json").read_text())["gates"]}
+    assert g["accuracy"]["ok"] == (drop <= limit) and g["corruption_accuracy"]["ok"] == (corrupted_drop <= corr_limit)
+    failed = [n for n, x in g.items() if not x["ok"]]
+    err = capsys.readouterr().err
+    if failed:
+        assert code == {"latency": 4, "accuracy": 5, "corruption_accuracy": 5}[failed[0]]
+        assert f"gate '{failed[-1]}' FAILED" in err
+        assert "**FAIL**" in (copy / "report.md").read_text()
+    else:  # neither model lost accuracy on any measure: nothing this test can make fail
+        assert code == 0
+    _bad(["run", *MINI, "--max-corruption-drop", "0.1", "--robust-images", "0"], tmp_path, capsys, cache,
+         "needs the corruption evaluation")
+    _bad(["run", *MINI, "--max-accuracy-drop", "-0.1"], tmp_path, capsys, cache, "fraction of accuracy in [0, 1]")
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_dynamic_batch_export_and_bench_on_the_run(mini_run, cache, tmp_path, capsys):
+    _, out = mini_run
+    copy = tmp_path / "dyn"
+    shutil.copytree(out, copy)
+    code = main(["export", *MINI, "--budget", "0.8", "--cache-dir", cache, "--out", str(copy), "--dynamic-batch"])
+    assert code in (0, 4)
+    r = json.loads((copy / "report.json").read_text())
+    assert r["onnx"]["compact"]["dynamic_batch"] and r["parity"]["batches"] == 9  # 8 full batches + 1 image
+    sess = ort.InferenceSession(str(copy / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], latprune.load(copy)(x).numpy(),
+                                   atol=1e-4, rtol=1e-4)
+    capsys.readouterr()
+    assert main(["bench", str(copy), "--batch", "1", "--iterations", "40", "--block", "10", "--warmup", "20",
+                 "--allow-noisy"]) == 0
+    b = json.loads((copy / "bench-ort-b1.json").read_text())
+    assert b["input_shape"] == [1, 3, 32, 32] and b["models"]["source"] == "onnx files"  # dynamic files run at 1
+    assert "speedup" in capsys.readouterr().err

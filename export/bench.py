@@ -1,0 +1,236 @@
+"""``latprune bench``: dense against compact, trtexec-style, in one process.
+
+Both models are loaded once and timed **interleaved in blocks** (``block`` calls of dense, then
+``block`` of compact, repeated until each has ``iterations`` calls), so drift of a shared machine
+hits both alike (../shared/BENCHMARKS.md). Each call is one sample; per model: p50, p90, p99,
+mean, coefficient of variation (std / mean of the calls) and throughput (images / s at the mean).
+The speedup is p50(dense) / p50(compact) with a 95 % bootstrap interval that resamples whole
+blocks, paired by index (calls within a block are correlated; blocks of the two models taken
+side by side share the machine's state).
+
+A claim is only as good as its spread: when either model's CV exceeds ``max_cv`` or the
+interval's half-width exceeds ``max_ci`` of the speedup, the result is marked noisy and
+``latprune bench`` exits 6 without ``--allow-noisy`` (the JSON is written either way).
+
+Runtimes: ``ort`` (ONNX Runtime CPU; the run's ONNX files when their batch matches, else exported
+again at ``--batch``), ``torch`` (eager CPU, the run's reloaded modules) and ``trt`` (TensorRT
+engines built from the ONNX files with one shared timing cache; GPU compute time between CUDA
+events and end to end with host<->device copies, reported separately; unverified, no GPU here).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from latprune.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+BENCH_RUNTIMES = ("ort", "torch", "trt")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    runtime: str = "ort"
+    batch: int | None = None  # None: the run's deployment batch
+    threads: int = 2
+    fp16: bool = False
+    warmup_ms: float = 500.0  # per model, before the first timed call (trtexec --warmup)
+    iterations: int = 300  # timed calls per model (trtexec --iterations)
+    block: int = 10  # calls per model per interleaved block
+    max_cv: float = 0.15
+    max_ci: float = 0.05  # relative half-width of the speedup's 95 % interval
+    allow_noisy: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.runtime not in BENCH_RUNTIMES:
+            raise BadInput(f"--runtime must be one of {', '.join(BENCH_RUNTIMES)} for bench, got {self.runtime!r}")
+        if self.batch is not None and self.batch < 1 or self.threads < 1:
+            raise BadInput(f"--batch and --threads must be >= 1, got {self.batch}, {self.threads}")
+        if self.iterations < 2 * self.block or self.block < 1:
+            raise BadInput(f"--iterations ({self.iterations}) must be at least two blocks of {self.block} calls")
+        if self.warmup_ms < 0:
+            raise BadInput(f"--warmup must be >= 0 ms, got {self.warmup_ms}")
+        if self.fp16 and self.runtime != "trt":
+            raise BadInput("--fp16 needs --runtime trt (ONNX Runtime and torch on the CPU run fp32)")
+
+
+def latency_stats(samples_ms: np.ndarray, batch: int) -> dict[str, float]:
+    s = np.asarray(samples_ms, dtype=float).ravel()
+    mean = float(s.mean())
+    return {"p50_ms": float(np.percentile(s, 50)), "p90_ms": float(np.percentile(s, 90)),
+            "p99_ms": float(np.percentile(s, 99)), "mean_ms": mean, "std_ms": float(s.std()),
+            "min_ms": float(s.min()), "max_ms": float(s.max()), "cv": float(s.std() / mean),
+            "throughput_ips": batch * 1e3 / mean, "count": int(s.size)}
+
+
+def bootstrap_speedup_ci(dense: np.ndarray, compact: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                         seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of median(dense) / median(compact) over resampled blocks.
+
+    ``dense`` and ``compact`` are ``[blocks, calls]`` arrays; block ``i`` of each was timed side
+    by side, so blocks are resampled with the same indices for both.
+    """
+    dense, compact = np.asarray(dense, float), np.asarray(compact, float)
+    if dense.ndim != 2 or dense.shape[0] != compact.shape[0] or dense.shape[0] < 2:
+        raise ValueError(f"need [blocks, calls] arrays with >= 2 paired blocks, got {dense.shape}, {compact.shape}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, dense.shape[0], size=(n_boot, dense.shape[0]))
+    d = np.median(dense[idx].reshape(n_boot, -1), axis=1)
+    c = np.median(compact[idx].reshape(n_boot, -1), axis=1)
+    lo, hi = np.percentile(d / c, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
+def time_blocks(programs: dict[str, Callable[[], float]], iterations: int, block: int,
+                warmup_ms: float) -> dict[str, np.ndarray]:
+    """Each program returns the latency of one call in ms. Warm up each, then time them in
+    interleaved blocks (A x block, B x block, A x block, ...): ``{name: [blocks, block]}``."""
+    for fn in programs.values():
+        t0 = time.perf_counter()
+        while (time.perf_counter() - t0) * 1e3 < warmup_ms:
+            fn()
+    n_blocks = math.ceil(iterations / block)
+    out = {k: np.empty((n_blocks, block)) for k in programs}
+    for b in range(n_blocks):
+        for k, fn in programs.items():
+            for i in range(block):
+                out[k][b, i] = fn()
+    for k, v in out.items():
+        if not np.isfinite(v).all() or (v <= 0).any():
+            raise RuntimeError(f"{k}: a timed call returned a latency that is not a positive number")
+    return out
+
+
+def compare(dense: np.ndarray, compact: np.ndarray, batch: int, cfg: BenchConfig) -> dict[str, Any]:
+    """Statistics of both models, the speedup, its interval and the noise verdict."""
+    d, c = latency_stats(dense, batch), latency_stats(compact, batch)
+    lo, hi = bootstrap_speedup_ci(dense, compact, seed=cfg.seed)
+    speedup = d["p50_ms"] / c["p50_ms"]
+    reasons = [f"{k} CV {s['cv']:.1%} > {cfg.max_cv:.0%}" for k, s in (("dense", d), ("compact", c)) if s["cv"] > cfg.max_cv]
+    half = (hi - lo) / 2 / speedup
+    if half > cfg.max_ci:
+        reasons.append(f"speedup interval +-{half:.1%} > +-{cfg.max_ci:.0%}")
+    return {"dense": d, "compact": c, "speedup": speedup, "speedup_ci95": [lo, hi], "ci_half_width": half,
+            "blocks": int(dense.shape[0]), "noisy": bool(reasons), "noise_reasons": reasons}
+
+
+# ---- programs per runtime ------------------------------------------------------------------------
+
+def cpu_programs(dense, compact, input_shape: tuple[int, int, int], cfg: BenchConfig, batch: int):
+    """``dense``/``compact``: ONNX paths with a matching batch, or modules (exported at ``batch``)."""
+    from latprune.latency_tables.backends import get_backend
+
+    be = get_backend("ort" if cfg.runtime == "ort" else "torch", cfg.threads, batch)
+    fns = {k: be.model_runner(be.prepare_model(m, input_shape), input_shape) for k, m in (("dense", dense), ("compact", compact))}
+    return {"latency": {k: (lambda f=f: be.time_call(f)) for k, f in fns.items()}}, {
+        "runtime": be.name, "version": be.version(), "provider": be.provider, "device": be.device()}
+
+
+def trt_programs(dense_onnx: Path, compact_onnx: Path, out_dir: Path, cfg: BenchConfig):
+    from latprune.export.tensorrt import UNVERIFIED, EngineRunner, TrtConfig, build_engines
+    from latprune.latency_tables.backends import gpu_description, import_tensorrt
+
+    eng = build_engines({"dense": dense_onnx, "compact": compact_onnx}, out_dir, TrtConfig(fp16=cfg.fp16))
+    runners = {k: EngineRunner(e.path) for k, e in eng.items()}
+    progs = {"gpu_compute": {k: r.gpu_compute_ms for k, r in runners.items()},
+             "end_to_end": {k: r.end_to_end_ms for k, r in runners.items()}}
+    return progs, {"runtime": "trt", "version": import_tensorrt().__version__, "provider": "TensorRT",
+                   "device": gpu_description(), "engines": {k: e.to_dict() for k, e in eng.items()}, "note": UNVERIFIED}
+
+
+def bench(programs: dict[str, dict[str, Callable[[], float]]], batch: int, cfg: BenchConfig) -> dict[str, dict]:
+    """``programs[metric][model]``; every program of every metric interleaved in one loop."""
+    flat = {f"{m}/{k}": fn for m, per in programs.items() for k, fn in per.items()}
+    t = time_blocks(flat, cfg.iterations, cfg.block, cfg.warmup_ms)
+    return {m: compare(t[f"{m}/dense"], t[f"{m}/compact"], batch, cfg) for m in programs}
+
+
+def render(result: dict[str, Any]) -> str:
+    rt, cfg = result["runtime"], result["config"]
+    lines = [f"latprune bench: {rt['runtime']} ({rt['version']}, {rt['provider']}) on {rt['device']}, batch "
+             f"{result['batch']}, {cfg['threads']} threads, {cfg['iterations']} calls per model in blocks of {cfg['block']}"]
+    for metric, r in result["metrics"].items():
+        lines += ["", f"[{metric}]", f"{'model':<8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'CV':>6} {'img/s':>9}"]
+        for k in ("dense", "compact"):
+            s = r[k]
+            lines.append(f"{k:<8} {s['p50_ms']:>9.3f} {s['p90_ms']:>9.3f} {s['p99_ms']:>9.3f} {s['mean_ms']:>9.3f} "
+                         f"{s['cv']:>6.1%} {s['throughput_ips']:>9.0f}")
+        lo, hi = r["speedup_ci95"]
+        lines.append(f"speedup {r['speedup']:.2f}x (95% bootstrap interval {lo:.2f}-{hi:.2f} over {r['blocks']} blocks)"
+                     + (f"  NOISY: {'; '.join(r['noise_reasons'])}" if r["noisy"] else ""))
+    if rt.get("note"):
+        lines += ["", rt["note"]]
+    return "\n".join(lines)
+
+
+def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | Path | None = None,
+              compact: str | Path | None = None, json_path: str | Path | None = None) -> dict[str, Any]:
+    """Bench a run directory (``dense.onnx``/``model.onnx``, or the reloaded modules) or two ONNX
+    files; write the JSON atomically and return it."""
+    from datetime import datetime, timezone
+
+    from latprune.export.onnx_export import onnx_batch, onnx_bytes, read_contract
+    from latprune.latency_tables.device import environment
+    from latprune.latency_tables.table import write_bytes_atomic, write_json_atomic
+
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        dense, compact = run_dir / "dense.onnx", run_dir / "model.onnx"
+    elif dense is None or compact is None:
+        raise BadInput("bench needs a run directory, or both --dense and --compact ONNX files")
+    dense, compact = Path(dense), Path(compact)
+    for p in (dense, compact):
+        if not p.exists():
+            raise BadInput(f"{p} does not exist: pass the directory of a finished `latprune run` (or `export`)")
+    shape = read_contract(compact).get("input_shape") or _onnx_chw(compact)
+    shape = tuple(int(v) for v in shape)
+    file_batch = onnx_batch(compact)
+    batch = cfg.batch or file_batch or 1
+    modules = None
+    if cfg.runtime == "torch" or file_batch not in (None, batch):
+        if run_dir is None:
+            raise BadInput(f"--batch {batch} differs from the files' batch {file_batch} (or the runtime is torch): "
+                           "pass a run directory, from which bench rebuilds the models")
+        from latprune.pipeline.compact import load_compact
+
+        modules = (load_compact(run_dir, "dense"), load_compact(run_dir, "compact"))
+    if cfg.runtime == "trt":
+        out_dir = (run_dir or compact.parent) / f"engines-b{batch}{'-fp16' if cfg.fp16 else ''}"
+        files = (dense, compact)
+        if modules is not None:  # engines need the static batch: export it
+            files = tuple(write_bytes_atomic(out_dir / f"{k}-b{batch}.onnx", onnx_bytes(m, (batch, *shape)))
+                          for k, m in zip(("dense", "compact"), modules))
+        programs, info = trt_programs(files[0], files[1], out_dir, cfg)
+    else:
+        a, b = modules if modules is not None else (dense, compact)
+        programs, info = cpu_programs(a, b, shape, cfg, batch)
+    log.info("timing dense and compact interleaved: %d calls each, blocks of %d", cfg.iterations, cfg.block)
+    result = {
+        "schema_version": 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "models": {"dense": str(dense), "compact": str(compact),
+                   "source": "onnx files" if modules is None else f"reloaded from {run_dir}, exported at batch {batch}"},
+        "batch": batch, "input_shape": [batch, *shape], "config": dataclasses.asdict(cfg), "runtime": info,
+        "metrics": bench(programs, batch, cfg), "environment": environment(),
+    }
+    result["noisy"] = any(m["noisy"] for m in result["metrics"].values())
+    if json_path is None:
+        json_path = (run_dir or compact.parent) / f"bench-{cfg.runtime}-b{batch}{'-fp16' if cfg.fp16 else ''}.json"
+    result["json"] = str(write_json_atomic(json_path, result))
+    return result
+
+
+def _onnx_chw(path: Path) -> tuple[int, ...]:
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1:]
+    if not all(d.HasField("dim_value") for d in dims):
+        raise BadInput(f"{path} has no static input shape and no latprune contract: export it with static C, H, W")
+    return tuple(d.dim_value for d in dims)

@@ -1,0 +1,113 @@
+""""Why is it not faster?": what limits the compact model's speed on the deployment runtime.
+
+Three things a user can act on:
+- **widths off the hardware grid**: output channels that are not a multiple of the width the
+  runtime vectorises over (16 fp32 lanes with AVX-512, 8 with AVX2, 4 with NEON; 8 for fp16 tensor
+  cores) pay for a padded tail; ``--round-to`` at that multiple avoids it;
+- **time pruning cannot touch**: the table's prediction with every prunable group cut to its
+  narrowest width (per-call overhead, pooling, adds, layers no group reaches, and what the
+  narrowest layers still cost), as a share of the compact model's predicted latency: the rest is
+  all that further pruning could win on this runtime;
+- **provider fallbacks**: ONNX Runtime nodes that ran on another execution provider than the one
+  requested, counted from ORT's own profile of one run of the exported file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from latprune.latency_tables.table import Fingerprint, LatencyTable
+from latprune.pipeline.groups import dependency_graph, layer_widths, prunable_groups
+
+
+def hardware_multiple(fp: Fingerprint) -> int:
+    """Channel multiple the runtime vectorises over (fp32 SIMD lanes on a CPU, tensor-core tiles on a GPU)."""
+    dev = fp.device.lower()
+    if "cuda" in fp.runtime or fp.runtime in ("trt", "ort-trt") or "nvidia" in dev:
+        return 8
+    if "avx512" in dev:
+        return 16
+    if "avx2" in dev:
+        return 8
+    return 4
+
+
+def off_grid(compact: nn.Module, multiple: int, classifier: set[str]) -> list[dict[str, Any]]:
+    out = []
+    for name, m in compact.named_modules():
+        if name in classifier:
+            continue
+        n = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features if isinstance(m, nn.Linear) else None
+        if n is not None and n % multiple:
+            out.append({"layer": name, "channels": n, "next_multiple": -(-n // multiple) * multiple})
+    return out
+
+
+def untouchable_share(dense: nn.Module, compact: nn.Module, table: LatencyTable, unpruned: dict[str, str],
+                      input_shape: tuple[int, int, int], round_to: int) -> dict[str, Any]:
+    """What pruning cannot remove: the table's prediction with every prunable group at its
+    narrowest width (``round_to``; unpruned groups whole), as a share of the compact model's
+    prediction. Also the layers no prunable group reaches at all."""
+    from latprune.pipeline.plan import LatencyModel
+
+    groups = [cg for cg, _ in prunable_groups(dense, dependency_graph(dense, torch.zeros(1, *input_shape)))]
+    lm = LatencyModel(table, layer_widths(dense, groups, table.layer_keys))
+    free = {g.name for g in groups if g.name not in unpruned and g.size > round_to}
+    fixed = [l for l in lm.widths.dense if not ({lm.widths.out_group.get(l)} | set(lm.widths.in_groups.get(l, {}))) & free]
+    floor = lm.predict({g.name: (round_to if g.name in free else g.size) for g in groups})
+    names = {n for n, _ in compact.named_modules()}
+    compact_ms = table.e2e.predict(sum(
+        table.lookup(l, *((m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)))
+        for l, m in compact.named_modules() if l in table.layer_keys and l in names))
+    return {"share": floor / compact_ms, "floor_ms": floor, "predicted_ms": compact_ms, "round_to": round_to,
+            "intercept_ms": table.e2e.intercept_ms, "fixed_layers": fixed}
+
+
+def provider_placement(onnx_path: str | os.PathLike, session_factory) -> dict[str, Any]:
+    """Nodes per execution provider in one profiled run of ``onnx_path`` (ORT's own profile).
+
+    ``session_factory(path, profile_prefix)`` creates the session the deployment runtime would,
+    with ORT's profiler writing under ``profile_prefix``."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = session_factory(str(onnx_path), str(Path(tmp) / "ort"))
+        inp = sess.get_inputs()[0]
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        sess.run(None, {inp.name: np.zeros(shape, np.float32)})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    providers: Counter[str] = Counter()
+    ops: dict[str, str] = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
+            node = e["name"][: -len("_kernel_time")]
+            if node not in ops:
+                ops[node] = args["provider"]
+                providers[args["provider"]] += 1
+    return {"nodes": len(ops), "per_provider": dict(providers), "session_providers": sess.get_providers()}
+
+
+def diagnose(dense: nn.Module, compact: nn.Module, table: LatencyTable, unpruned: dict[str, str], round_to: int,
+             input_shape: tuple[int, int, int], fp: Fingerprint, requested_provider: str | None,
+             onnx_path: Path | None, session_factory=None) -> dict[str, Any]:
+    from latprune.pipeline.models import classifier_layers
+
+    names = {m: n for n, m in compact.named_modules()}
+    classifier = {names[m] for m in classifier_layers(compact) if m in names}
+    k = hardware_multiple(fp)
+    out: dict[str, Any] = {"hardware_multiple": k, "off_grid": off_grid(compact, k, classifier),
+                           "untouchable": untouchable_share(dense, compact, table, unpruned, input_shape, round_to)}
+    if session_factory is not None and onnx_path is not None:
+        placed = provider_placement(onnx_path, session_factory)
+        placed["requested"] = requested_provider
+        placed["fallback_nodes"] = sum(n for p, n in placed["per_provider"].items() if p != requested_provider)
+        out["providers"] = placed
+    return out
