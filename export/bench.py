@@ -13,9 +13,12 @@ interval's half-width exceeds ``max_ci`` of the speedup, the result is marked no
 ``latprune bench`` exits 6 without ``--allow-noisy`` (the JSON is written either way).
 
 Runtimes: ``ort`` (ONNX Runtime CPU; the run's ONNX files when their batch matches, else exported
-again at ``--batch``), ``torch`` (eager CPU, the run's reloaded modules) and ``trt`` (TensorRT
+again at ``--batch``), ``torch`` (eager CPU, the run's reloaded modules), ``trt`` (TensorRT
 engines built from the ONNX files with one shared timing cache; GPU compute time between CUDA
-events and end to end with host<->device copies, reported separately; unverified, no GPU here).
+events and end to end with host<->device copies, reported separately), and ``ort-cuda`` /
+``ort-trt`` (onnxruntime-gpu's CUDA and TensorRT providers with IO binding: input and output stay
+on the device; a session whose provider fell back to the CPU is refused). The GPU runtimes are
+unverified: no GPU has been available to this project.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from latprune.errors import BadInput
 
 log = logging.getLogger(__name__)
 
-BENCH_RUNTIMES = ("ort", "torch", "trt")
+BENCH_RUNTIMES = ("ort", "torch", "trt", "ort-cuda", "ort-trt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +61,8 @@ class BenchConfig:
             raise BadInput(f"--iterations ({self.iterations}) must be at least two blocks of {self.block} calls")
         if self.warmup_ms < 0:
             raise BadInput(f"--warmup must be >= 0 ms, got {self.warmup_ms}")
-        if self.fp16 and self.runtime != "trt":
-            raise BadInput("--fp16 needs --runtime trt (ONNX Runtime and torch on the CPU run fp32)")
+        if self.fp16 and self.runtime not in ("trt", "ort-trt"):
+            raise BadInput("--fp16 needs --runtime trt or ort-trt (ONNX Runtime and torch on the CPU run fp32)")
 
 
 def latency_stats(samples_ms: np.ndarray, batch: int) -> dict[str, float]:
@@ -128,7 +131,7 @@ def cpu_programs(dense, compact, input_shape: tuple[int, int, int], cfg: BenchCo
     """``dense``/``compact``: ONNX paths with a matching batch, or modules (exported at ``batch``)."""
     from latprune.latency_tables.backends import get_backend
 
-    be = get_backend("ort" if cfg.runtime == "ort" else "torch", cfg.threads, batch)
+    be = get_backend(cfg.runtime, cfg.threads, batch, cfg.fp16)  # GPU providers: checked after session creation
     fns = {k: be.model_runner(be.prepare_model(m, input_shape), input_shape) for k, m in (("dense", dense), ("compact", compact))}
     return {"latency": {k: (lambda f=f: be.time_call(f)) for k, f in fns.items()}}, {
         "runtime": be.name, "version": be.version(), "provider": be.provider, "device": be.device()}

@@ -76,7 +76,7 @@ class Parity:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "failed_output": self.failed, "max_abs_diff": self.max_abs_diff,
-                "top1_agreement": self.top1_agreement, "batch": self.images, "images": self.images,
+                "top1_agreement": self.top1_agreement, "images": self.images,
                 "batches": self.batches, "atol": self.atol, "rtol": self.rtol, "min_top1": self.min_top1,
                 "reference": self.reference, "runtime": self.runtime,
                 "outputs": [dataclasses.asdict(o) for o in self.outputs], "detail": self.message()}

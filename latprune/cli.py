@@ -112,13 +112,14 @@ def _bench_parser(sub) -> None:
     b.add_argument("run_dir", nargs="?", help="directory of a finished run (dense.onnx, model.onnx, weights)")
     b.add_argument("--dense", help="dense ONNX file (instead of a run directory)")
     b.add_argument("--compact", help="compact ONNX file (instead of a run directory)")
-    b.add_argument("--runtime", choices=["ort", "torch", "trt"], default="ort",
-                   help="ort (ONNX Runtime CPU, default), torch (eager CPU), trt (TensorRT engines; unverified, GPU only)")
+    b.add_argument("--runtime", choices=["ort", "torch", "trt", "ort-cuda", "ort-trt"], default="ort",
+                   help="ort (ONNX Runtime CPU, default), torch (eager CPU), trt (TensorRT engines), ort-cuda / "
+                        "ort-trt (onnxruntime-gpu providers, IO binding); the GPU ones are unverified")
     b.add_argument("--warmup", type=float, default=500.0, metavar="MS", help="warm-up per model in ms (default 500)")
     b.add_argument("--iterations", type=int, default=300, help="timed calls per model (default 300)")
     b.add_argument("--batch", type=int, help="batch size (default: the files' batch; others are re-exported)")
     b.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
-    b.add_argument("--fp16", action="store_true", help="half-precision engines (--runtime trt)")
+    b.add_argument("--fp16", action="store_true", help="half precision (--runtime trt or ort-trt)")
     b.add_argument("--block", type=int, default=10, help="calls per model per interleaved block (default 10)")
     b.add_argument("--max-cv", type=float, default=0.15, help="noisy above this coefficient of variation (default 0.15)")
     b.add_argument("--max-ci", type=float, default=0.05,

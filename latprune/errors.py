@@ -21,9 +21,9 @@ class BadInput(LatpruneError):
 class BudgetBelowFloor(BadInput):
     """The budget is below the smallest latency any plan can reach."""
 
-    def __init__(self, message: str, floor_ms: float):
+    def __init__(self, message: str, floor_ms: float, dense_ms: float | None = None):
         super().__init__(message)
-        self.floor_ms = floor_ms
+        self.floor_ms, self.dense_ms = floor_ms, dense_ms  # dense_ms: the table's prediction, same scale
 
 
 class ParityError(LatpruneError):

@@ -90,6 +90,19 @@ def residual_net(num_classes: int = 10) -> nn.Module:
     return ResidualNet(num_classes)
 
 
+class BrokenExportNet(ResidualNet):
+    """A deliberately broken export: while ONNX export traces it, the logits gain 0.5, so the file
+    computes something other than the module (the kind of bug parity checks exist for)."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y + 0.5 if torch.onnx.is_in_onnx_export() else y
+
+
+def broken_export_net(num_classes: int = 10) -> nn.Module:
+    return BrokenExportNet(num_classes)
+
+
 def depthwise_net(num_classes: int = 10) -> nn.Module:
     return DepthwiseNet(num_classes)
 

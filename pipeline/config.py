@@ -74,6 +74,9 @@ class DeployConfig:
             raise BadInput(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.batch < 1 or self.threads < 1:
             raise BadInput(f"--deploy-batch and --threads must be >= 1, got {self.batch}, {self.threads}")
+        if self.dynamic_batch and self.runtime in ("trt", "ort-trt"):
+            raise BadInput("TensorRT engines here are built for static shapes (no optimisation profiles): "
+                           "drop --dynamic-batch with this runtime")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,11 +62,12 @@ def untouchable_share(dense: nn.Module, compact: nn.Module, table: LatencyTable,
     free = {g.name for g in groups if g.name not in unpruned and g.size > round_to}
     fixed = [l for l in lm.widths.dense if not ({lm.widths.out_group.get(l)} | set(lm.widths.in_groups.get(l, {}))) & free]
     floor = lm.predict({g.name: (round_to if g.name in free else g.size) for g in groups})
-    names = {n for n, _ in compact.named_modules()}
+    dense_ms = lm.predict(dict(lm.widths.group_size))
     compact_ms = table.e2e.predict(sum(
         table.lookup(l, *((m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)))
-        for l, m in compact.named_modules() if l in table.layer_keys and l in names))
-    return {"share": floor / compact_ms, "floor_ms": floor, "predicted_ms": compact_ms, "round_to": round_to,
+        for l, m in compact.named_modules() if l in table.layer_keys))
+    return {"share": floor / compact_ms, "floor_ratio": floor / dense_ms, "compact_ratio": compact_ms / dense_ms,
+            "floor_ms": floor, "predicted_ms": compact_ms, "round_to": round_to,
             "intercept_ms": table.e2e.intercept_ms, "fixed_layers": fixed}
 
 

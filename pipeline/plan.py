@@ -204,7 +204,7 @@ def build_plan(model: nn.Module, table: LatencyTable, target_ms: float, cfg: Pla
             f"budget {target_ms:.3f} ms is below the smallest reachable latency {e.floor_ms:.3f} ms "
             f"({e.floor_ms / e.dense_ms:.2f} of the predicted dense {e.dense_ms:.3f} ms): "
             "raise --budget or lower --round-to",
-            e.floor_ms,
+            e.floor_ms, e.dense_ms,
         ) from None
     plans = []
     for cg, _ in groups:

@@ -35,7 +35,9 @@ accuracies are fractions in [0, 1]; sizes in bytes.
   ``measured_ms`` (the layer alone, now), ``dense_predicted_ms``, ``cv``.
 - ``why_not_faster``: ``hardware_multiple``, ``off_grid`` (``layer``, ``channels``,
   ``next_multiple``), ``untouchable`` (``floor_ms``: prediction with every prunable group at
-  ``round_to``; ``share`` = floor / ``predicted_ms``; ``fixed_layers``; ``intercept_ms``),
+  ``round_to``, with the closed loop's corrected end-to-end term; ``predicted_ms``: the compact
+  model's; ``share`` = floor / predicted; ``floor_ratio`` and ``compact_ratio`` against the same
+  prediction for the dense model; ``fixed_layers``; ``intercept_ms``),
   ``providers`` (ORT runtimes: ``nodes``, ``per_provider``, ``requested``, ``fallback_nodes``,
   ``session_providers``).
 - ``training``: ``method``, ``target``, ``importance``, ``step_time_ratio``, ``predicted_ms``,
@@ -231,8 +233,9 @@ def _why_section(r: dict[str, Any]) -> list[str]:
     u = w["untouchable"]
     lines = ["## Why is it not faster?", "",
              f"- **Time pruning cannot touch**: with every prunable group cut to {u['round_to']} channels the table "
-             f"predicts {u['floor_ms']:.3f} ms, {100 * u['share']:.0f} % of the compact model's predicted "
-             f"{u['predicted_ms']:.3f} ms (per-call overhead, stem, pooling, adds, the classifier"
+             f"predicts {u['floor_ratio']:.2f} of the dense latency, against {u['compact_ratio']:.2f} for the compact "
+             f"model: {100 * u['share']:.0f} % of the compact model's time is out of pruning's reach (per-call "
+             "overhead, stem, pooling, adds, the classifier"
              + (f"; layers no prunable group reaches: {', '.join(u['fixed_layers'])}" if u["fixed_layers"] else "")
              + "). Only the other "
              f"{100 * (1 - u['share']):.0f} % can still be pruned away on this runtime."]

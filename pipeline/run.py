@@ -331,7 +331,7 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
     with ws.timed("layer_check"):  # every compact layer timed at its widths, against the table
         layers = check_layers(compact, table, ws.backend, ws.input_shape)
     factory = (lambda path, prefix: ws.backend.session(path, prefix)) if hasattr(ws.backend, "session") else None
-    why = diagnose(dense, compact, table, cal.plan.unpruned, cal.plan.round_to, ws.input_shape, fp, ws.backend.provider,
+    why = diagnose(dense, compact, cal.table(table), cal.plan.unpruned, cal.plan.round_to, ws.input_shape, fp, ws.backend.provider,
                    ex.compact.path, factory)
 
     def channels(m):

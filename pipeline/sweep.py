@@ -52,7 +52,9 @@ def sweep(cfg: RunConfig, budgets: list[float]) -> SweepResult:
         try:
             res = run(sub)
         except BudgetBelowFloor as e:
-            points.append({"budget": b, "status": "below floor", "floor_ms": e.floor_ms, "detail": str(e)})
+            log.warning("sweep: budget %.2f is below the reachable floor: %s", b, e)
+            points.append({"budget": b, "status": "below floor", "floor_ms": e.floor_ms, "detail": str(e),
+                           "floor_ratio": e.floor_ms / e.dense_ms if e.dense_ms else None})
             continue
         r = res.report
         codes.append(res.exit_code)
@@ -83,38 +85,47 @@ def plot_front(s: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     from latprune.pipeline.report import _png
 
-    ok = [p for p in s["points"] if "latency_ratio" in p]
+    ok = sorted((p for p in s["points"] if "latency_ratio" in p), key=lambda p: p["latency_ratio"])
+    floors = [p["floor_ratio"] for p in s["points"] if p.get("floor_ratio")]
     panels = [("accuracy", "clean test accuracy")]
     if s["dense"].get("corruption_acc") is not None:
-        panels.append(("corruption_acc", "corruption accuracy (mean of 15 x 5)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+        panels.append(("corruption_acc", "corruption accuracy (mean of 75)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        xs = [p["latency_ratio"] for p in ok]
-        ys = [p[key] for p in ok]
-        ax.plot([1.0, *xs[::-1]], [s["dense"][key], *ys[::-1]], "-", color="#9aa5b1", zorder=1)
-        ax.scatter([1.0], [s["dense"][key]], marker="*", s=180, color="black", zorder=3, label="dense")
-        ax.scatter(xs, ys, s=50, color=["#1f77b4" if p["met"] else "#d62728" for p in ok], zorder=3,
-                   label="compact (blue: budget met, red: missed)")
-        for p in ok:
-            ax.annotate(f"budget {p['budget']:.2f}\n{p['speedup']:.2f}x", (p["latency_ratio"], p[key]),
-                        textcoords="offset points", xytext=(6, -18), fontsize=7)
-            ax.axvline(p["budget"], color="#1f77b4", ls=":", lw=0.8)
+        if floors:
+            ax.axvspan(0, floors[0], color="#f2d7d5", zorder=0)
         for p in s["points"]:
-            if p["status"] == "below floor":
-                ax.axvline(p["budget"], color="#d62728", ls="--", lw=0.8)
-                ax.annotate(f"budget {p['budget']:.2f}:\nbelow the floor", (p["budget"], ax.get_ylim()[0]),
-                            textcoords="offset points", xytext=(3, 6), fontsize=7, color="#d62728")
-        ax.set_xlabel(f"measured latency / dense latency ({s['runtime']}, batch {s['batch']}; dotted: budgets)")
+            ax.axvline(p["budget"], color="#d62728" if p["status"] == "below floor" else "#1f77b4", ls=":", lw=0.9)
+        ax.plot([p["latency_ratio"] for p in ok] + [1.0], [p[key] for p in ok] + [s["dense"][key]], "-",
+                color="#9aa5b1", zorder=1)
+        ax.scatter([1.0], [s["dense"][key]], marker="*", s=200, color="black", zorder=3)
+        ax.scatter([p["latency_ratio"] for p in ok], [p[key] for p in ok], s=55, zorder=3,
+                   color=["#1f77b4" if p["met"] else "#d62728" for p in ok])
+        for p in ok:
+            ax.annotate(f"budget {p['budget']:.2f}: {p['latency_ratio']:.2f} of dense, {p['speedup']:.2f}x",
+                        (p["latency_ratio"], p[key]), textcoords="offset points", xytext=(-4, 8), ha="right", fontsize=7)
+        ax.set_xlabel(f"measured latency / dense latency ({s['runtime']}, batch {s['batch']})")
         ax.set_ylabel(label)
-        ax.set_xlim(0, 1.08)
+        ax.set_xlim(0, 1.05)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.15 * (hi - lo))  # room for the labels
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{s['model']} on {s['data']}: accuracy against latency (dense {s['dense']['latency_ms']:.2f} ms/batch)",
-                 fontsize=9)
-    fig.tight_layout()
+    handles = [Line2D([], [], marker="*", color="black", ls="", ms=12, label="dense"),
+               Line2D([], [], marker="o", color="#1f77b4", ls="", label="compact, budget met"),
+               Line2D([], [], marker="o", color="#d62728", ls="", label="compact, budget missed"),
+               Line2D([], [], color="#1f77b4", ls=":", label="budget asked for")]
+    if floors:
+        handles += [Line2D([], [], color="#d62728", ls=":", label="budget below the floor (not run)"),
+                    Patch(color="#f2d7d5", label=f"unreachable: under the floor, {floors[0]:.2f} of dense (predicted)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"{s['model']} on {s['data']}: accuracy against measured latency, one run per budget "
+                 f"(dense {s['dense']['latency_ms']:.2f} ms per batch)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return _png(fig, path)
 
 

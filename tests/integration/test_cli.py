@@ -290,3 +290,35 @@ def test_dynamic_batch_export_and_bench_on_the_run(mini_run, cache, tmp_path, ca
     b = json.loads((copy / "bench-ort-b1.json").read_text())
     assert b["input_shape"] == [1, 3, 32, 32] and b["models"]["source"] == "onnx files"  # dynamic files run at 1
     assert "speedup" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_a_broken_export_fails_the_run_after_writing_the_report(tmp_path, cache, capsys):
+    out = tmp_path / "broken"
+    code = main(["run", *MINI, "--model", "latprune.testing:broken_export_net", "--budget", "0.9",
+                 "--robust-images", "0", "--cache-dir", cache, "--out", str(out)])
+    assert code == 3
+    r = json.loads((out / "report.json").read_text())
+    assert r["parity"]["failed_output"] == "logits" and not r["gates"][0]["ok"]
+    assert r["parity"]["max_abs_diff"] == pytest.approx(0.5, abs=1e-3)
+    assert "gate 'parity' FAILED" in capsys.readouterr().err
+    assert "| logits |" in (out / "report.md").read_text() and "**diverged**" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_sweep_records_the_floor_and_draws_the_front(mini_run, cache, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", *MINI, "--budgets", "0.9,0.01", "--robust-images", "8", "--cache-dir", cache,
+                 "--out", str(out)])
+    s = json.loads((out / "sweep.json").read_text())
+    assert s["budgets"] == [0.01, 0.9]
+    low, high = s["points"]
+    assert low["status"] == "below floor" and 0 < low["floor_ratio"] < 1 and "raise --budget" in low["detail"]
+    assert not (out / "budget-0.01").exists()
+    assert high["latency_ratio"] == pytest.approx(high["latency_ms"] / high["dense_latency_ms"])
+    assert code == (0 if high["status"] == "ok" else 4)
+    assert (out / "budget-0.90" / "report.json").exists() and (out / "sweep.png").stat().st_size > 10_000
+    assert "below floor" in (out / "sweep.md").read_text()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "sweep.json")

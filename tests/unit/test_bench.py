@@ -68,7 +68,7 @@ def test_blocks_are_interleaved():
 def test_bad_bench_settings_are_refused():
     with pytest.raises(BadInput, match="two blocks"):
         BenchConfig(iterations=5, block=10)
-    with pytest.raises(BadInput, match="--fp16 needs --runtime trt"):
+    with pytest.raises(BadInput, match="--fp16 needs --runtime trt or ort-trt"):
         BenchConfig(fp16=True)
     with pytest.raises(BadInput, match="one of"):
         BenchConfig(runtime="tflite")
@@ -142,3 +142,10 @@ def test_tensorrt_export_parity_and_latency(run_dir, fp16):
 def test_bench_trt_reports_compute_and_end_to_end(run_dir):
     r = run_bench(BenchConfig(runtime="trt", **FAST), run_dir)
     assert set(r["metrics"]) == {"gpu_compute", "end_to_end"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runtime", ["ort-cuda", "ort-trt"])
+def test_bench_on_onnxruntime_gpu_providers(run_dir, runtime):
+    r = run_bench(BenchConfig(runtime=runtime, **FAST), run_dir)
+    assert r["runtime"]["provider"] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
