@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from latprune.export.bench import BenchConfig, bench, cpu_programs
+from latprune.export.bench import BenchConfig, bench, backend_programs
 from latprune.export.onnx_export import onnx_batch, read_contract
 from latprune.latency_tables.device import environment
 
@@ -38,7 +38,7 @@ def main() -> None:
         batch = onnx_batch(src) or 1
         shape = tuple(read_contract(src)["input_shape"])
         cfg = BenchConfig(iterations=a.iterations, allow_noisy=True)
-        progs, info = cpu_programs(src, slim_bytes, shape, cfg, batch)  # "dense" = as exported, "compact" = slimmed
+        progs, info = backend_programs(src, slim_bytes, shape, cfg, batch)  # "dense" = as exported, "compact" = slimmed
         m = bench(progs, batch, cfg)["latency"]
         rows.append({"file": name, "batch": batch, "nodes": len(onnx.load(str(src)).graph.node),
                      "nodes_slim": len(slim.graph.node), "bytes": src.stat().st_size, "bytes_slim": len(slim_bytes),

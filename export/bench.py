@@ -4,9 +4,10 @@ Both models are loaded once and timed **interleaved in blocks** (``block`` calls
 ``block`` of compact, repeated until each has ``iterations`` calls), so drift of a shared machine
 hits both alike (../shared/BENCHMARKS.md). Each call is one sample; per model: p50, p90, p99,
 mean, coefficient of variation (std / mean of the calls) and throughput (images / s at the mean).
-The speedup is p50(dense) / p50(compact) with a 95 % bootstrap interval that resamples whole
-blocks, paired by index (calls within a block are correlated; blocks of the two models taken
-side by side share the machine's state).
+The speedup is paired by block: the median over blocks of median(dense block) / median(compact
+block), so a drift of the machine between blocks cancels (blocks of the two models taken side by
+side share its state); its 95 % bootstrap interval resamples whole blocks. Without drift it
+equals p50(dense) / p50(compact).
 
 A claim is only as good as its spread: when either model's CV exceeds ``max_cv`` or the
 interval's half-width exceeds ``max_ci`` of the speedup, the result is marked noisy and
@@ -74,21 +75,21 @@ def latency_stats(samples_ms: np.ndarray, batch: int) -> dict[str, float]:
             "throughput_ips": batch * 1e3 / mean, "count": int(s.size)}
 
 
-def bootstrap_speedup_ci(dense: np.ndarray, compact: np.ndarray, n_boot: int = 2000, level: float = 0.95,
-                         seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of median(dense) / median(compact) over resampled blocks.
-
-    ``dense`` and ``compact`` are ``[blocks, calls]`` arrays; block ``i`` of each was timed side
-    by side, so blocks are resampled with the same indices for both.
-    """
+def block_ratios(dense: np.ndarray, compact: np.ndarray) -> np.ndarray:
+    """Per block: median(dense block) / median(compact block). ``[blocks, calls]`` arrays; block
+    ``i`` of each was timed side by side, so drift of the machine scales both."""
     dense, compact = np.asarray(dense, float), np.asarray(compact, float)
     if dense.ndim != 2 or dense.shape[0] != compact.shape[0] or dense.shape[0] < 2:
         raise ValueError(f"need [blocks, calls] arrays with >= 2 paired blocks, got {dense.shape}, {compact.shape}")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, dense.shape[0], size=(n_boot, dense.shape[0]))
-    d = np.median(dense[idx].reshape(n_boot, -1), axis=1)
-    c = np.median(compact[idx].reshape(n_boot, -1), axis=1)
-    lo, hi = np.percentile(d / c, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return np.median(dense, axis=1) / np.median(compact, axis=1)
+
+
+def bootstrap_speedup_ci(dense: np.ndarray, compact: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                         seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the speedup, the median of :func:`block_ratios`, over resampled blocks."""
+    r = block_ratios(dense, compact)
+    idx = np.random.default_rng(seed).integers(0, len(r), size=(n_boot, len(r)))
+    lo, hi = np.percentile(np.median(r[idx], axis=1), [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return float(lo), float(hi)
 
 
@@ -116,7 +117,7 @@ def compare(dense: np.ndarray, compact: np.ndarray, batch: int, cfg: BenchConfig
     """Statistics of both models, the speedup, its interval and the noise verdict."""
     d, c = latency_stats(dense, batch), latency_stats(compact, batch)
     lo, hi = bootstrap_speedup_ci(dense, compact, seed=cfg.seed)
-    speedup = d["p50_ms"] / c["p50_ms"]
+    speedup = float(np.median(block_ratios(dense, compact)))
     reasons = [f"{k} CV {s['cv']:.1%} > {cfg.max_cv:.0%}" for k, s in (("dense", d), ("compact", c)) if s["cv"] > cfg.max_cv]
     half = (hi - lo) / 2 / speedup
     if half > cfg.max_ci:
@@ -127,8 +128,9 @@ def compare(dense: np.ndarray, compact: np.ndarray, batch: int, cfg: BenchConfig
 
 # ---- programs per runtime ------------------------------------------------------------------------
 
-def cpu_programs(dense, compact, input_shape: tuple[int, int, int], cfg: BenchConfig, batch: int):
-    """``dense``/``compact``: ONNX paths with a matching batch, or modules (exported at ``batch``)."""
+def backend_programs(dense, compact, input_shape: tuple[int, int, int], cfg: BenchConfig, batch: int):
+    """Runtimes behind a latency backend (ort, torch, ort-cuda, ort-trt). ``dense``/``compact``: ONNX
+    paths with a matching batch, or modules (exported at ``batch`` where the runtime loads ONNX)."""
     from latprune.latency_tables.backends import get_backend
 
     be = get_backend(cfg.runtime, cfg.threads, batch, cfg.fp16)  # GPU providers: checked after session creation
@@ -139,7 +141,8 @@ def cpu_programs(dense, compact, input_shape: tuple[int, int, int], cfg: BenchCo
 
 def trt_programs(dense_onnx: Path, compact_onnx: Path, out_dir: Path, cfg: BenchConfig):
     from latprune.export.tensorrt import UNVERIFIED, EngineRunner, TrtConfig, build_engines
-    from latprune.latency_tables.backends import gpu_description, import_tensorrt
+    from latprune.latency_tables.backends import import_tensorrt
+    from latprune.latency_tables.device import gpu_description
 
     eng = build_engines({"dense": dense_onnx, "compact": compact_onnx}, out_dir, TrtConfig(fp16=cfg.fp16))
     runners = {k: EngineRunner(e.path) for k, e in eng.items()}
@@ -167,7 +170,8 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"{k:<8} {s['p50_ms']:>9.3f} {s['p90_ms']:>9.3f} {s['p99_ms']:>9.3f} {s['mean_ms']:>9.3f} "
                          f"{s['cv']:>6.1%} {s['throughput_ips']:>9.0f}")
         lo, hi = r["speedup_ci95"]
-        lines.append(f"speedup {r['speedup']:.2f}x (95% bootstrap interval {lo:.2f}-{hi:.2f} over {r['blocks']} blocks)"
+        lines.append(f"speedup {r['speedup']:.2f}x, paired by block (95% bootstrap interval {lo:.2f}-{hi:.2f} over "
+                     f"{r['blocks']} blocks)"
                      + (f"  NOISY: {'; '.join(r['noise_reasons'])}" if r["noisy"] else ""))
     if rt.get("note"):
         lines += ["", rt["note"]]
@@ -214,7 +218,7 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
         programs, info = trt_programs(files[0], files[1], out_dir, cfg)
     else:
         a, b = modules if modules is not None else (dense, compact)
-        programs, info = cpu_programs(a, b, shape, cfg, batch)
+        programs, info = backend_programs(a, b, shape, cfg, batch)
     log.info("timing dense and compact interleaved: %d calls each, blocks of %d", cfg.iterations, cfg.block)
     result = {
         "schema_version": 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

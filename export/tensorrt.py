@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from latprune.latency_tables.backends import _torch_dtype, import_tensorrt, require_cuda
+from latprune.latency_tables.backends import torch_dtype, import_tensorrt, require_cuda
 from latprune.latency_tables.table import write_bytes_atomic, write_json_atomic
 from latprune.latency_tables.timing import warmup as _warmup
 
@@ -130,7 +130,7 @@ class EngineRunner:
             shape = tuple(self.engine.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise RuntimeError(f"engine tensor {name} has a dynamic shape {shape}: export with a static batch")
-            dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(name))
+            dtype = torch_dtype(trt, self.engine.get_tensor_dtype(name))
             buf = torch.zeros(shape, dtype=dtype, device="cuda")
             self.host[name] = torch.zeros(shape, dtype=dtype).pin_memory()  # pinned: async copies
             (self.inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs)[name] = buf

@@ -371,7 +371,7 @@ class TensorrtBackend(Backend):
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             shape = tuple(engine.get_tensor_shape(name))
-            dtype = _torch_dtype(trt, engine.get_tensor_dtype(name))
+            dtype = torch_dtype(trt, engine.get_tensor_dtype(name))
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 buffers[name] = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to("cuda", dtype)
             else:
@@ -402,7 +402,7 @@ class TensorrtBackend(Backend):
         return cuda_event_ms(fn, getattr(fn, "stream", None))
 
 
-def _torch_dtype(trt, dt):
+def torch_dtype(trt, dt):
     import torch
 
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,

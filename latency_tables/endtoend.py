@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from latprune.latency_tables.backends import Backend
 from latprune.latency_tables.table import EndToEnd, LatencyTable
-from latprune.latency_tables.timing import Timing, bootstrap_ratio_ci
+from latprune.latency_tables.timing import Timing, bootstrap_ratio_ci, paired_ratio
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,15 @@ class PairConfig:
 class SpeedResult:
     dense: dict
     compact: dict
-    speedup: float
+    speedup: float  # median over interleaved rounds of dense / compact round medians (timing.paired_ratio)
     speedup_ci95: tuple[float, float]
-    ratio: float  # compact / dense medians: what the budget fraction is compared with
+    ratio: float  # 1 / speedup, compact over dense: what the budget fraction is compared with
     repeats: list[float] = dataclasses.field(default_factory=list)  # the ratio of each pair of sessions
+
+    @property
+    def compact_ms(self) -> float:
+        """The compact latency on the dense model's scale: dense median x paired ratio."""
+        return self.dense["median_ms"] * self.ratio
 
 
 def measure_speedup(backend: Backend, dense, compact, input_shape: tuple[int, int, int],
@@ -65,21 +70,21 @@ def measure_speedup(backend: Backend, dense, compact, input_shape: tuple[int, in
         d, c = backend.measure(fns, cfg.rounds, cfg.min_round_s)
         td.rounds.extend(d.rounds)
         tc.rounds.extend(c.rounds)
-        ratios.append(c.median_ms / d.median_ms)
+        ratios.append(1 / paired_ratio(d, c))
         del fns  # release both sessions before the next pair
 
     for _ in range(cfg.repeats):
         one_pair()
     lo, hi = bootstrap_ratio_ci(td, tc)
-    speedup = td.median_ms / tc.median_ms
+    speedup = paired_ratio(td, tc)
     while len(ratios) < cfg.max_repeats and (hi - lo) / 2 > cfg.max_ci * speedup:
         log.info("speedup interval %.2f-%.2f is wide: timing another pair of sessions", lo, hi)
         one_pair()
         lo, hi = bootstrap_ratio_ci(td, tc)
-        speedup = td.median_ms / tc.median_ms
-    log.info("dense %.3f ms, compact %.3f ms: speedup %.2fx [%.2f, %.2f], pairs %s", td.median_ms,
-             tc.median_ms, speedup, lo, hi, ", ".join(f"{r:.3f}" for r in ratios))
-    return SpeedResult(td.summary(), tc.summary(), speedup, (lo, hi), tc.median_ms / td.median_ms, ratios)
+        speedup = paired_ratio(td, tc)
+    log.info("dense %.3f ms, compact %.3f ms (pooled medians): speedup %.2fx [%.2f, %.2f] paired by round, pairs %s",
+             td.median_ms, tc.median_ms, speedup, lo, hi, ", ".join(f"{r:.3f}" for r in ratios))
+    return SpeedResult(td.summary(), tc.summary(), speedup, (lo, hi), 1 / speedup, ratios)
 
 
 # ---- configurations ---------------------------------------------------------------------------

@@ -9,12 +9,15 @@ accuracies are fractions in [0, 1]; sizes in bytes.
   latency, ``target_ms``, ``requested_ms`` (``--budget-ms`` or null), ``met`` =
   ``compact.latency_ms <= target_ms``; params (AdaSAP_P): ``param_ratio`` requested,
   ``achieved_param_ratio``, ``met``, ``target_ms`` null.
-- ``dense`` / ``compact``: ``latency_ms``, ``latency_p90_ms``, ``cv`` (of per-round medians),
+- ``dense`` / ``compact``: ``latency_ms`` (dense: the median of its calls; compact: the dense
+  median x the median over interleaved rounds of compact / dense round medians, so drift between
+  rounds and sessions cancels; ``compact.latency_pooled_median_ms`` is the plain median of its
+  calls), ``latency_p90_ms``, ``cv`` (of per-round medians),
   ``predicted_ms`` (the table's prediction), ``accuracy`` (test set), ``params``, ``macs`` (per
   image), ``channels`` (output channels per conv/linear layer); dense: ``pretrain``; compact:
   ``predicted_ratio``.
-- ``speedup`` = dense.latency_ms / compact.latency_ms; ``speedup_ci95`` [lo, hi], bootstrap over
-  rounds; ``verify``: ``pair_ratios`` (compact/dense of each pair of sessions), ``timing``.
+- ``speedup`` = dense.latency_ms / compact.latency_ms (the paired per-round ratio);
+  ``speedup_ci95`` [lo, hi], bootstrap over rounds; ``verify``: ``pair_ratios`` (compact/dense of each pair of sessions), ``timing``.
 - ``gates``: list of {``name``, ``ok``, ``detail``, and for thresholds ``limit`` and ``value``},
   in order: ``parity``, ``onnx_shrink``, [``tensorrt_parity``], ``latency`` or ``params``,
   [``accuracy``], [``corruption_accuracy``] (drops are dense minus compact). The exit status is
@@ -280,14 +283,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         "| | dense | compact |",
         "|---|---:|---:|",
-        f"| latency (ms / batch, median) | {d['latency_ms']:.3f} | {c['latency_ms']:.3f} |",
+        f"| latency (ms / batch, median; compact: paired by round) | {d['latency_ms']:.3f} | {c['latency_ms']:.3f} |",
         f"| latency p90 (ms) | {d['latency_p90_ms']:.3f} | {c['latency_p90_ms']:.3f} |",
         f"| predicted by the table (ms) | {_fmt(d.get('predicted_ms'))} | {_fmt(c.get('predicted_ms'))} |",
         f"| test accuracy | {d['accuracy']:.4f} | {c['accuracy']:.4f} |",
         f"| parameters | {d['params']:,} | {c['params']:,} |",
         f"| MACs (per image) | {d['macs']:,} | {c['macs']:,} |",
         "",
-        f"Speedup {r['speedup']:.2f}x (95% bootstrap interval over rounds {r['speedup_ci95'][0]:.2f}-"
+        f"Speedup {r['speedup']:.2f}x, paired by interleaved round (95% bootstrap interval over rounds {r['speedup_ci95'][0]:.2f}-"
         f"{r['speedup_ci95'][1]:.2f}); MACs reduced {d['macs'] / max(c['macs'], 1):.2f}x.",
         "",
         *_gates_section(r),

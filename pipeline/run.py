@@ -314,7 +314,7 @@ def verify_stage(ws: Workspace, ex: ExportResult, dense: nn.Module, compact: nn.
 def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: LatencyTable, cal: CalibratedPlan,
                  ex: ExportResult, speed: SpeedResult, pre: dict, ft: dict) -> dict[str, Any]:
     cfg, fp = ws.cfg, ws.backend.fingerprint(ws.input_shape)
-    dense_ms, compact_ms = speed.dense["median_ms"], speed.compact["median_ms"]
+    dense_ms, compact_ms = speed.dense["median_ms"], speed.compact_ms
     example = torch.zeros(1, *ws.input_shape)
     d_macs, d_params = tp.utils.count_ops_and_params(dense, example)
     c_macs, c_params = tp.utils.count_ops_and_params(compact, example)
@@ -344,7 +344,8 @@ def report_stage(ws: Workspace, dense: nn.Module, compact: nn.Module, table: Lat
         "dense": {"latency_ms": dense_ms, "latency_p90_ms": speed.dense["p90_ms"], "cv": speed.dense["cv"],
                   "predicted_ms": table.dense_ms, "accuracy": d_acc, "params": int(d_params),
                   "macs": int(d_macs), "channels": channels(dense), "pretrain": pre},
-        "compact": {"latency_ms": compact_ms, "latency_p90_ms": speed.compact["p90_ms"], "cv": speed.compact["cv"],
+        "compact": {"latency_ms": compact_ms, "latency_pooled_median_ms": speed.compact["median_ms"],
+                    "latency_p90_ms": speed.compact["p90_ms"], "cv": speed.compact["cv"],
                     "predicted_ms": ft["predicted_ms"] * dense_ms / table.dense_ms,
                     "predicted_ratio": ft["predicted_ms"] / table.dense_ms,
                     "accuracy": c_acc, "params": int(c_params), "macs": int(c_macs),

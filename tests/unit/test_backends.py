@@ -8,7 +8,7 @@ from latprune.latency_tables.backends import check_provider, get_backend, layer_
 from latprune.latency_tables.endtoend import PairConfig, validate_table
 from latprune.latency_tables.profile import ProfileConfig, layer_signatures, profile_model
 from latprune.latency_tables.table import LayerSignature
-from latprune.latency_tables.timing import Timing, bootstrap_ratio_ci
+from latprune.latency_tables.timing import Timing, bootstrap_ratio_ci, paired_ratio
 from latprune.testing import depthwise_net, residual_net
 
 FAST = ProfileConfig(step=16, rounds=2, min_round_s=0.002, model_rounds=2, model_min_round_s=0.01,
@@ -79,8 +79,12 @@ def test_bootstrap_interval_brackets_the_ratio():
     a = Timing([[10.0, 10.2], [9.8, 10.1], [10.3, 10.0], [10.1, 9.9], [10.0, 10.0]])
     b = Timing([[5.0, 5.1], [4.9, 5.0], [5.2, 5.0], [5.0, 5.0], [5.1, 4.9]])
     lo, hi = bootstrap_ratio_ci(a, b)
-    assert lo <= a.median_ms / b.median_ms <= hi
+    assert lo <= a.median_ms / b.median_ms <= hi and lo <= paired_ratio(a, b) <= hi
     assert 1.9 < lo and hi < 2.1
+    # paired by round: a machine twice as slow in the second half leaves the ratio alone
+    slow_a = Timing([*a.rounds, *[[2 * x for x in r] for r in a.rounds]])
+    slow_b = Timing([*b.rounds, *[[2 * x for x in r] for r in b.rounds]])
+    assert paired_ratio(slow_a, slow_b) == pytest.approx(paired_ratio(a, b), rel=0.01)
 
 
 # ---- providers and GPU runtimes ----------------------------------------------------------------
