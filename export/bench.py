@@ -48,7 +48,7 @@ class BenchConfig:
     warmup_ms: float = 500.0  # per model, before the first timed call (trtexec --warmup)
     iterations: int = 300  # timed calls per model (trtexec --iterations)
     block: int = 10  # calls per model per interleaved block
-    max_cv: float = 0.15
+    max_cv: float = 0.25  # per-call CV on the 2-core build machine runs 7-20 % (BENCHMARKS.md)
     max_ci: float = 0.05  # relative half-width of the speedup's 95 % interval
     allow_noisy: bool = False
     seed: int = 0

@@ -121,7 +121,7 @@ def _bench_parser(sub) -> None:
     b.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
     b.add_argument("--fp16", action="store_true", help="half precision (--runtime trt or ort-trt)")
     b.add_argument("--block", type=int, default=10, help="calls per model per interleaved block (default 10)")
-    b.add_argument("--max-cv", type=float, default=0.15, help="noisy above this coefficient of variation (default 0.15)")
+    b.add_argument("--max-cv", type=float, default=0.25, help="noisy above this per-call coefficient of variation (default 0.25)")
     b.add_argument("--max-ci", type=float, default=0.05,
                    help="noisy above this relative half-width of the speedup's 95%% interval (default 0.05)")
     b.add_argument("--allow-noisy", action="store_true", help="report a noisy result instead of refusing it (exit 6)")
