@@ -56,7 +56,7 @@ class BenchConfig:
     def __post_init__(self):
         if self.runtime not in BENCH_RUNTIMES:
             raise BadInput(f"--runtime must be one of {', '.join(BENCH_RUNTIMES)} for bench, got {self.runtime!r}")
-        if self.batch is not None and self.batch < 1 or self.threads < 1:
+        if (self.batch is not None and self.batch < 1) or self.threads < 1:
             raise BadInput(f"--batch and --threads must be >= 1, got {self.batch}, {self.threads}")
         if self.iterations < 2 * self.block or self.block < 1:
             raise BadInput(f"--iterations ({self.iterations}) must be at least two blocks of {self.block} calls")

@@ -131,16 +131,14 @@ def _bench_parser(sub) -> None:
 
 
 def bench_main(a: argparse.Namespace) -> int:
-    from latprune.errors import TooNoisy
+    from latprune.errors import BadInput, TooNoisy
     from latprune.export.bench import BenchConfig, render, run_bench
 
+    if a.run_dir and (a.dense or a.compact):
+        raise BadInput("give a run directory or --dense/--compact files, not both")
     cfg = BenchConfig(runtime=a.runtime, batch=a.batch, threads=a.threads, fp16=a.fp16, warmup_ms=a.warmup,
                       iterations=a.iterations, block=a.block, max_cv=a.max_cv, max_ci=a.max_ci,
                       allow_noisy=a.allow_noisy, seed=a.seed)
-    if a.run_dir and (a.dense or a.compact):
-        from latprune.errors import BadInput
-
-        raise BadInput("give a run directory or --dense/--compact files, not both")
     r = run_bench(cfg, a.run_dir, a.dense, a.compact, a.json)
     print(render(r), file=sys.stderr)
     print(r["json"])

@@ -1,4 +1,4 @@
-""""Why is it not faster?": what limits the compact model's speed on the deployment runtime.
+"""Why is it not faster? What limits the compact model's speed on the deployment runtime.
 
 Three things a user can act on:
 - **widths off the hardware grid**: output channels that are not a multiple of the width the
