@@ -235,9 +235,9 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
 
 
 def _onnx_chw(path: Path) -> tuple[int, ...]:
-    import onnx
+    from latprune.export.onnx_export import input_dims
 
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1:]
-    if not all(d.HasField("dim_value") for d in dims):
+    chw = input_dims(path)[1:]
+    if None in chw:
         raise BadInput(f"{path} has no static input shape and no latprune contract: export it with static C, H, W")
-    return tuple(d.dim_value for d in dims)
+    return tuple(chw)

@@ -106,12 +106,17 @@ def read_contract(path: str | os.PathLike) -> dict:
     return json.loads(props["latprune.preprocessing"]) if "latprune.preprocessing" in props else {}
 
 
-def onnx_batch(path: str | os.PathLike) -> int | None:
-    """The static batch of an exported file's input, or None when the batch axis is dynamic."""
+def input_dims(path: str | os.PathLike) -> list[int | None]:
+    """The first input's dimensions in an ONNX file; None for a symbolic (dynamic) one."""
     import onnx
 
-    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
-    return dim.dim_value if dim.HasField("dim_value") else None
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def onnx_batch(path: str | os.PathLike) -> int | None:
+    """The static batch of an exported file's input, or None when the batch axis is dynamic."""
+    return input_dims(path)[0]
 
 
 def check_shrink(dense: OnnxArtifact, compact: OnnxArtifact, dense_params: int, compact_params: int) -> dict:

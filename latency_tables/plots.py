@@ -9,7 +9,8 @@ import numpy as np
 from latprune.latency_tables.table import LatencyTable, write_bytes_atomic
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,17 +19,18 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
+    """Write ``fig`` as PNG atomically and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return write_bytes_atomic(path, buf.getvalue())
 
 
 def plot_staircases(table: LatencyTable, path: Path, max_layers: int = 4, inputs: int = 3) -> Path:
     """Latency against output channels, for a few input widths, of the ``max_layers`` signatures
     that cost most at dense widths (steps in these curves are what ``round_to`` is for)."""
-    plt = _pyplot()
+    plt = pyplot()
     costly = sorted(table.layers.values(), key=lambda t: -float(t.median_ms[-1, -1]))[:max_layers]
     fig, axes = plt.subplots(1, len(costly), figsize=(4.2 * len(costly), 3.4), squeeze=False)
     for ax, t in zip(axes[0], costly):
@@ -46,12 +48,12 @@ def plot_staircases(table: LatencyTable, path: Path, max_layers: int = 4, inputs
     fig.suptitle(f"{fp.runtime} {fp.runtime_version} ({fp.provider}), batch {fp.batch}, {fp.threads} threads",
                  fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_validation(table: LatencyTable, path: Path) -> Path:
     """Predicted against measured whole-model latency: the fit's points and the validation set."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     fit = table.e2e.points
     if fit:
@@ -73,4 +75,4 @@ def plot_validation(table: LatencyTable, path: Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

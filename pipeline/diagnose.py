@@ -55,7 +55,7 @@ def untouchable_share(dense: nn.Module, compact: nn.Module, table: LatencyTable,
     """What pruning cannot remove: the table's prediction with every prunable group at its
     narrowest width (``round_to``; unpruned groups whole), as a share of the compact model's
     prediction. Also the layers no prunable group reaches at all."""
-    from latprune.pipeline.plan import LatencyModel
+    from latprune.pipeline.plan import LatencyModel, predicted_latency
 
     groups = [cg for cg, _ in prunable_groups(dense, dependency_graph(dense, torch.zeros(1, *input_shape)))]
     lm = LatencyModel(table, layer_widths(dense, groups, table.layer_keys))
@@ -63,9 +63,7 @@ def untouchable_share(dense: nn.Module, compact: nn.Module, table: LatencyTable,
     fixed = [l for l in lm.widths.dense if not ({lm.widths.out_group.get(l)} | set(lm.widths.in_groups.get(l, {}))) & free]
     floor = lm.predict({g.name: (round_to if g.name in free else g.size) for g in groups})
     dense_ms = lm.predict(dict(lm.widths.group_size))
-    compact_ms = table.e2e.predict(sum(
-        table.lookup(l, *((m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)))
-        for l, m in compact.named_modules() if l in table.layer_keys))
+    compact_ms = predicted_latency(compact, table, input_shape)
     return {"share": floor / compact_ms, "floor_ratio": floor / dense_ms, "compact_ratio": compact_ms / dense_ms,
             "floor_ms": floor, "predicted_ms": compact_ms, "round_to": round_to,
             "intercept_ms": table.e2e.intercept_ms, "fixed_layers": fixed}

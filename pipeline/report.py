@@ -64,6 +64,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from latprune.latency_tables.plots import pyplot, save_png
 from latprune.latency_tables.table import write_bytes_atomic, write_json_atomic
 
 SCHEMA_VERSION = 2  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output
@@ -80,10 +81,7 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
 
 def plot_channels(r: dict[str, Any], path: Path) -> Path:
     """Bar chart of output channels per layer, dense against compact, with the headline figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(r["dense"]["channels"])
     dense = [r["dense"]["channels"][n] for n in names]
@@ -101,27 +99,13 @@ def plot_channels(r: dict[str, Any], path: Path) -> Path:
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig, path)
-
-
-def _png(fig, path: Path) -> Path:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return write_bytes_atomic(path, buf.getvalue())
+    return save_png(fig, path)
 
 
 def plot_layer_latency(r: dict[str, Any], path: Path) -> Path:
     """Per layer: the table's prediction at the dense widths, at the compact widths, and the compact
     layer measured alone at its widths now."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = r["layer_latency"]
     names = [f"{x['layer']}\n{x['dense_c_in']}x{x['dense_c_out']}->{x['c_in']}x{x['c_out']}" for x in rows]
@@ -139,7 +123,7 @@ def plot_layer_latency(r: dict[str, Any], path: Path) -> Path:
                  f"{meas:.2f} ms measured vs {pred:.2f} ms predicted", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig, path)
+    return save_png(fig, path)
 
 
 def _budget_short(b: dict[str, Any]) -> str:

@@ -305,7 +305,9 @@ def _tensorrt_export(ws: Workspace, dense_onnx: Path, compact_onnx: Path, batche
 
 
 def verify_stage(ws: Workspace, ex: ExportResult, dense: nn.Module, compact: nn.Module) -> SpeedResult:
-    """Dense and compact timed interleaved on the deployment runtime."""
+    """Dense and compact timed interleaved on the deployment runtime. With runtime ``trt`` the
+    backend builds its own engines from the ONNX files: the export stage's engines are not reused
+    (a second build of each; unverified on a GPU, like the rest of that path)."""
     a, b = (ex.dense.path, ex.compact.path) if ws.backend.loads_onnx else (dense, compact)
     with ws.timed("verify"):
         return measure_speedup(ws.backend, a, b, ws.input_shape, ws.cfg.verify.timing)

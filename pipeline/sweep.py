@@ -81,14 +81,12 @@ def sweep(cfg: RunConfig, budgets: list[float]) -> SweepResult:
 
 
 def plot_front(s: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from latprune.pipeline.report import _png
+    from latprune.latency_tables.plots import pyplot, save_png
+
+    plt = pyplot()
 
     ok = sorted((p for p in s["points"] if "latency_ratio" in p), key=lambda p: p["latency_ratio"])
     floors = [p["floor_ratio"] for p in s["points"] if p.get("floor_ratio")]
@@ -126,7 +124,7 @@ def plot_front(s: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"{s['model']} on {s['data']}: accuracy against measured latency, one run per budget "
                  f"(dense {s['dense']['latency_ms']:.2f} ms per batch)", fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return _png(fig, path)
+    return save_png(fig, path)
 
 
 def render_sweep(s: dict[str, Any]) -> str:
