@@ -6,15 +6,19 @@ BIN     = $(VENV)/bin
 FMNIST  = /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data clean
+.PHONY: demo test lint install data clean
 
 # Exit 4 (the run finished and wrote its report, but the final timing missed the budget) is shown,
 # not hidden; on shared 2-core machines timing drift can cause it (BENCHMARKS.md, issue 4).
 demo: install data
 	$(BIN)/latprune run --budget 0.5 || { rc=$$?; [ $$rc -eq 4 ] && echo "latprune: the demo finished but MISSED its latency budget (exit 4): see report.md" >&2 || exit $$rc; }
 
-test: install data
+test: install data lint
 	$(BIN)/python -m pytest -q
+
+# ruff is pinned in the test extra (pyproject.toml: pyflakes, import order, line length 120)
+lint: install
+	$(BIN)/ruff check .
 
 install: $(VENV)/.installed
 

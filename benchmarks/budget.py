@@ -32,11 +32,11 @@ import torch_pruning as tp
 from latprune.errors import BudgetBelowFloor
 from latprune.latency_tables.device import environment
 from latprune.latency_tables.endtoend import PairConfig, measure_speedup
-from latprune.pipeline import run as pipeline
+from latprune.models.graph import classifier_layers
+from latprune.pipeline import stages
 from latprune.pipeline.calibrate import plan_to_budget
 from latprune.pipeline.config import RunConfig
-from latprune.pipeline.models import classifier_layers
-from latprune.pipeline.prune import apply_plan_
+from latprune.pipeline.plan import apply_plan_
 from latprune.pipeline.train import TrainConfig, evaluate, train
 
 SEARCH = PairConfig(rounds=5, min_round_s=0.2, repeats=1, max_repeats=2)
@@ -76,26 +76,27 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--train-subset", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--importance", choices=["l2", "taylor"], default="l2", help="the knapsack's channel importance")
+    p.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude",
+                   help="the knapsack's channel importance")
     p.add_argument("--out", default="runs/bench-budget")
     a = p.parse_args()
     cfg = RunConfig().with_overrides(model=a.model, out=f"{a.out}/base", progress=False, seed=a.seed,
                                      data={"train_subset": a.train_subset}, plan={"importance": a.importance})
-    ws = pipeline.prepare(cfg)
-    dense, _ = pipeline.dense_stage(ws)
-    table = pipeline.profile_stage(ws, dense)
-    shape, backend = ws.input_shape, ws.backend
+    inp, rd = stages.prepare(cfg)
+    dense_art = stages.dense_stage(inp, rd)
+    table = stages.profile_stage(inp, rd, dense_art)
+    dense, shape, backend = dense_art.model, inp.input_shape, inp.backend
     ft = TrainConfig(epochs=a.finetune_epochs, lr=0.02, warmup_iters=20)
-    dense_acc = evaluate(dense, ws.data, ws.data.test)
+    dense_acc = evaluate(dense, inp.data, inp.data.test)
     rows, out = [], Path(a.out) / f"budget-{a.importance}.json"
     for b in a.budgets:
         t0 = time.perf_counter()
         batches = None
         if a.importance == "taylor":
             n = cfg.plan.taylor_batches * cfg.finetune.batch_size
-            batches = list(ws.data.batches(ws.data.train, cfg.finetune.batch_size, limit=n))
+            batches = list(inp.data.batches(inp.data.train, cfg.finetune.batch_size, limit=n))
         try:
-            cal = plan_to_budget(dense, table, b, cfg.plan, backend, shape, cfg.budget.calibrate_iters,
+            cal = plan_to_budget(dense_art.graph, table, b, cfg.plan, backend, cfg.budget.calibrate_iters,
                                  (cfg.budget.window_low, cfg.budget.window_high), cfg.budget.timing, batches)
         except BudgetBelowFloor as e:
             rows.append({"budget": b, "method": "knapsack", "error": str(e)})
@@ -107,14 +108,15 @@ def main() -> None:
             ratio, trace = search_ratio(dense, cal.measured_ratio, rt, backend, shape)
             models[label], searches[label] = uniform(dense, ratio, rt, shape), {"pruning_ratio": ratio, "trace": trace}
         for label, m in models.items():
-            train(m, ws.data, ft, seed=a.seed, progress=False, desc=label)
+            train(m, inp.data, ft, seed=a.seed, progress=False, desc=label)
             s = measure_speedup(backend, dense, m.eval(), shape, FINAL)
             macs, params = tp.utils.count_ops_and_params(m, torch.zeros(1, *shape))
-            rows.append({"budget": b, "method": label, "importance": a.importance if label == "knapsack" else "l2",
+            rows.append({"budget": b, "method": label,
+                         "importance": a.importance if label == "knapsack" else "magnitude",
                          "widths": _widths(m), "measured_ratio": s.ratio, "pair_ratios": s.repeats,
                          "measured_over_target": s.ratio / b, "calibrated_ratio": cal.measured_ratio,
                          "calibration_iters": len(cal.history), "params": int(params), "macs": int(macs),
-                         "accuracy": evaluate(m, ws.data, ws.data.test), "dense_accuracy": dense_acc,
+                         "accuracy": evaluate(m, inp.data, inp.data.test), "dense_accuracy": dense_acc,
                          "search": searches.get(label), "wall_s": time.perf_counter() - t0})
             print(f"{b} {label}: measured {s.ratio:.3f} ({s.ratio / b:.3f} x budget), accuracy "
                   f"{rows[-1]['accuracy']:.4f}", flush=True)

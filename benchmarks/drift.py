@@ -51,7 +51,8 @@ def main() -> None:
             gc.collect()
     for spin in (False, True):
         r = np.array([x["ratio"] for x in rows if x["spin"] == spin])
-        print(f"spin={'on' if spin else 'off'}: ratio min {r.min():.3f} max {r.max():.3f} (spread {r.max() / r.min() - 1:.0%})")
+        print(f"spin={'on' if spin else 'off'}: ratio min {r.min():.3f} max {r.max():.3f} "
+              f"(spread {r.max() / r.min() - 1:.0%})")
     out = Path(a.json or run / "drift.json")
     out.write_text(json.dumps({"rows": rows, "environment": environment()}, indent=1))
     print(out)

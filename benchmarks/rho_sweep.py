@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from latprune.latency_tables.device import environment
+from latprune.models.cifar_resnet import resnet20
+from latprune.models.graph import ModelGraph
 from latprune.pipeline.adasap import SharpnessConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import DataConfig, load_dataset
-from latprune.pipeline.models import resnet20
 from latprune.pipeline.train import TrainConfig, evaluate, sgd_step, train
 
 GRID = [("neuron", 2.0), ("neuron", 0.5), ("neuron", 0.1), ("global", 2.0), ("global", 0.5)]
@@ -47,16 +48,18 @@ def main() -> None:
             step, name = sgd_step, "sgd"
         else:
             sc = SharpnessConfig(normalize=norm, rho_max=rho_max)
-            step, name = SharpnessStep(m, sc, neuron_partition(m, torch.zeros(1, 3, 32, 32))), "adasap"
+            step, name = SharpnessStep(m, sc, neuron_partition(ModelGraph(m, (3, 32, 32)))), "adasap"
         t0 = time.perf_counter()
         r = train(m, data, cfg, step=step, progress=False)
         rows.append({"normalize": norm or "-", "rho_max": rho_max or 0.0, "method": name, "loss": r.final_loss,
                      "val_accuracy": r.val_accuracy, "seconds": time.perf_counter() - t0})
     print(f"{'method':>18} {'normalize':>9} {'rho_max':>7} {'loss':>6} {'val acc':>7} {'s':>4}")
     for r in rows:
-        print(f"{r['method']:>18} {r['normalize']:>9} {r['rho_max']:>7} {r['loss']:>6.3f} {r['val_accuracy']:>7.4f} {r['seconds']:>4.0f}")
+        print(f"{r['method']:>18} {r['normalize']:>9} {r['rho_max']:>7} {r['loss']:>6.3f} "
+              f"{r['val_accuracy']:>7.4f} {r['seconds']:>4.0f}")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"iters": a.iters, "lr": a.lr, "rows": rows, "environment": environment()}, indent=1))
+    Path(a.json).write_text(json.dumps({"iters": a.iters, "lr": a.lr, "rows": rows, "environment": environment()},
+                                       indent=1))
     print(a.json)
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from latprune.latency_tables.device import environment
+from latprune.pipeline.config import RunConfig
+from latprune.pipeline.stages import dense_stage, prepare
 
 LABELS = {"sgd": "SGD + HALP", "sam": "SAM + HALP", "asam": "ASAM + HALP", "adasap": "AdaSAP_L"}
 
@@ -39,7 +41,8 @@ def _latprune(*args: str, log: Path) -> int:
     with open(log, "a") as f:
         f.write(f"\n$ latprune {' '.join(args)}\n")
         f.flush()
-        return subprocess.run([sys.executable, "-m", "latprune.cli", *args], stdout=f, stderr=subprocess.STDOUT).returncode
+        return subprocess.run([sys.executable, "-m", "latprune.cli", *args], stdout=f,
+                              stderr=subprocess.STDOUT).returncode
 
 
 def dense_weights(out: Path, common: list[str], log: Path) -> Path:
@@ -49,11 +52,8 @@ def dense_weights(out: Path, common: list[str], log: Path) -> Path:
         code = _latprune("profile", "--no-progress", "--out", str(d), *common, log=log)
         if code:
             sys.exit(f"pre-training the dense model failed (exit {code}): see {log}")
-        from latprune.pipeline.config import RunConfig
-        from latprune.pipeline.run import dense_stage, prepare
-
         cfg = RunConfig.from_dict(json.loads((d / "config.json").read_text()))
-        path = dense_stage(prepare(cfg))[1]["path"]
+        path = dense_stage(*prepare(cfg)).info["path"]
         (d / "weights.json").write_text(json.dumps({"path": path}))
     return Path(json.loads((d / "weights.json").read_text())["path"])
 
@@ -149,7 +149,8 @@ def _print(dense: dict | None, rows: list[dict]) -> None:
     print(f"{'budget':>6} {'method':<12} {'n':>2} {'met':>3} {'ms':>14} {'speedup':>14} {'params':>8} "
           f"{'test acc':>16} {'clean acc':>16} {'corr acc':>16} {'R_C':>16} {'step x':>6}")
     if dense:
-        print(f"{'1.0':>6} {'dense':<12} {'':>2} {'':>3} {dense['latency_ms']:>14.3f} {'1.00':>14} {dense['params']:>8} "
+        print(f"{'1.0':>6} {'dense':<12} {'':>2} {'':>3} {dense['latency_ms']:>14.3f} {'1.00':>14} "
+              f"{dense['params']:>8} "
               f"{dense['test_acc']:>16.4f} {dense['clean_acc']:>16.4f} {dense['corruption_acc']:>16.4f} "
               f"{dense['R_C']:>16.4f} {'':>6}")
     for r in rows:

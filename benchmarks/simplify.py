@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from latprune.export.bench import BenchConfig, bench, backend_programs
+from latprune.export.bench import BenchConfig, backend_programs, bench
 from latprune.export.onnx_export import onnx_batch, read_contract
 from latprune.latency_tables.device import environment
 
@@ -46,7 +46,8 @@ def main() -> None:
                      "speedup_of_slim": m["speedup"], "ci95": m["speedup_ci95"], "noisy": m["noisy"]})
     print(f"{'file':<11} {'batch':>5} {'nodes':>11} {'p50 ms':>17} {'slim speedup':>13} {'95% CI':>13}")
     for r in rows:
-        print(f"{r['file']:<11} {r['batch']:>5} {r['nodes']:>5}->{r['nodes_slim']:<5} {r['p50_ms']:>8.3f}->{r['p50_ms_slim']:<8.3f}"
+        print(f"{r['file']:<11} {r['batch']:>5} {r['nodes']:>5}->{r['nodes_slim']:<5} "
+              f"{r['p50_ms']:>8.3f}->{r['p50_ms_slim']:<8.3f}"
               f" {r['speedup_of_slim']:>12.3f}x {r['ci95'][0]:>6.3f}-{r['ci95'][1]:<6.3f}")
     out = Path(a.json or run / "simplify_benchmark.json")
     out.write_text(json.dumps({"run": str(run), "onnxslim": onnxslim.__version__, "rows": rows,

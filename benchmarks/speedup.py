@@ -12,11 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
-from latprune.latency_tables.endtoend import PairConfig, measure_speedup
-from latprune.latency_tables.backends import get_backend
 from latprune.latency_tables.device import environment
-from latprune.pipeline.compact import load_compact
-from latprune.pipeline.models import ModelSpec
+from latprune.latency_tables.endtoend import PairConfig, measure_speedup
+from latprune.latency_tables.runtimes import get_backend
+from latprune.models.arch import load_compact
+from latprune.models.registry import ModelSpec
 
 
 def main() -> None:

@@ -19,12 +19,13 @@ import json
 import time
 from pathlib import Path
 
-from latprune.latency_tables.backends import get_backend
 from latprune.latency_tables.device import environment
 from latprune.latency_tables.endtoend import validate_table
 from latprune.latency_tables.plots import plot_validation
 from latprune.latency_tables.profile import ProfileConfig, profile_model
-from latprune.pipeline.models import ModelSpec
+from latprune.latency_tables.runtimes import get_backend
+from latprune.models.graph import ModelGraph
+from latprune.models.registry import ModelSpec
 
 DEFAULT_CASES = ["resnet20:32:32", "resnet20:32:1", "resnet56:32:32", "resnet56:32:1", "resnet18:32:32",
                  "resnet18:32:1", "mobilenet_v2:32:32", "mobilenet_v2:32:1", "resnet18:224:1:64",
@@ -54,11 +55,11 @@ def main() -> None:
         t0 = time.perf_counter()
         table = profile_model(model, shape, backend, cfg, progress=False)
         build_s = time.perf_counter() - t0
-        v = validate_table(model, table, backend, shape, a.validate, step, cfg.pair, progress=False)
+        v = validate_table(ModelGraph(model, shape), table, backend, a.validate, step, cfg.pair, progress=False)
         plot_validation(dataclasses.replace(table, meta={**table.meta, "validation": v}),
                         out.parent / f"validation-{name}-{size}-b{batch}.png")
         rows.append({"case": case, "model": name, "input": size, "batch": batch, "step": step,
-                     "entries": table.meta["entries"], "signatures": len(table.layers), "build_s": build_s,
+                     "entries": table.entries, "signatures": len(table.layers), "build_s": build_s,
                      "dense_ms": table.dense_ms, "e2e": table.e2e.to_dict(),
                      "median_rel_err": v["median_rel_err"], "p90_rel_err": v["p90_rel_err"],
                      "max_rel_err": v["max_rel_err"], "points": v["points"]})

@@ -25,18 +25,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from latprune.errors import BadInput
+from latprune.export.onnx_export import read_contract
+from latprune.export.tensorrt import UNVERIFIED, build_engines
+from latprune.io import write_bytes_atomic, write_json_atomic
+from latprune.latency_tables.device import environment, gpu_description
+from latprune.latency_tables.runtimes import RUNTIMES, get_backend, runtime_class
+from latprune.latency_tables.runtimes.convert import input_dims, onnx_batch, onnx_bytes
+from latprune.latency_tables.runtimes.tensorrt import EngineRunner, TensorrtBackend, TrtConfig, import_tensorrt
+from latprune.latency_tables.timing import block_ratios, bootstrap_median_ci, latency_stats, time_blocks
+from latprune.models.arch import load_compact, load_dense
+
+__all__ = ["BenchConfig", "compare", "backend_programs", "trt_programs", "bench", "render", "run_bench"]
 
 log = logging.getLogger(__name__)
-
-BENCH_RUNTIMES = ("ort", "torch", "trt", "ort-cuda", "ort-trt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,71 +62,26 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.runtime not in BENCH_RUNTIMES:
-            raise BadInput(f"--runtime must be one of {', '.join(BENCH_RUNTIMES)} for bench, got {self.runtime!r}")
+        if self.runtime not in RUNTIMES:
+            raise BadInput(f"--runtime must be one of {', '.join(RUNTIMES)} for bench, got {self.runtime!r}")
         if (self.batch is not None and self.batch < 1) or self.threads < 1:
             raise BadInput(f"--batch and --threads must be >= 1, got {self.batch}, {self.threads}")
         if self.iterations < 2 * self.block or self.block < 1:
             raise BadInput(f"--iterations ({self.iterations}) must be at least two blocks of {self.block} calls")
         if self.warmup_ms < 0:
             raise BadInput(f"--warmup must be >= 0 ms, got {self.warmup_ms}")
-        if self.fp16 and self.runtime not in ("trt", "ort-trt"):
-            raise BadInput("--fp16 needs --runtime trt or ort-trt (ONNX Runtime and torch on the CPU run fp32)")
-
-
-def latency_stats(samples_ms: np.ndarray, batch: int) -> dict[str, float]:
-    s = np.asarray(samples_ms, dtype=float).ravel()
-    mean = float(s.mean())
-    return {"p50_ms": float(np.percentile(s, 50)), "p90_ms": float(np.percentile(s, 90)),
-            "p99_ms": float(np.percentile(s, 99)), "mean_ms": mean, "std_ms": float(s.std()),
-            "min_ms": float(s.min()), "max_ms": float(s.max()), "cv": float(s.std() / mean),
-            "throughput_ips": batch * 1e3 / mean, "count": int(s.size)}
-
-
-def block_ratios(dense: np.ndarray, compact: np.ndarray) -> np.ndarray:
-    """Per block: median(dense block) / median(compact block). ``[blocks, calls]`` arrays; block
-    ``i`` of each was timed side by side, so drift of the machine scales both."""
-    dense, compact = np.asarray(dense, float), np.asarray(compact, float)
-    if dense.ndim != 2 or dense.shape[0] != compact.shape[0] or dense.shape[0] < 2:
-        raise ValueError(f"need [blocks, calls] arrays with >= 2 paired blocks, got {dense.shape}, {compact.shape}")
-    return np.median(dense, axis=1) / np.median(compact, axis=1)
-
-
-def bootstrap_speedup_ci(dense: np.ndarray, compact: np.ndarray, n_boot: int = 2000, level: float = 0.95,
-                         seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of the speedup, the median of :func:`block_ratios`, over resampled blocks."""
-    r = block_ratios(dense, compact)
-    idx = np.random.default_rng(seed).integers(0, len(r), size=(n_boot, len(r)))
-    lo, hi = np.percentile(np.median(r[idx], axis=1), [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
-    return float(lo), float(hi)
-
-
-def time_blocks(programs: dict[str, Callable[[], float]], iterations: int, block: int,
-                warmup_ms: float) -> dict[str, np.ndarray]:
-    """Each program returns the latency of one call in ms. Warm up each, then time them in
-    interleaved blocks (A x block, B x block, A x block, ...): ``{name: [blocks, block]}``."""
-    for fn in programs.values():
-        t0 = time.perf_counter()
-        while (time.perf_counter() - t0) * 1e3 < warmup_ms:
-            fn()
-    n_blocks = math.ceil(iterations / block)
-    out = {k: np.empty((n_blocks, block)) for k in programs}
-    for b in range(n_blocks):
-        for k, fn in programs.items():
-            for i in range(block):
-                out[k][b, i] = fn()
-    for k, v in out.items():
-        if not np.isfinite(v).all() or (v <= 0).any():
-            raise RuntimeError(f"{k}: a timed call returned a latency that is not a positive number")
-    return out
+        if self.fp16 and not runtime_class(self.runtime).supports_fp16:
+            ok = " or ".join(n for n in RUNTIMES if runtime_class(n).supports_fp16)
+            raise BadInput(f"--fp16 needs --runtime {ok} (ONNX Runtime and torch on the CPU run fp32)")
 
 
 def compare(dense: np.ndarray, compact: np.ndarray, batch: int, cfg: BenchConfig) -> dict[str, Any]:
     """Statistics of both models, the speedup, its interval and the noise verdict."""
     d, c = latency_stats(dense, batch), latency_stats(compact, batch)
-    lo, hi = bootstrap_speedup_ci(dense, compact, seed=cfg.seed)
+    lo, hi = bootstrap_median_ci(block_ratios(dense, compact), seed=cfg.seed)
     speedup = float(np.median(block_ratios(dense, compact)))
-    reasons = [f"{k} CV {s['cv']:.1%} > {cfg.max_cv:.0%}" for k, s in (("dense", d), ("compact", c)) if s["cv"] > cfg.max_cv]
+    reasons = [f"{k} CV {s['cv']:.1%} > {cfg.max_cv:.0%}" for k, s in (("dense", d), ("compact", c))
+               if s["cv"] > cfg.max_cv]
     half = (hi - lo) / 2 / speedup
     if half > cfg.max_ci:
         reasons.append(f"speedup interval +-{half:.1%} > +-{cfg.max_ci:.0%}")
@@ -131,24 +94,19 @@ def compare(dense: np.ndarray, compact: np.ndarray, batch: int, cfg: BenchConfig
 def backend_programs(dense, compact, input_shape: tuple[int, int, int], cfg: BenchConfig, batch: int):
     """Runtimes behind a latency backend (ort, torch, ort-cuda, ort-trt). ``dense``/``compact``: ONNX
     paths with a matching batch, or modules (exported at ``batch`` where the runtime loads ONNX)."""
-    from latprune.latency_tables.backends import get_backend
-
     be = get_backend(cfg.runtime, cfg.threads, batch, cfg.fp16)  # GPU providers: checked after session creation
-    fns = {k: be.model_runner(be.prepare_model(m, input_shape), input_shape) for k, m in (("dense", dense), ("compact", compact))}
+    fns = {k: be.model_runner(be.prepare_model(m, input_shape), input_shape)
+           for k, m in (("dense", dense), ("compact", compact))}
     return {"latency": {k: (lambda f=f: be.time_call(f)) for k, f in fns.items()}}, {
         "runtime": be.name, "version": be.version(), "provider": be.provider, "device": be.device()}
 
 
 def trt_programs(dense_onnx: Path, compact_onnx: Path, out_dir: Path, cfg: BenchConfig):
-    from latprune.export.tensorrt import UNVERIFIED, EngineRunner, TrtConfig, build_engines
-    from latprune.latency_tables.backends import import_tensorrt
-    from latprune.latency_tables.device import gpu_description
-
     eng = build_engines({"dense": dense_onnx, "compact": compact_onnx}, out_dir, TrtConfig(fp16=cfg.fp16))
-    runners = {k: EngineRunner(e.path) for k, e in eng.items()}
+    runners = {k: EngineRunner.from_file(e.path) for k, e in eng.items()}
     progs = {"gpu_compute": {k: r.gpu_compute_ms for k, r in runners.items()},
              "end_to_end": {k: r.end_to_end_ms for k, r in runners.items()}}
-    return progs, {"runtime": "trt", "version": import_tensorrt().__version__, "provider": "TensorRT",
+    return progs, {"runtime": TensorrtBackend.name, "version": import_tensorrt().__version__, "provider": "TensorRT",
                    "device": gpu_description(), "engines": {k: e.to_dict() for k, e in eng.items()}, "note": UNVERIFIED}
 
 
@@ -162,9 +120,11 @@ def bench(programs: dict[str, dict[str, Callable[[], float]]], batch: int, cfg: 
 def render(result: dict[str, Any]) -> str:
     rt, cfg = result["runtime"], result["config"]
     lines = [f"latprune bench: {rt['runtime']} ({rt['version']}, {rt['provider']}) on {rt['device']}, batch "
-             f"{result['batch']}, {cfg['threads']} threads, {cfg['iterations']} calls per model in blocks of {cfg['block']}"]
+             f"{result['batch']}, {cfg['threads']} threads, {cfg['iterations']} calls per model in blocks of "
+             f"{cfg['block']}"]
     for metric, r in result["metrics"].items():
-        lines += ["", f"[{metric}]", f"{'model':<8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'CV':>6} {'img/s':>9}"]
+        lines += ["", f"[{metric}]",
+                  f"{'model':<8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'CV':>6} {'img/s':>9}"]
         for k in ("dense", "compact"):
             s = r[k]
             lines.append(f"{k:<8} {s['p50_ms']:>9.3f} {s['p90_ms']:>9.3f} {s['p99_ms']:>9.3f} {s['mean_ms']:>9.3f} "
@@ -182,12 +142,6 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
               compact: str | Path | None = None, json_path: str | Path | None = None) -> dict[str, Any]:
     """Bench a run directory (``dense.onnx``/``model.onnx``, or the reloaded modules) or two ONNX
     files; write the JSON atomically and return it."""
-    from datetime import datetime, timezone
-
-    from latprune.export.onnx_export import onnx_batch, onnx_bytes, read_contract
-    from latprune.latency_tables.device import environment
-    from latprune.latency_tables.table import write_bytes_atomic, write_json_atomic
-
     if run_dir is not None:
         run_dir = Path(run_dir)
         dense, compact = run_dir / "dense.onnx", run_dir / "model.onnx"
@@ -202,14 +156,12 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
     file_batch = onnx_batch(compact)
     batch = cfg.batch or file_batch or 1
     modules = None
-    if cfg.runtime == "torch" or file_batch not in (None, batch):
+    if not runtime_class(cfg.runtime).loads_onnx or file_batch not in (None, batch):
         if run_dir is None:
-            raise BadInput(f"--batch {batch} differs from the files' batch {file_batch} (or the runtime is torch): "
-                           "pass a run directory, from which bench rebuilds the models")
-        from latprune.pipeline.compact import load_compact
-
-        modules = (load_compact(run_dir, "dense"), load_compact(run_dir, "compact"))
-    if cfg.runtime == "trt":
+            raise BadInput(f"--batch {batch} differs from the files' batch {file_batch} (or the runtime times "
+                           f"modules: {cfg.runtime}): pass a run directory, from which bench rebuilds the models")
+        modules = (load_dense(run_dir), load_compact(run_dir))
+    if cfg.runtime == TensorrtBackend.name:
         out_dir = (run_dir or compact.parent) / f"engines-b{batch}{'-fp16' if cfg.fp16 else ''}"
         files = (dense, compact)
         if modules is not None:  # engines need the static batch: export it
@@ -223,7 +175,8 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
     result = {
         "schema_version": 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": {"dense": str(dense), "compact": str(compact),
-                   "source": "onnx files" if modules is None else f"reloaded from {run_dir}, exported at batch {batch}"},
+                   "source": ("onnx files" if modules is None
+                              else f"reloaded from {run_dir}, exported at batch {batch}")},
         "batch": batch, "input_shape": [batch, *shape], "config": dataclasses.asdict(cfg), "runtime": info,
         "metrics": bench(programs, batch, cfg), "environment": environment(),
     }
@@ -235,8 +188,6 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
 
 
 def _onnx_chw(path: Path) -> tuple[int, ...]:
-    from latprune.export.onnx_export import input_dims
-
     chw = input_dims(path)[1:]
     if None in chw:
         raise BadInput(f"{path} has no static input shape and no latprune contract: export it with static C, H, W")

@@ -7,6 +7,8 @@ import sys
 from functools import lru_cache
 from typing import Any
 
+__all__ = ["cpu_description", "gpu_description", "latprune_version", "environment"]
+
 _SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd")
 
 

@@ -2,7 +2,7 @@
 
 The layer tables are fitted to the whole model (:class:`~latprune.latency_tables.table.EndToEnd`)
 and validated on it here. Latency does not depend on weight values, so a configuration is the
-model itself with channels physically removed (torch-pruning), its weights whatever they are.
+model itself with channels physically removed (``models.surgery``), its weights whatever they are.
 
 Every whole-model figure is a *ratio to the dense model timed interleaved with it* (A B A B ...,
 ../shared/BENCHMARKS.md), converted to milliseconds with the table's dense latency: on a shared
@@ -13,19 +13,23 @@ up to ``max_repeats``, while the ratio's 95 % interval is wider than ``max_ci``.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from latprune.latency_tables.backends import Backend
+from latprune.latency_tables.predict import LatencyModel
+from latprune.latency_tables.runtimes import Backend
 from latprune.latency_tables.table import EndToEnd, LatencyTable
 from latprune.latency_tables.timing import Timing, bootstrap_ratio_ci, paired_ratio
+from latprune.models.graph import ModelGraph
+from latprune.models.surgery import pruned_copy
+from latprune.models.widths import candidate_widths
+
+__all__ = ["PairConfig", "SpeedResult", "measure_speedup", "model_layers_ms", "predicted_latency", "random_widths",
+           "smallest_widths", "measure_configs", "fit_end_to_end", "validate_table"]
 
 log = logging.getLogger(__name__)
 
@@ -87,76 +91,62 @@ def measure_speedup(backend: Backend, dense, compact, input_shape: tuple[int, in
     return SpeedResult(td.summary(), tc.summary(), speedup, (lo, hi), 1 / speedup, ratios)
 
 
+# ---- what the table predicts for a model ------------------------------------------------------
+
+def model_layers_ms(graph: ModelGraph, table: LatencyTable) -> float:
+    """The layer tables' sum for ``graph.model`` at its current widths."""
+    lm = LatencyModel(table, graph.layer_widths(table.layer_keys))
+    return lm.layers_ms(dict(lm.widths.group_size))
+
+
+def predicted_latency(graph: ModelGraph, table: LatencyTable) -> float:
+    """The table's whole-model prediction for ``graph.model`` at its current widths."""
+    return table.e2e.predict(model_layers_ms(graph, table))
+
+
 # ---- configurations ---------------------------------------------------------------------------
-
-def group_sizes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
-    from latprune.pipeline.groups import dependency_graph, prunable_groups
-
-    return {cg.name: cg.size for cg, _ in prunable_groups(model, dependency_graph(model, torch.zeros(1, *input_shape)))}
-
 
 def random_widths(sizes: dict[str, int], step: int, rng: np.random.Generator) -> dict[str, int]:
     """A width per group drawn uniformly from its grid (multiples of ``step`` and the full width)."""
-    from latprune.pipeline.knapsack import candidate_widths
-
     return {g: int(rng.choice(candidate_widths(n, step))) for g, n in sizes.items()}
 
 
 def smallest_widths(sizes: dict[str, int], step: int) -> dict[str, int]:
-    from latprune.pipeline.knapsack import candidate_widths
-
     return {g: int(candidate_widths(n, step)[0]) for g, n in sizes.items()}
 
 
-def pruned_copy(model: nn.Module, widths: dict[str, int], input_shape: tuple[int, int, int],
-                sizes: dict[str, int] | None = None) -> nn.Module:
-    """``model`` with each group cut to its first ``widths[g]`` channels, physically (``sizes``:
-    the model's :func:`group_sizes`, when the caller has them)."""
-    from latprune.pipeline.plan import GroupPlan, PruningPlan
-    from latprune.pipeline.prune import apply_plan_
-
-    sizes = sizes or group_sizes(model, input_shape)
-    groups = [GroupPlan(g, sizes[g], list(range(k))) for g, k in widths.items()]
-    plan = PruningPlan(0.0, 0.0, 0.0, 0.0, {}, groups, {}, 0, [], "l2", 1)
-    return apply_plan_(copy.deepcopy(model).eval(), plan, input_shape)
-
-
-def measure_configs(model: nn.Module, table: LatencyTable, backend: Backend, input_shape: tuple[int, int, int],
+def measure_configs(graph: ModelGraph, table: LatencyTable, backend: Backend,
                     configs: list[tuple[str, dict[str, int]]], cfg: PairConfig, progress: bool = True,
                     desc: str = "end to end") -> list[dict[str, Any]]:
-    """Time each configuration against the dense model; a point per configuration."""
-    from latprune.pipeline.plan import model_layers_ms
-
-    points, sizes = [], group_sizes(model, input_shape)
+    """Time each configuration (group widths) of ``graph.model`` against the dense model; a point each."""
+    model, input_shape, points = graph.model, graph.input_shape, []
     for label, widths in tqdm(configs, desc=desc, unit="model", disable=not progress):
-        probe = pruned_copy(model, widths, input_shape, sizes)
+        probe = pruned_copy(model, widths, input_shape)
         s = measure_speedup(backend, model, probe, input_shape, cfg)
-        points.append({"label": label, "layers_ms": model_layers_ms(probe, table, input_shape),
+        points.append({"label": label, "layers_ms": model_layers_ms(ModelGraph(probe, input_shape), table),
                        "measured_ms": s.ratio * table.dense_ms, "ratio": s.ratio,
                        "ratio_ci95": [1 / s.speedup_ci95[1], 1 / s.speedup_ci95[0]], "widths": widths})
     return points
 
 
-def fit_end_to_end(model: nn.Module, table: LatencyTable, backend: Backend, input_shape: tuple[int, int, int],
-                   n_random: int, step: int, cfg: PairConfig, seed: int = 0, progress: bool = True) -> EndToEnd:
+def fit_end_to_end(graph: ModelGraph, table: LatencyTable, backend: Backend, n_random: int, step: int,
+                   cfg: PairConfig, seed: int = 0, progress: bool = True) -> EndToEnd:
     """Fit the table's end-to-end term on the dense model, the smallest plan and ``n_random`` random
     plans (widths on the grid), each timed against the dense model."""
-    sizes = group_sizes(model, input_shape)
+    sizes = graph.sizes()
     rng = np.random.default_rng(seed)
     configs = [("smallest", smallest_widths(sizes, step))]
     configs += [(f"random{i}", random_widths(sizes, step, rng)) for i in range(n_random)]
-    from latprune.pipeline.plan import model_layers_ms
-
-    dense_point = {"label": "dense", "layers_ms": model_layers_ms(model, table, input_shape),
-                   "measured_ms": table.dense_ms, "ratio": 1.0}
-    points = [dense_point, *measure_configs(model, table, backend, input_shape, configs, cfg, progress, "fit")]
+    dense_point = {"label": "dense", "layers_ms": model_layers_ms(graph, table), "measured_ms": table.dense_ms,
+                   "ratio": 1.0}
+    points = [dense_point, *measure_configs(graph, table, backend, configs, cfg, progress, "fit")]
     e2e = EndToEnd.fit(points)
     log.info("end-to-end term: %.3f ms + %.3f x layer tables (%d points)", e2e.intercept_ms, e2e.slope, len(points))
     return e2e
 
 
-def validate_table(model: nn.Module, table: LatencyTable, backend: Backend, input_shape: tuple[int, int, int],
-                   k: int, step: int, cfg: PairConfig, seed: int = 1, progress: bool = True) -> dict[str, Any]:
+def validate_table(graph: ModelGraph, table: LatencyTable, backend: Backend, k: int, step: int, cfg: PairConfig,
+                   seed: int = 1, progress: bool = True) -> dict[str, Any]:
     """Prediction error on ``k`` random pruned configurations (not the fit's: another seed).
 
     Returns ``{"k", "median_rel_err", "p90_rel_err", "points"}``, each point with its prediction;
@@ -164,10 +154,9 @@ def validate_table(model: nn.Module, table: LatencyTable, backend: Backend, inpu
     """
     if k < 1:
         raise ValueError(f"--validate needs K >= 1 configurations, got {k}")
-    sizes = group_sizes(model, input_shape)
     rng = np.random.default_rng(10_000 + seed)
-    configs = [(f"validate{i}", random_widths(sizes, step, rng)) for i in range(k)]
-    points = measure_configs(model, table, backend, input_shape, configs, cfg, progress, "validate")
+    configs = [(f"validate{i}", random_widths(graph.sizes(), step, rng)) for i in range(k)]
+    points = measure_configs(graph, table, backend, configs, cfg, progress, "validate")
     for p in points:
         p["predicted_ms"] = table.e2e.predict(p["layers_ms"])
         p["rel_err"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]

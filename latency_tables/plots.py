@@ -6,7 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from latprune.latency_tables.table import LatencyTable, write_bytes_atomic
+from latprune.io import write_bytes_atomic
+from latprune.latency_tables.table import LatencyTable
+
+__all__ = ["pyplot", "save_png", "plot_staircases", "plot_validation"]
 
 
 def pyplot():
@@ -59,7 +62,7 @@ def plot_validation(table: LatencyTable, path: Path) -> Path:
     if fit:
         ax.scatter([p["measured_ms"] for p in fit], [table.e2e.predict(p["layers_ms"]) for p in fit],
                    marker="s", label="fit points", alpha=0.8)
-    v = table.meta.get("validation") or {}
+    v = table.validation or {}
     pts = v.get("points", [])
     if pts:
         ax.scatter([p["measured_ms"] for p in pts], [p["predicted_ms"] for p in pts], label=(

@@ -17,9 +17,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latprune.errors import BadInput
-from latprune.latency_tables.backends import Backend
 from latprune.latency_tables.endtoend import PairConfig, fit_end_to_end
-from latprune.latency_tables.table import EndToEnd, LatencyTable, LayerSignature, LayerTable, channel_grid
+from latprune.latency_tables.runtimes import Backend
+from latprune.latency_tables.table import EndToEnd, LatencyTable, LayerSignature, LayerTable
+from latprune.models.graph import ModelGraph
+from latprune.models.widths import candidate_widths
+
+__all__ = ["ProfileConfig", "layer_signatures", "isolated_outliers", "profile_model", "check_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +157,8 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
         unique.setdefault(s.key, s)
     grids, plan = {}, []
     for key, s in unique.items():
-        ci = [s.c_in] if s.kind == "dwconv" else channel_grid(s.c_in, cfg.step)
-        co = channel_grid(s.c_out, cfg.step)
+        ci = [s.c_in] if s.kind == "dwconv" else candidate_widths(s.c_in, cfg.step).tolist()
+        co = candidate_widths(s.c_out, cfg.step).tolist()
         shape = (len(ci), len(co))
         grids[key] = (ci, co, np.zeros(shape), np.zeros(shape), np.zeros(shape, int))
         plan += [(key, i, o) for i in range(len(ci)) for o in range(len(co))]
@@ -201,7 +205,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
               "unmeasured": unmeasured},
     )
     # the smallest plan is always among the fit's points: it anchors the floor the knapsack sees
-    return table.with_e2e(fit_end_to_end(model, table, backend, input_shape, cfg.fit_configs, cfg.step,
+    return table.with_e2e(fit_end_to_end(ModelGraph(model, input_shape), table, backend, cfg.fit_configs, cfg.step,
                                          cfg.pair, progress=progress))
 
 
@@ -218,6 +222,7 @@ def check_layers(model: nn.Module, table: LatencyTable, backend: Backend, input_
         t = backend.measure([backend.layer_runner(dense_sig, c_in, s.c_out)], rounds, min_round_s)[0]
         out.append({"layer": name, "c_in": c_in, "c_out": s.c_out, "dense_c_in": dense_sig.c_in,
                     "dense_c_out": dense_sig.c_out, "predicted_ms": table.lookup(name, c_in, s.c_out),
-                    "measured_ms": t.median_ms, "dense_predicted_ms": table.lookup(name, dense_sig.c_in, dense_sig.c_out),
+                    "measured_ms": t.median_ms,
+                    "dense_predicted_ms": table.lookup(name, dense_sig.c_in, dense_sig.c_out),
                     "cv": t.cv})
     return out

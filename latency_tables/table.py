@@ -10,13 +10,15 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from latprune.errors import BadInput
+from latprune.io import write_json_atomic
+
+__all__ = ["SCHEMA_VERSION", "LayerSignature", "Fingerprint", "LayerTable", "EndToEnd", "LatencyTable", "StaleSchema"]
 
 SCHEMA_VERSION = 2  # 2: the end-to-end term (intercept + slope over the layer tables' sum)
 
@@ -122,16 +124,6 @@ def _interp2(gi: list[int], go: list[int], z: np.ndarray, ci: float, co: float) 
     return max(float(a * (1 - ti) + b * ti), 0.0)
 
 
-def channel_grid(width: int, step: int) -> list[int]:
-    """Multiples of ``step`` up to ``width``, plus ``width`` itself."""
-    if width <= step:
-        return [width]
-    pts = list(range(step, width + 1, step))
-    if pts[-1] != width:
-        pts.append(width)
-    return pts
-
-
 @dataclasses.dataclass(frozen=True)
 class EndToEnd:
     """Whole-model latency from the layer tables' sum S: ``intercept_ms + slope * S``.
@@ -218,6 +210,22 @@ class LatencyTable:
 
     def lookup(self, layer: str, c_in: float, c_out: float) -> float:
         return self.layers[self.layer_keys[layer]].lookup(c_in, c_out)
+
+    # ``meta`` is free-form JSON in the file; these are the fields latprune itself reads.
+    @property
+    def unmeasured(self) -> dict[str, str]:
+        """Layers the profiler could not measure, with the reason (their groups stay unpruned)."""
+        return self.meta.get("unmeasured", {})
+
+    @property
+    def validation(self) -> dict[str, Any] | None:
+        """``--validate K``'s record: ``k``, ``median_rel_err``, ``p90_rel_err``, ``max_rel_err``, ``points``."""
+        return self.meta.get("validation")
+
+    @property
+    def entries(self) -> int | None:
+        """Table entries measured when it was profiled."""
+        return self.meta.get("entries")
 
     def with_e2e(self, e2e: EndToEnd) -> "LatencyTable":
         return dataclasses.replace(self, e2e=e2e)
@@ -314,24 +322,3 @@ class StaleSchema(ValueError):
     def __init__(self, found: Any):
         self.found = found
         super().__init__(f"latency table schema {found!r} is not {SCHEMA_VERSION}")
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON to a temp file in the same folder, then rename: never a half-written file."""
-    return write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p

@@ -1,25 +1,30 @@
 """latprune: prune a trained CNN to a measured latency budget on a given device and runtime.
 
-The pipeline, one stage per module: ``latency_tables`` (profile) -> ``pipeline.plan`` (HALP
-knapsack) -> ``pipeline.prune`` / ``pipeline.train`` (physical removal, fine-tune) -> ``export``
-(ONNX, parity, interleaved timing) -> ``pipeline.report``. Heavy imports happen on first use.
+The pipeline, in layers (README, "Architecture"): ``latprune.models`` (registry, dependency graph,
+surgery, saved architectures) -> ``latprune.latency_tables`` (tables, prediction, timing,
+runtimes) -> ``latprune.export`` (ONNX, parity, TensorRT engines, bench) -> ``latprune.pipeline``
+(importance, knapsack, plan, AdaSAP, schedule, stages, report) -> this package's CLI and API.
+The public API below is loaded on first use (PEP 562), so importing a low layer (the torch-free
+knapsack or table) does not import the whole pipeline.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "load", "RunConfig", "profile_model", "build_plan", "apply_plan_", "export_onnx",
-           "LatencyTable", "PruningPlan"]
+__all__ = ["run", "load", "load_dense", "RunConfig", "profile_model", "build_plan", "apply_plan_", "export_onnx",
+           "LatencyTable", "PruningPlan", "ModelGraph"]
 
 _LAZY = {
     "run": ("latprune.pipeline.run", "run"),
-    "load": ("latprune.pipeline.compact", "load_compact"),
+    "load": ("latprune.models.arch", "load_compact"),
+    "load_dense": ("latprune.models.arch", "load_dense"),
     "RunConfig": ("latprune.pipeline.config", "RunConfig"),
     "profile_model": ("latprune.latency_tables.profile", "profile_model"),
     "LatencyTable": ("latprune.latency_tables.table", "LatencyTable"),
+    "ModelGraph": ("latprune.models.graph", "ModelGraph"),
     "build_plan": ("latprune.pipeline.plan", "build_plan"),
     "PruningPlan": ("latprune.pipeline.plan", "PruningPlan"),
-    "apply_plan_": ("latprune.pipeline.prune", "apply_plan_"),
+    "apply_plan_": ("latprune.pipeline.plan", "apply_plan_"),
     "export_onnx": ("latprune.export.onnx_export", "export_onnx"),
 }
 

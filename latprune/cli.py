@@ -10,22 +10,37 @@ import sys
 import warnings
 from pathlib import Path
 
-from latprune.errors import LatpruneError
+from latprune.errors import BadInput, LatpruneError, TooNoisy
+from latprune.export.bench import BenchConfig, render, run_bench
+from latprune.latency_tables.runtimes import RUNTIMES
+from latprune.models.registry import available_models
+from latprune.pipeline import distributed
+from latprune.pipeline.adasap import METHODS
+from latprune.pipeline.config import RunConfig, load_config
+from latprune.pipeline.importance import canonical_importance, importance_names
+from latprune.pipeline.run import STOPS, run
+from latprune.pipeline.schedule import TARGETS
+from latprune.pipeline.sweep import parse_budgets, sweep
 
-STAGES = ("run", "profile", "plan", "prune", "export", "sweep")
+__all__ = ["main", "config_from_args"]
+
+COMMANDS = ("run", *STOPS, "export", "sweep")
+DEPRECATED_IMPORTANCE = ("l2",)  # old spellings, accepted with a warning (pipeline.importance)
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("run")
     g.add_argument("--config", help="YAML file with config sections (see README); flags override it")
-    g.add_argument("--model", help="resnet20 (default), resnet56, resnet18, resnet50, mobilenet_v2, or package.module:factory")
-    g.add_argument("--weights", help="trained dense state_dict (.pt); without it the dense model is pre-trained and cached")
+    g.add_argument("--model", help=f"{', '.join(available_models())} (default resnet20), or package.module:factory")
+    g.add_argument("--weights",
+                   help="trained dense state_dict (.pt); without it the dense model is pre-trained and cached")
     g.add_argument("--data", help="fashion-mnist (default) or a folder: ImageFolder tree or CIFAR-10/100 python folder")
     b = g.add_mutually_exclusive_group()
-    b.add_argument("--budget", type=float, help="latency budget as a fraction of the measured dense latency (default 0.5)")
+    b.add_argument("--budget", type=float,
+                   help="latency budget as a fraction of the measured dense latency (default 0.5)")
     b.add_argument("--budget-ms", type=float, help="latency budget in ms per deployment batch")
-    g.add_argument("--runtime", choices=["ort", "torch", "torch-cuda", "ort-cuda", "ort-trt", "trt"],
+    g.add_argument("--runtime", choices=RUNTIMES,
                    help="deployment runtime (default ort: ONNX Runtime CPU); the GPU ones are unverified (README)")
     g.add_argument("--fp16", action="store_true", default=None, help="half precision (torch-cuda, ort-trt, trt)")
     g.add_argument("--deploy-batch", type=int, help="batch the budget is measured at (default 32)")
@@ -39,11 +54,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="gate: fail (exit 5) if corruption accuracy (mean of 75) drops by more than F")
     g.add_argument("--threads", type=int, help="runtime threads (default 2)")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this (default 8)")
-    g.add_argument("--importance", choices=["magnitude", "l2", "taylor"],
-                   help="channel importance: magnitude (L2, default; 'l2' is the same) or taylor")
-    g.add_argument("--method", choices=["adasap", "sgd", "sam", "asam"],
+    g.add_argument("--importance", choices=[*importance_names(), *DEPRECATED_IMPORTANCE],
+                   help="channel importance: magnitude (L2 of the group's weights, default) or taylor; "
+                        "'l2' is the deprecated spelling of magnitude")
+    g.add_argument("--method", choices=METHODS,
                    help="optimizer for warm-up, pruning and fine-tuning (default adasap)")
-    g.add_argument("--target", choices=["latency", "params"],
+    g.add_argument("--target", choices=TARGETS,
                    help="prune to the latency budget (default; AdaSAP_L, HALP knapsack) or to --param-ratio "
                         "(AdaSAP_P, global magnitude rank)")
     g.add_argument("--param-ratio", type=float, help="with --target params: kept parameters / dense parameters")
@@ -73,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                         "end-to-end fit)")
     g.add_argument("--fit-configs", type=int,
                    help="random pruned configurations the table's end-to-end term is fitted on (default 8)")
-    g.add_argument("--verify-rounds", type=int, help="interleaved rounds for the final dense/compact timing (default 11)")
+    g.add_argument("--verify-rounds", type=int,
+                   help="interleaved rounds for the final dense/compact timing (default 11)")
     g.add_argument("--verify-round-s", type=float, help="seconds per round of the final timing (default 0.4)")
     g.add_argument("--calibrate-iters", type=int, help="closed-loop re-plans against measured latency (default 4)")
     g.add_argument("--calibrate-round-s", type=float,
@@ -84,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", default=None, help="use a table measured for another setting")
     g.add_argument("--seed", type=int, help="random seed (default 0), recorded in the report")
     g.add_argument("--out", help="run directory (default runs/<model>-<timestamp>); an existing one is resumed")
-    g.add_argument("--cache-dir", help="where pre-trained checkpoints and tables are cached (default ~/.cache/latprune)")
+    g.add_argument("--cache-dir",
+                   help="where pre-trained checkpoints and tables are cached (default ~/.cache/latprune)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p = argparse.ArgumentParser(prog="latprune", description="Latency-aware pruning of CNNs to a measured budget.")
@@ -97,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "export": "all of the above if needed, then ONNX export, parity, timing, report",
         "sweep": "one run per budget (--budgets), sharing the dense model and table; the accuracy-latency front",
     }
-    for s in STAGES:
+    for s in COMMANDS:
         sp = sub.add_parser(s, parents=[common], help=helps[s], description=helps[s])
         if s == "sweep":
             sp.add_argument("--budgets", default="0.3,0.5,0.7",
@@ -112,16 +130,17 @@ def _bench_parser(sub) -> None:
     b.add_argument("run_dir", nargs="?", help="directory of a finished run (dense.onnx, model.onnx, weights)")
     b.add_argument("--dense", help="dense ONNX file (instead of a run directory)")
     b.add_argument("--compact", help="compact ONNX file (instead of a run directory)")
-    b.add_argument("--runtime", choices=["ort", "torch", "trt", "ort-cuda", "ort-trt"], default="ort",
+    b.add_argument("--runtime", choices=RUNTIMES, default="ort",
                    help="ort (ONNX Runtime CPU, default), torch (eager CPU), trt (TensorRT engines), ort-cuda / "
-                        "ort-trt (onnxruntime-gpu providers, IO binding); the GPU ones are unverified")
+                        "ort-trt (onnxruntime-gpu providers, IO binding), torch-cuda; the GPU ones are unverified")
     b.add_argument("--warmup", type=float, default=500.0, metavar="MS", help="warm-up per model in ms (default 500)")
     b.add_argument("--iterations", type=int, default=300, help="timed calls per model (default 300)")
     b.add_argument("--batch", type=int, help="batch size (default: the files' batch; others are re-exported)")
     b.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
-    b.add_argument("--fp16", action="store_true", help="half precision (--runtime trt or ort-trt)")
+    b.add_argument("--fp16", action="store_true", help="half precision (--runtime trt, ort-trt or torch-cuda)")
     b.add_argument("--block", type=int, default=10, help="calls per model per interleaved block (default 10)")
-    b.add_argument("--max-cv", type=float, default=0.25, help="noisy above this per-call coefficient of variation (default 0.25)")
+    b.add_argument("--max-cv", type=float, default=0.25,
+                   help="noisy above this per-call coefficient of variation (default 0.25)")
     b.add_argument("--max-ci", type=float, default=0.05,
                    help="noisy above this relative half-width of the speedup's 95%% interval (default 0.05)")
     b.add_argument("--allow-noisy", action="store_true", help="report a noisy result instead of refusing it (exit 6)")
@@ -131,9 +150,6 @@ def _bench_parser(sub) -> None:
 
 
 def bench_main(a: argparse.Namespace) -> int:
-    from latprune.errors import BadInput, TooNoisy
-    from latprune.export.bench import BenchConfig, render, run_bench
-
     if a.run_dir and (a.dense or a.compact):
         raise BadInput("give a run directory or --dense/--compact files, not both")
     cfg = BenchConfig(runtime=a.runtime, batch=a.batch, threads=a.threads, fp16=a.fp16, warmup_ms=a.warmup,
@@ -151,10 +167,7 @@ def bench_main(a: argparse.Namespace) -> int:
 _RESUME_OK = {"command", "resume", "no_progress", "verbose", "force"}
 
 
-def config_from_args(a: argparse.Namespace):
-    from latprune.errors import BadInput
-    from latprune.pipeline.config import RunConfig, load_config
-
+def config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.resume:
         extra = sorted(k for k, v in vars(a).items() if v not in (None, False) and k not in _RESUME_OK)
         if extra:
@@ -187,7 +200,8 @@ def config_from_args(a: argparse.Namespace):
                 "dynamic_batch": a.dynamic_batch, "opset": a.opset},
         gates={"max_accuracy_drop": a.max_accuracy_drop, "max_corruption_drop": a.max_corruption_drop},
         budget=budget,
-        plan={"round_to": a.round_to, "importance": "l2" if a.importance == "magnitude" else a.importance},
+        plan={"round_to": a.round_to,
+              "importance": None if a.importance is None else canonical_importance(a.importance)},
         profile={"step": a.profile_step, "min_round_s": a.profile_round_s, "validate": a.validate,
                  "fit_configs": a.fit_configs},
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
@@ -198,7 +212,7 @@ def config_from_args(a: argparse.Namespace):
         robustness={"images": a.robust_images},
         # AdaSAP scores neurons for rho_i by the pruning criterion (paper section 3.1)
         sharpness={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max,
-                   "score": None if a.importance is None else ("taylor" if a.importance == "taylor" else "magnitude")},
+                   "score": None if a.importance is None else canonical_importance(a.importance)},
         verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
     )
 
@@ -207,64 +221,49 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # third-party notices
+    warnings.filterwarnings("default", category=DeprecationWarning, module="latprune")  # our deprecated aliases
     try:
         if a.command == "bench":
             return bench_main(a)
-        from latprune.pipeline import distributed
-        from latprune.pipeline import run as pipeline
-
         cfg = config_from_args(a)
         if a.command == "sweep":
-            from latprune.pipeline.sweep import parse_budgets, sweep
-
             res = sweep(cfg, parse_budgets(a.budgets))
             print(res.path)
             return res.exit_code
         distributed.init_from_env()  # under torchrun: join the process group (data-parallel training)
-        if a.command in ("run", "export"):
-            result = pipeline.run(cfg)
-            r = result.report
-            if r is None:  # a torchrun rank other than 0: rank 0 reports
-                return 0
-            b, status = r["budget"], ("met" if r["budget"]["met"] else "MISSED")
-            goal = (f"parameter ratio {b['achieved_param_ratio']:.3f} vs {b['param_ratio']:.3f} {status}: "
-                    if b.get("target") == "params" else f"budget {status}: ")
-            print(f"{goal}compact {r['compact']['latency_ms']:.3f} ms"
-                  + (f" vs target {b['target_ms']:.3f} ms" if b.get("target_ms") is not None else "")
-                  + f" (dense {r['dense']['latency_ms']:.3f} ms), speedup {r['speedup']:.2f}x, "
-                  f"accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}", file=sys.stderr)
-            for g in result.failed_gates:
-                print(f"latprune: gate '{g['name']}' FAILED: {g['detail']}", file=sys.stderr)
-            print(result.report_path)
-            return result.exit_code
-        ws = pipeline.prepare(cfg)
-        with ws.removed_on_bad_input():
-            if a.command == "profile":  # latency does not depend on weight values: no pre-training
-                dense = ws.spec.build().eval()
-            else:
-                dense, _ = pipeline.dense_stage(ws)
-            table = distributed.main_first(lambda: pipeline.profile_stage(ws, dense))
-            if a.command == "profile":
-                v = table.meta.get("validation")
-                if v:
-                    print(f"table prediction error on {v['k']} random pruned configurations: median "
-                          f"{100 * v['median_rel_err']:.1f} %, p90 {100 * v['p90_rel_err']:.1f} %", file=sys.stderr)
-                print(ws.run_dir / "table.json")
-                return 0
-            cal = distributed.main_first(lambda: pipeline.plan_stage(ws, dense, table))
-            if a.command == "plan":
-                print(ws.run_dir / "plan.json")
-                return 0
-            pipeline.prune_stage(ws, dense, table, cal)
-            print(ws.run_dir / "arch.json")
+        result = run(cfg, stop_after=a.command if a.command in STOPS else None)
+        if a.command in STOPS:
+            v = result.validation
+            if v:
+                print(f"table prediction error on {v['k']} random pruned configurations: median "
+                      f"{100 * v['median_rel_err']:.1f} %, p90 {100 * v['p90_rel_err']:.1f} %", file=sys.stderr)
+            print(result.artifact)
             return 0
+        r = result.report
+        if r is None:  # a torchrun rank other than 0: rank 0 reports
+            return 0
+        _print_summary(r)
+        for g in result.failed_gates:
+            print(f"latprune: gate '{g['name']}' FAILED: {g['detail']}", file=sys.stderr)
+        print(result.report_path)
+        return result.exit_code
     except LatpruneError as e:
         print(f"latprune: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("latprune: interrupted; run again with the same --out to resume", file=sys.stderr)
         return 130
+
+
+def _print_summary(r: dict) -> None:
+    b, status = r["budget"], ("met" if r["budget"]["met"] else "MISSED")
+    goal = (f"parameter ratio {b['achieved_param_ratio']:.3f} vs {b['param_ratio']:.3f} {status}: "
+            if b.get("target") == "params" else f"budget {status}: ")
+    print(f"{goal}compact {r['compact']['latency_ms']:.3f} ms"
+          + (f" vs target {b['target_ms']:.3f} ms" if b.get("target_ms") is not None else "")
+          + f" (dense {r['dense']['latency_ms']:.3f} ms), speedup {r['speedup']:.2f}x, "
+          f"accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ missed; 5 an accuracy gate (``--max-accuracy-drop``, ``--max-corruption-drop``) 
 A run that fails a gate (3, 4, 5) still writes its whole report first.
 """
 
+__all__ = ["LatpruneError", "BadInput", "BudgetBelowFloor", "ParityError", "BudgetMissed", "AccuracyGateFailed",
+           "TooNoisy", "GATE_EXIT"]
+
 
 class LatpruneError(Exception):
     exit_code = 1

@@ -13,13 +13,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from latprune.latency_tables.backends import Backend
-from latprune.latency_tables.table import EndToEnd, Fingerprint, LatencyTable, LayerTable, channel_grid
+from latprune.latency_tables.profile import layer_signatures
+from latprune.latency_tables.runtimes import Backend
+from latprune.latency_tables.table import EndToEnd, Fingerprint, LatencyTable, LayerTable
 from latprune.latency_tables.timing import Timing
+from latprune.models.widths import candidate_widths
+from latprune.pipeline.data import Dataset, Split
+
+__all__ = ["PlainNet", "ResidualNet", "DepthwiseNet", "ConcatNet", "BrokenExportNet", "plain_net", "residual_net",
+           "depthwise_net", "concat_net", "broken_export_net", "TINY_MODELS", "fake_cost_ms", "fake_table",
+           "model_cost_ms", "FakeBackend", "tiny_dataset"]
 
 
 def _cbr(c_in, c_out, k=3, s=1, groups=1):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU())
 
 
 class PlainNet(nn.Module):
@@ -126,13 +134,11 @@ def fake_cost_ms(sig, c_in: float, c_out: float) -> float:
 def fake_table(model: nn.Module, input_shape=(3, 32, 32), step: int = 8, batch: int = 1,
                overhead_ms: float = 0.0) -> LatencyTable:
     """A :class:`LatencyTable` filled from :func:`fake_cost_ms` instead of measurements."""
-    from latprune.latency_tables.profile import layer_signatures
-
     sigs = layer_signatures(model, input_shape)
     layers = {}
     for s in sigs.values():
-        ci = [s.c_in] if s.kind == "dwconv" else channel_grid(s.c_in, step)
-        co = channel_grid(s.c_out, step)
+        ci = [s.c_in] if s.kind == "dwconv" else candidate_widths(s.c_in, step).tolist()
+        co = candidate_widths(s.c_out, step).tolist()
         med = np.array([[fake_cost_ms(s, (o if s.kind == "dwconv" else i), o) for o in co] for i in ci])
         layers[s.key] = LayerTable(s, ci, co, med, np.zeros_like(med), np.ones_like(med, dtype=int))
     fp = Fingerprint("fake-device", "fake", "0", "none", 1, batch, "float32", tuple(input_shape))
@@ -144,8 +150,6 @@ def fake_table(model: nn.Module, input_shape=(3, 32, 32), step: int = 8, batch: 
 
 def model_cost_ms(model: nn.Module, input_shape=(3, 32, 32)) -> float:
     """:func:`fake_cost_ms` summed over the model's layers at their current widths."""
-    from latprune.latency_tables.profile import layer_signatures
-
     return sum(fake_cost_ms(s, s.c_in, s.c_out) for s in layer_signatures(model, input_shape).values())
 
 
@@ -190,8 +194,6 @@ class FakeBackend(Backend):
 
 def tiny_dataset(n: int = 64, shape=(3, 16, 16), num_classes: int = 10, seed: int = 0):
     """A deterministic in-memory :class:`~latprune.pipeline.data.Dataset` of random images."""
-    from latprune.pipeline.data import Dataset, Split
-
     rng = np.random.default_rng(seed)
 
     def split(k):

@@ -34,6 +34,11 @@ import torch
 from torch import nn
 
 from latprune.errors import BadInput
+from latprune.models.graph import ModelGraph
+from latprune.pipeline.importance import restore_bn_stats, save_bn_stats
+
+__all__ = ["METHODS", "SharpnessConfig", "NeuronGroup", "Neurons", "neuron_partition", "uniform_perturbation",
+           "neuron_radii", "adaptive_perturbation", "SharpnessStep"]
 
 METHODS = ("sgd", "sam", "asam", "adasap")
 
@@ -95,14 +100,12 @@ class Neurons:
         return sum(g.size for g in self.groups)
 
 
-def neuron_partition(model: nn.Module, example: torch.Tensor) -> Neurons:
+def neuron_partition(graph: ModelGraph) -> Neurons:
     """Neurons from torch-pruning's groups: each group channel's slice of every producer."""
-    from latprune.pipeline.groups import dependency_graph, prunable_groups
-
-    dg = dependency_graph(model, example)
+    model, dg = graph.model, graph.dg
     covered: dict[int, torch.Tensor] = {}
     groups = []
-    for cg, group in prunable_groups(model, dg):
+    for cg, group in graph.tp_groups():
         slices = []
         for item in group:
             mod, handler = item.dep.target.module, item.dep.handler
@@ -219,11 +222,11 @@ class SharpnessStep:
         self.cfg, self.neurons, self.scaler = cfg, neurons, scaler
         self.scaled = _scale_param_ids(model)
 
-    def rebind(self, model: nn.Module, example: torch.Tensor) -> None:
-        """Follow the model after a removal replaced its parameters."""
-        self.scaled = _scale_param_ids(model)
+    def rebind(self, graph: ModelGraph) -> None:
+        """Follow the model after a removal replaced its parameters (``graph``: of the pruned model)."""
+        self.scaled = _scale_param_ids(graph.model)
         if self.neurons is not None:
-            self.neurons = neuron_partition(model, example)
+            self.neurons = neuron_partition(graph)
 
     def perturbation(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
         c = self.cfg
@@ -275,19 +278,3 @@ class SharpnessStep:
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
         return float(loss.detach())
-
-
-def save_bn_stats(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
-                if b is not None:
-                    out.append((b, b.detach().clone()))
-    return out
-
-
-@torch.no_grad()
-def restore_bn_stats(state) -> None:
-    for buf, saved in state:
-        buf.copy_(saved)

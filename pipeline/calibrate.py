@@ -13,33 +13,32 @@ import copy
 import dataclasses
 import logging
 
-from torch import nn
-
 from latprune.errors import BudgetBelowFloor
-from latprune.latency_tables.backends import Backend
 from latprune.latency_tables.endtoend import PairConfig, measure_speedup
-from latprune.latency_tables.table import EndToEnd, LatencyTable
-from latprune.pipeline.plan import PlanConfig, PruningPlan, build_plan
-from latprune.pipeline.prune import apply_plan_
+from latprune.latency_tables.runtimes import Backend
+from latprune.latency_tables.table import LatencyTable
+from latprune.models.graph import ModelGraph
+from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan
+
+__all__ = ["CalibratedPlan", "plan_to_budget"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class CalibratedPlan:
+    """The plan artifact: the validated plan and the table it was validated with (its end-to-end
+    term as the closed loop corrected it: what the pruning steps plan with)."""
+
     plan: PruningPlan
     wanted_ratio: float  # budget as a fraction of dense latency
     measured_ratio: float | None  # compact/dense measured for the chosen plan (None: not calibrated)
     history: list[dict]
-    e2e: EndToEnd | None = None  # the table's end-to-end term as the loop corrected it
-
-    def table(self, table: LatencyTable) -> LatencyTable:
-        """``table`` with the corrected end-to-end term: what the pruning steps plan with."""
-        return table.with_e2e(self.e2e) if self.e2e is not None else table
+    table: LatencyTable  # with the corrected end-to-end term (the profiled table's when not calibrated)
 
 
-def plan_to_budget(model: nn.Module, table: LatencyTable, wanted_ratio: float, cfg: PlanConfig,
-                   backend: Backend, input_shape: tuple[int, int, int], iters: int = 4,
+def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, cfg: PlanConfig,
+                   backend: Backend, iters: int = 4,
                    window: tuple[float, float] = (0.90, 0.98), timing: PairConfig = PairConfig(),
                    batches=None) -> CalibratedPlan:
     """Plan for ``wanted_ratio`` x dense latency, corrected by measurement until it lands in range.
@@ -49,6 +48,7 @@ def plan_to_budget(model: nn.Module, table: LatencyTable, wanted_ratio: float, c
     later, still lands under the budget (BENCHMARKS.md, "Timing drift"). Without a plan in the
     window, the best plan measured under its top is kept, else the fastest one measured.
     """
+    model, input_shape = graph.model, graph.input_shape
     lo, hi = window
     if not (0 < lo < hi <= 1):
         raise ValueError(f"calibration window must satisfy 0 < lo < hi <= 1, got {window}")
@@ -57,11 +57,11 @@ def plan_to_budget(model: nn.Module, table: LatencyTable, wanted_ratio: float, c
     e2e, measured, history, seen, tried = table.e2e, [], [], {}, []
     for i in range(max(iters, 1)):
         try:
-            plan = build_plan(model, table, target, cfg, input_shape, batches, e2e=e2e)
+            plan = build_plan(graph, table, target, cfg, batches, e2e=e2e)
         except BudgetBelowFloor as e:
             if i == 0 and e.floor_ms > wanted_ratio * table.dense_ms:
                 raise  # even the table says the budget cannot be reached
-            plan = build_plan(model, table, e.floor_ms, cfg, input_shape, batches, e2e=e2e)
+            plan = build_plan(graph, table, e.floor_ms, cfg, batches, e2e=e2e)
         widths = tuple(len(g.keep) for g in plan.groups)
         if widths in seen:  # the corrected table chose a plan already measured: nothing new to learn
             history.append({**seen[widths], "iteration": i + 1, "repeat_of": seen[widths]["iteration"]})
@@ -86,4 +86,4 @@ def plan_to_budget(model: nn.Module, table: LatencyTable, wanted_ratio: float, c
     under = [t for t in tried if t[0] <= hi * wanted_ratio]
     # the slowest plan under the window's top (the most channels), else the fastest plan seen
     ratio, plan, used = max(under, key=lambda t: t[0]) if under else min(tried, key=lambda t: t[0])
-    return CalibratedPlan(plan, wanted_ratio, ratio, history, used)
+    return CalibratedPlan(plan, wanted_ratio, ratio, history, table.with_e2e(used))

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from latprune.errors import BadInput
-from latprune.latency_tables.backends import RUNTIMES
 from latprune.latency_tables.endtoend import PairConfig
 from latprune.latency_tables.profile import ProfileConfig
+from latprune.latency_tables.runtimes import RUNTIMES, runtime_class
 from latprune.pipeline.adasap import SharpnessConfig
 from latprune.pipeline.data import DataConfig
 from latprune.pipeline.plan import PlanConfig
@@ -21,6 +21,8 @@ from latprune.pipeline.robustness import RobustnessConfig
 from latprune.pipeline.schedule import ScheduleConfig
 from latprune.pipeline.train import TrainConfig
 
+__all__ = ["BudgetConfig", "DeployConfig", "VerifyConfig", "GateConfig", "RunConfig", "default_cache_dir",
+           "load_config"]
 
 @dataclasses.dataclass(frozen=True)
 class BudgetConfig:
@@ -60,7 +62,7 @@ class BudgetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DeployConfig:
-    runtime: str = "ort"  # one of latency_tables.backends.RUNTIMES
+    runtime: str = "ort"  # one of latency_tables.runtimes.RUNTIMES
     batch: int = 32
     threads: int = 2
     fp16: bool = False  # torch-cuda, ort-trt and trt only
@@ -74,7 +76,7 @@ class DeployConfig:
             raise BadInput(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.batch < 1 or self.threads < 1:
             raise BadInput(f"--deploy-batch and --threads must be >= 1, got {self.batch}, {self.threads}")
-        if self.dynamic_batch and self.runtime in ("trt", "ort-trt"):
+        if self.dynamic_batch and runtime_class(self.runtime).static_shapes:
             raise BadInput("TensorRT engines here are built for static shapes (no optimisation profiles): "
                            "drop --dynamic-batch with this runtime")
 
@@ -115,7 +117,8 @@ class GateConfig:
         for k in ("max_accuracy_drop", "max_corruption_drop"):
             v = getattr(self, k)
             if v is not None and not (0 <= v <= 1):
-                raise BadInput(f"--{k.replace('_', '-')} is a fraction of accuracy in [0, 1] (0.01 = one point), got {v}")
+                raise BadInput(f"--{k.replace('_', '-')} is a fraction of accuracy in [0, 1] (0.01 = one point), "
+                               f"got {v}")
 
     @property
     def corruption_limit(self) -> float | None:
@@ -123,7 +126,8 @@ class GateConfig:
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("LATPRUNE_CACHE") or str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "latprune")
+    return (os.environ.get("LATPRUNE_CACHE")
+            or str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "latprune"))
 
 
 @dataclasses.dataclass(frozen=True)

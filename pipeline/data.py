@@ -28,6 +28,8 @@ import torch
 
 from latprune.errors import BadInput
 
+__all__ = ["FASHION_CLASSES", "DEBIAN_FMNIST", "DataConfig", "Split", "Dataset", "load_dataset"]
+
 log = logging.getLogger(__name__)
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",

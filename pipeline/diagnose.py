@@ -20,17 +20,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+import numpy as np
 
+from latprune.latency_tables.endtoend import predicted_latency
+from latprune.latency_tables.predict import LatencyModel
+from latprune.latency_tables.runtimes import RUNTIMES, runtime_class
 from latprune.latency_tables.table import Fingerprint, LatencyTable
-from latprune.pipeline.groups import dependency_graph, layer_widths, prunable_groups
+from latprune.models.graph import ModelGraph, layer_dims
+
+__all__ = ["hardware_multiple", "off_grid", "untouchable_share", "provider_placement", "diagnose"]
 
 
 def hardware_multiple(fp: Fingerprint) -> int:
     """Channel multiple the runtime vectorises over (fp32 SIMD lanes on a CPU, tensor-core tiles on a GPU)."""
     dev = fp.device.lower()
-    if "cuda" in fp.runtime or fp.runtime in ("trt", "ort-trt") or "nvidia" in dev:
+    if (fp.runtime in RUNTIMES and runtime_class(fp.runtime).on_gpu) or "nvidia" in dev:
         return 8
     if "avx512" in dev:
         return 16
@@ -39,31 +43,31 @@ def hardware_multiple(fp: Fingerprint) -> int:
     return 4
 
 
-def off_grid(compact: nn.Module, multiple: int, classifier: set[str]) -> list[dict[str, Any]]:
+def off_grid(compact: ModelGraph, multiple: int) -> list[dict[str, Any]]:
     out = []
-    for name, m in compact.named_modules():
-        if name in classifier:
+    for name, m in compact.model.named_modules():
+        dims = layer_dims(m)
+        if name in compact.classifier or dims is None:
             continue
-        n = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features if isinstance(m, nn.Linear) else None
-        if n is not None and n % multiple:
+        n = dims[1]
+        if n % multiple:
             out.append({"layer": name, "channels": n, "next_multiple": -(-n // multiple) * multiple})
     return out
 
 
-def untouchable_share(dense: nn.Module, compact: nn.Module, table: LatencyTable, unpruned: dict[str, str],
-                      input_shape: tuple[int, int, int], round_to: int) -> dict[str, Any]:
+def untouchable_share(dense: ModelGraph, compact: ModelGraph, table: LatencyTable, unpruned: dict[str, str],
+                      round_to: int) -> dict[str, Any]:
     """What pruning cannot remove: the table's prediction with every prunable group at its
     narrowest width (``round_to``; unpruned groups whole), as a share of the compact model's
     prediction. Also the layers no prunable group reaches at all."""
-    from latprune.pipeline.plan import LatencyModel, predicted_latency
-
-    groups = [cg for cg, _ in prunable_groups(dense, dependency_graph(dense, torch.zeros(1, *input_shape)))]
-    lm = LatencyModel(table, layer_widths(dense, groups, table.layer_keys))
+    groups = dense.groups
+    lm = LatencyModel(table, dense.layer_widths(table.layer_keys))
     free = {g.name for g in groups if g.name not in unpruned and g.size > round_to}
-    fixed = [l for l in lm.widths.dense if not ({lm.widths.out_group.get(l)} | set(lm.widths.in_groups.get(l, {}))) & free]
+    fixed = [lay for lay in lm.widths.dense
+             if not ({lm.widths.out_group.get(lay)} | set(lm.widths.in_groups.get(lay, {}))) & free]
     floor = lm.predict({g.name: (round_to if g.name in free else g.size) for g in groups})
-    dense_ms = lm.predict(dict(lm.widths.group_size))
-    compact_ms = predicted_latency(compact, table, input_shape)
+    dense_ms = lm.dense_ms()
+    compact_ms = predicted_latency(compact, table)
     return {"share": floor / compact_ms, "floor_ratio": floor / dense_ms, "compact_ratio": compact_ms / dense_ms,
             "floor_ms": floor, "predicted_ms": compact_ms, "round_to": round_to,
             "intercept_ms": table.e2e.intercept_ms, "fixed_layers": fixed}
@@ -74,8 +78,6 @@ def provider_placement(onnx_path: str | os.PathLike, session_factory) -> dict[st
 
     ``session_factory(path, profile_prefix)`` creates the session the deployment runtime would,
     with ORT's profiler writing under ``profile_prefix``."""
-    import numpy as np
-
     with tempfile.TemporaryDirectory() as tmp:
         sess = session_factory(str(onnx_path), str(Path(tmp) / "ort"))
         inp = sess.get_inputs()[0]
@@ -94,16 +96,12 @@ def provider_placement(onnx_path: str | os.PathLike, session_factory) -> dict[st
     return {"nodes": len(ops), "per_provider": dict(providers), "session_providers": sess.get_providers()}
 
 
-def diagnose(dense: nn.Module, compact: nn.Module, table: LatencyTable, unpruned: dict[str, str], round_to: int,
-             input_shape: tuple[int, int, int], fp: Fingerprint, requested_provider: str | None,
-             onnx_path: Path | None, session_factory=None) -> dict[str, Any]:
-    from latprune.pipeline.models import classifier_layers
-
-    names = {m: n for n, m in compact.named_modules()}
-    classifier = {names[m] for m in classifier_layers(compact) if m in names}
+def diagnose(dense: ModelGraph, compact: ModelGraph, table: LatencyTable, unpruned: dict[str, str], round_to: int,
+             fp: Fingerprint, requested_provider: str | None, onnx_path: Path | None,
+             session_factory=None) -> dict[str, Any]:
     k = hardware_multiple(fp)
-    out: dict[str, Any] = {"hardware_multiple": k, "off_grid": off_grid(compact, k, classifier),
-                           "untouchable": untouchable_share(dense, compact, table, unpruned, input_shape, round_to)}
+    out: dict[str, Any] = {"hardware_multiple": k, "off_grid": off_grid(compact, k),
+                           "untouchable": untouchable_share(dense, compact, table, unpruned, round_to)}
     if session_factory is not None and onnx_path is not None:
         placed = provider_placement(onnx_path, session_factory)
         placed["requested"] = requested_provider

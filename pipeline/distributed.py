@@ -12,7 +12,7 @@ read rank 0's files (one machine or a shared file system).
 
 Without torchrun (``WORLD_SIZE`` unset or 1) every helper here is a no-op for one process.
 
-Verified here only on the CPU with gloo (2 processes, ``tests/unit/test_distributed.py`` and a
+Verified here only on the CPU with gloo (2 processes, ``tests/pipeline/test_distributed.py`` and a
 torchrun CLI run). The CUDA path (nccl, ``device_ids`` in :func:`wrap`) is written against the
 documented API but has never run: no GPU on the build or CI machines.
 """
@@ -24,6 +24,9 @@ from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
+
+__all__ = ["world_size", "rank", "is_main", "init_from_env", "barrier", "broadcast", "on_main", "main_first", "wrap",
+           "sync_buffers", "shard", "describe"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

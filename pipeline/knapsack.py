@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+__all__ = ["solve_mckp", "GroupChoices", "PlanSolution", "plan_widths", "BudgetUnreachable", "prefix_values"]
+
 log = logging.getLogger(__name__)
 
 
@@ -161,14 +163,6 @@ class BudgetUnreachable(Exception):
     def __init__(self, floor_ms: float, dense_ms: float):
         self.floor_ms, self.dense_ms = floor_ms, dense_ms
         super().__init__(f"smallest reachable predicted latency is {floor_ms:.3f} ms")
-
-
-def candidate_widths(n: int, round_to: int) -> np.ndarray:
-    """Widths a group may keep: multiples of ``round_to`` up to ``n``, and ``n`` itself."""
-    if round_to < 1:
-        raise ValueError(f"round_to must be >= 1, got {round_to}")
-    ws = list(range(round_to, n, round_to)) + [n]
-    return np.array(ws, dtype=int)
 
 
 def prefix_values(importance: np.ndarray, widths: np.ndarray) -> np.ndarray:

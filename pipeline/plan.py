@@ -13,46 +13,37 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import torch
-import torch_pruning as tp
 from torch import nn
 
 from latprune.errors import BadInput, BudgetBelowFloor
-from latprune.latency_tables.table import EndToEnd, LatencyTable, write_json_atomic
-from latprune.pipeline.groups import LayerWidths, dependency_graph, layer_widths, prunable_groups
-from latprune.pipeline.knapsack import (BudgetUnreachable, GroupChoices, candidate_widths, plan_widths,
-                                        prefix_values)
+from latprune.io import write_json_atomic
+from latprune.latency_tables.predict import LatencyModel
+from latprune.latency_tables.table import EndToEnd, LatencyTable
+from latprune.models.graph import ModelGraph
+from latprune.models.surgery import Removal, check_widths, prune_groups_
+from latprune.models.widths import candidate_widths
+from latprune.pipeline.importance import canonical_importance, group_importance
+from latprune.pipeline.knapsack import BudgetUnreachable, GroupChoices, plan_widths, prefix_values
+
+__all__ = ["PlanConfig", "GroupPlan", "PruningPlan", "build_plan", "build_param_plan", "apply_plan_", "count_params"]
 
 log = logging.getLogger(__name__)
-
-_IMPORTANCE: dict[str, Callable[[], Any]] = {
-    # Both normalise per group by the mean score, so scores compare across layers.
-    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean"),
-    "taylor": lambda: tp.importance.GroupTaylorImportance(normalizer="mean"),
-}
-
-
-def get_importance(name: str):
-    if name not in _IMPORTANCE:
-        raise BadInput(f"unknown importance {name!r}: use one of {', '.join(_IMPORTANCE)}")
-    return _IMPORTANCE[name]()
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
     round_to: int = 8
-    importance: str = "l2"
+    importance: str = "magnitude"  # a name of pipeline.importance ("l2": deprecated spelling of magnitude)
     max_iter: int = 20
-    taylor_batches: int = 4  # batches whose gradients feed the Taylor criterion
+    taylor_batches: int = 4  # batches whose gradients feed a gradient criterion (taylor)
 
     def __post_init__(self):
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1 channel, got {self.round_to}")
-        if self.importance not in _IMPORTANCE:
-            raise ValueError(f"importance must be one of {', '.join(_IMPORTANCE)}, got {self.importance!r}")
+        object.__setattr__(self, "importance", canonical_importance(self.importance))
 
 
 @dataclasses.dataclass
@@ -99,70 +90,9 @@ class PruningPlan:
             raise BadInput(f"plan {path} is corrupted ({e}): delete it and re-plan") from None
 
 
-@dataclasses.dataclass
-class LatencyModel:
-    """Whole-model latency prediction for any assignment of group widths (torch-free):
-    ``e2e.intercept_ms + e2e.slope * sum over layers of T(c_in, c_out)``.
-
-    ``e2e`` defaults to the table's fitted term; the closed loop passes a corrected one.
-    """
-
-    table: LatencyTable
-    widths: LayerWidths
-    e2e: EndToEnd | None = None
-
-    def __post_init__(self):
-        self.e2e = self.e2e or self.table.e2e
-
-    def layers_ms(self, kept: dict[str, int], layers=None) -> float:
-        return sum(self.table.lookup(l, *self.widths.widths(l, kept)) for l in (layers or self.widths.dense))
-
-    def predict(self, kept: dict[str, int]) -> float:
-        return self.e2e.predict(self.layers_ms(kept))
-
-
-def model_layers_ms(model: nn.Module, table: LatencyTable, input_shape: tuple[int, int, int]) -> float:
-    """The layer tables' sum for ``model`` at its current widths."""
-    groups = [cg for cg, _ in prunable_groups(model, dependency_graph(model, torch.zeros(1, *input_shape)))]
-    lm = LatencyModel(table, layer_widths(model, groups, table.layer_keys))
-    return lm.layers_ms(dict(lm.widths.group_size))
-
-
-def predicted_latency(model: nn.Module, table: LatencyTable, input_shape: tuple[int, int, int]) -> float:
-    """The table's whole-model prediction for ``model`` at its current widths."""
-    return table.e2e.predict(model_layers_ms(model, table, input_shape))
-
-
-def group_importance(model: nn.Module, dg, groups, criterion: str,
-                     batches=None) -> dict[str, np.ndarray]:
-    """Per-channel importance of each group, normalised per group (mean 1)."""
-    imp = get_importance(criterion)
-    if criterion == "taylor":
-        if batches is None:
-            raise ValueError("Taylor importance needs data batches for gradients")
-        from latprune.pipeline.adasap import save_bn_stats, restore_bn_stats
-
-        model.zero_grad()
-        was_training, bn_state = model.training, save_bn_stats(model)
-        model.train()
-        for x, y in batches:
-            nn.functional.cross_entropy(model(x), y).backward()
-        restore_bn_stats(bn_state)  # scoring must not move BatchNorm's running statistics
-        model.train(was_training)
-    with torch.no_grad():
-        scores = {cg.name: imp(g).detach().cpu().double().numpy() for cg, g in groups}
-    if criterion == "taylor":
-        model.zero_grad(set_to_none=True)
-    for name, s in scores.items():
-        if not np.all(np.isfinite(s)):
-            scores[name] = np.nan_to_num(s, nan=0.0, posinf=0.0)
-    return scores
-
-
-def build_plan(model: nn.Module, table: LatencyTable, target_ms: float, cfg: PlanConfig,
-               input_shape: tuple[int, int, int], batches=None,
+def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: PlanConfig, batches=None,
                min_widths: dict[str, int] | None = None, e2e: EndToEnd | None = None) -> PruningPlan:
-    """Plan which channels of ``model`` to keep so the predicted latency is at most ``target_ms``.
+    """Plan which channels of ``graph.model`` to keep so the predicted latency is at most ``target_ms``.
 
     ``min_widths`` (by group) bounds how far each group may shrink: iterative pruning passes the
     final plan's widths, so intermediate steps never cut a group below where it must end. ``e2e``
@@ -170,33 +100,32 @@ def build_plan(model: nn.Module, table: LatencyTable, target_ms: float, cfg: Pla
     """
     if target_ms <= 0:
         raise BadInput(f"latency target must be > 0 ms, got {target_ms}")
-    dg = dependency_graph(model, torch.zeros(1, *input_shape))
-    groups = prunable_groups(model, dg)
-    unmeasured = table.meta.get("unmeasured", {})
-    stale = [l for cg, _ in groups for l in cg.producers if l not in table.layer_keys and l not in unmeasured]
+    groups = graph.groups
+    unmeasured = table.unmeasured
+    stale = [lay for cg in groups for lay in cg.producers if lay not in table.layer_keys and lay not in unmeasured]
     if stale:
         raise BadInput(f"latency table has no entry for layers {stale[:3]}: re-profile this model")
     unpruned = {}
-    for cg, _ in groups:
-        why = [f"{l}: {unmeasured[l]}" for l in cg.producers if l in unmeasured]
+    for cg in groups:
+        why = [f"{lay}: {unmeasured[lay]}" for lay in cg.producers if lay in unmeasured]
         if why:
             unpruned[cg.name] = "not profiled (" + "; ".join(why) + ")"
         elif cg.size <= cfg.round_to:
             unpruned[cg.name] = f"{cg.size} channels, not more than --round-to {cfg.round_to}"
     for name, why in unpruned.items():  # once per run: iterative steps (min_widths) plan again
         log.log(logging.DEBUG if min_widths else logging.WARNING, "group %s stays unpruned: %s", name, why)
-    scores = group_importance(model, dg, groups, cfg.importance, batches)
-    lw = layer_widths(model, [cg for cg, _ in groups], table.layer_keys)
+    scores = group_importance(graph, cfg.importance, batches)
+    lw = graph.layer_widths(table.layer_keys)
     lm = LatencyModel(table, lw, e2e)
     choices = []
-    for cg, _ in groups:
+    for cg in groups:
         ws = candidate_widths(cg.size, cfg.round_to)
         if cg.name in unpruned:
             ws = ws[-1:]
         if min_widths and cg.name in min_widths:
             ws = ws[ws >= min(min_widths[cg.name], cg.size)]
         choices.append(GroupChoices(cg.name, ws, prefix_values(scores[cg.name], ws)))
-    touches = {cg.name: _touch_fn(lm, lw.touched_by(cg.name)) for cg, _ in groups}
+    touches = {cg.name: _touch_fn(lm, lw.touched_by(cg.name)) for cg in groups}
     try:
         sol = plan_widths(choices, lm.predict, touches, target_ms, cfg.max_iter)
     except BudgetUnreachable as e:
@@ -207,17 +136,16 @@ def build_plan(model: nn.Module, table: LatencyTable, target_ms: float, cfg: Pla
             e.floor_ms, e.dense_ms,
         ) from None
     plans = []
-    for cg, _ in groups:
+    for cg in groups:
         k = sol.widths[cg.name]
         keep = np.sort(np.argsort(-scores[cg.name], kind="stable")[:k]).tolist()
         plans.append(GroupPlan(cg.name, cg.size, keep))
-    dense_kept = dict(lw.group_size)
     log.info("plan: predicted %.3f ms for target %.3f ms (dense %.3f ms), %d iterations",
-             sol.predicted_ms, target_ms, lm.predict(dense_kept), sol.iterations)
+             sol.predicted_ms, target_ms, lm.dense_ms(), sol.iterations)
     return PruningPlan(
-        target_ms=target_ms, predicted_ms=sol.predicted_ms, dense_predicted_ms=lm.predict(dense_kept),
+        target_ms=target_ms, predicted_ms=sol.predicted_ms, dense_predicted_ms=lm.dense_ms(),
         layers_ms=lm.layers_ms(sol.widths), e2e=lm.e2e.to_dict() | {"points": len(lm.e2e.points)}, groups=plans,
-        layer_channels={l: list(lw.widths(l, sol.widths)) for l in lw.dense},
+        layer_channels={lay: list(lw.widths(lay, sol.widths)) for lay in lw.dense},
         iterations=sol.iterations, history=sol.history, importance=cfg.importance, round_to=cfg.round_to,
         unpruned=unpruned,
     )
@@ -232,29 +160,26 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_param_plan(model: nn.Module, table: LatencyTable, cfg: PlanConfig, input_shape: tuple[int, int, int],
-                     keep: int | None = None, max_params: int | None = None, batches=None) -> PruningPlan:
+def build_param_plan(graph: ModelGraph, table: LatencyTable, cfg: PlanConfig, keep: int | None = None,
+                     max_params: int | None = None, batches=None) -> PruningPlan:
     """AdaSAP_P's plan: the ``keep`` channels ranked highest *globally* (importance normalised per
     group, then compared across groups; every group keeps at least one channel), or, with
     ``max_params``, the largest such count whose pruned model has at most that many parameters
     (parameters grow with the count because the global top-n sets are nested: a binary search over
     pruned copies). No ``round_to`` here: this is the parameter-targeted ablation; the latency the
     table predicts for it is recorded, not constrained."""
-    from latprune.pipeline.prune import apply_plan_
-
-    dg = dependency_graph(model, torch.zeros(1, *input_shape))
-    groups = prunable_groups(model, dg)
-    scores = group_importance(model, dg, groups, cfg.importance, batches)
-    names = [cg.name for cg, _ in groups]
-    owner = np.concatenate([np.full(cg.size, i) for i, (cg, _) in enumerate(groups)])
-    local = np.concatenate([np.arange(cg.size) for cg, _ in groups])
+    model, groups = graph.model, graph.groups
+    scores = group_importance(graph, cfg.importance, batches)
+    names = [cg.name for cg in groups]
+    owner = np.concatenate([np.full(cg.size, i) for i, cg in enumerate(groups)])
+    local = np.concatenate([np.arange(cg.size) for cg in groups])
     order = np.argsort(-np.concatenate([scores[n] for n in names]), kind="stable")
     total = len(order)
 
     def plan_for(n: int) -> list[GroupPlan]:
         top = order[:n]
         out = []
-        for i, (cg, _) in enumerate(groups):
+        for i, cg in enumerate(groups):
             kept = np.sort(local[top[owner[top] == i]])
             if kept.size == 0:
                 kept = np.array([int(np.argmax(scores[cg.name]))])
@@ -262,8 +187,8 @@ def build_param_plan(model: nn.Module, table: LatencyTable, cfg: PlanConfig, inp
         return out
 
     def params_for(n: int) -> int:
-        probe = PruningPlan(0.0, 0.0, 0.0, 0.0, {}, plan_for(n), {}, 0, [], cfg.importance, 1)
-        return count_params(apply_plan_(copy.deepcopy(model), probe, input_shape))
+        probe = copy.deepcopy(model)
+        return count_params(prune_groups_(ModelGraph(probe, graph.input_shape), {g.name: g.keep for g in plan_for(n)}))
 
     if max_params is not None:
         lo, hi = len(groups), total
@@ -278,12 +203,28 @@ def build_param_plan(model: nn.Module, table: LatencyTable, cfg: PlanConfig, inp
         raise ValueError("build_param_plan needs keep or max_params")
     keep = int(min(max(keep, len(groups)), total))
     plans = plan_for(keep)
-    lw = layer_widths(model, [cg for cg, _ in groups], table.layer_keys)
+    lw = graph.layer_widths(table.layer_keys)
     lm = LatencyModel(table, lw)
     kept = {g.name: len(g.keep) for g in plans}
     predicted = lm.predict(kept)
     return PruningPlan(
-        target_ms=predicted, predicted_ms=predicted, dense_predicted_ms=lm.predict(dict(lw.group_size)),
-        layers_ms=lm.layers_ms(kept), e2e=lm.e2e.to_dict() | {"points": len(lm.e2e.points)}, groups=plans, layer_channels={l: list(lw.widths(l, kept)) for l in lw.dense},
+        target_ms=predicted, predicted_ms=predicted, dense_predicted_ms=lm.dense_ms(),
+        layers_ms=lm.layers_ms(kept), e2e=lm.e2e.to_dict() | {"points": len(lm.e2e.points)}, groups=plans,
+        layer_channels={lay: list(lw.widths(lay, kept)) for lay in lw.dense},
         iterations=1, history=[{"kept_neurons": keep, "neurons": total}], importance=cfg.importance, round_to=1,
     )
+
+
+def apply_plan_(model: nn.Module, plan: PruningPlan, input_shape: tuple[int, int, int], record: Removal | None = None,
+                graph: ModelGraph | None = None) -> nn.Module:
+    """Remove the channels ``plan`` drops from ``model``, physically (``models.surgery``); fill
+    ``record`` with what every touched layer kept. ``graph``: ``model``'s graph, when the caller has
+    it (it is stale afterwards)."""
+    graph = graph or ModelGraph(model, input_shape)
+    sizes = graph.sizes()
+    for gp in plan.groups:
+        if gp.name in sizes and sizes[gp.name] != gp.size:
+            raise BadInput(f"group {gp.name} has {sizes[gp.name]} channels, the plan expects {gp.size}: re-plan")
+    prune_groups_(graph, {gp.name: gp.keep for gp in plan.groups}, record)
+    check_widths(model, plan.layer_channels)
+    return model

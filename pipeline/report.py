@@ -17,7 +17,8 @@ accuracies are fractions in [0, 1]; sizes in bytes.
   image), ``channels`` (output channels per conv/linear layer); dense: ``pretrain``; compact:
   ``predicted_ratio``.
 - ``speedup`` = dense.latency_ms / compact.latency_ms (the paired per-round ratio);
-  ``speedup_ci95`` [lo, hi], bootstrap over rounds; ``verify``: ``pair_ratios`` (compact/dense of each pair of sessions), ``timing``.
+  ``speedup_ci95`` [lo, hi], bootstrap over rounds; ``verify``: ``pair_ratios`` (compact/dense of each
+  pair of sessions), ``timing``.
 - ``gates``: list of {``name``, ``ok``, ``detail``, and for thresholds ``limit`` and ``value``},
   in order: ``parity``, ``onnx_shrink``, [``tensorrt_parity``], ``latency`` or ``params``,
   [``accuracy``], [``corruption_accuracy``] (drops are dense minus compact). The exit status is
@@ -31,7 +32,10 @@ accuracies are fractions in [0, 1]; sizes in bytes.
   ``contract`` (the preprocessing contract also stored in the files' metadata).
 - ``tensorrt``: null unless ``--runtime trt``: ``engines`` (per engine ``file``, ``layers``,
   ``size_bytes``, ``build_s``, ``fp16``, ``opt_level``, ``timing_cache``), ``parity`` (as above,
-  against ONNX Runtime), ``latency`` (per engine ``gpu_compute`` and ``end_to_end`` statistics),
+  against ONNX Runtime), ``latency`` (per engine ``gpu_compute`` and ``end_to_end`` per-call
+  statistics of ``latency_tables.timing.latency_stats``: ``p50_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms``,
+  ``std_ms``, ``min_ms``, ``max_ms``, ``cv``, ``count``; before this layout they said ``median_ms`` for
+  ``p50_ms``: the path has never run on a GPU, so no report with the old keys exists),
   ``verified_on_gpu`` (false until the path has run on a GPU), ``note``.
 - ``layer_latency``: per profiled layer of the compact model: ``layer``, ``c_in``, ``c_out``,
   ``dense_c_in``, ``dense_c_out``, ``predicted_ms`` (table at the compact widths),
@@ -61,13 +65,91 @@ accuracies are fractions in [0, 1]; sizes in bytes.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+from latprune.io import write_bytes_atomic, write_json_atomic
+from latprune.latency_tables.device import environment
+from latprune.latency_tables.endtoend import SpeedResult
 from latprune.latency_tables.plots import pyplot, save_png
-from latprune.latency_tables.table import write_bytes_atomic, write_json_atomic
+from latprune.latency_tables.runtimes import runtime_class
+from latprune.latency_tables.table import LatencyTable
+from latprune.pipeline.calibrate import CalibratedPlan
+from latprune.pipeline.gates import budget_verdict, check_gates
+from latprune.pipeline.stages import (
+    CompactModel,
+    DenseModel,
+    Diagnosis,
+    Evaluation,
+    ExportResult,
+    Inputs,
+    RunDir,
+    channels,
+)
+
+__all__ = ["SCHEMA_VERSION", "build_report", "write_report", "render_markdown"]
 
 SCHEMA_VERSION = 2  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output
+ROBUSTNESS_SUITE = "CIFAR-10-C-style (imagecorruptions-imaug: 15 corruptions x 5 severities)"
+
+
+def build_report(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactModel, table: LatencyTable,
+                 cal: CalibratedPlan, ex: ExportResult, speed: SpeedResult, ev: Evaluation,
+                 diag: Diagnosis) -> dict[str, Any]:
+    """report.json (without ``schema_version``) from the stages' artifacts; ``table`` is the
+    profiled table, ``cal.table`` the one the closed loop corrected. Measures nothing."""
+    cfg, fp = inp.cfg, inp.backend.fingerprint(inp.input_shape)
+    dense_ms, compact_ms = speed.dense["median_ms"], speed.compact_ms
+    ft = compact.training
+    robustness = None
+    if ev.robustness is not None:
+        robustness = {**dataclasses.asdict(ev.robustness), "dense": dataclasses.asdict(ev.dense_robustness),
+                      "suite": ROBUSTNESS_SUITE}
+    report = {
+        "model": inp.spec.name, "data": inp.data.name,
+        "budget": budget_verdict(cfg, dense_ms, compact_ms, ev.dense_params, ev.compact_params),
+        "dense": {"latency_ms": dense_ms, "latency_p90_ms": speed.dense["p90_ms"], "cv": speed.dense["cv"],
+                  "predicted_ms": table.dense_ms, "accuracy": ev.dense_accuracy, "params": ev.dense_params,
+                  "macs": ev.dense_macs, "channels": channels(dense.model), "pretrain": dense.info},
+        "compact": {"latency_ms": compact_ms, "latency_pooled_median_ms": speed.compact["median_ms"],
+                    "latency_p90_ms": speed.compact["p90_ms"], "cv": speed.compact["cv"],
+                    "predicted_ms": ft["predicted_ms"] * dense_ms / table.dense_ms,
+                    "predicted_ratio": ft["predicted_ms"] / table.dense_ms,
+                    "accuracy": ev.compact_accuracy, "params": ev.compact_params, "macs": ev.compact_macs,
+                    "channels": channels(compact.model)},
+        "training": ft,
+        "robustness": robustness,
+        "speedup": speed.speedup, "speedup_ci95": list(speed.speedup_ci95),
+        "parity": ex.parity.to_dict(),
+        "onnx": {"dense": ex.dense.to_dict(), "compact": ex.compact.to_dict(), "shrink": ex.shrink,
+                 "contract": ex.contract},
+        "tensorrt": ex.tensorrt,
+        "layer_latency": diag.layers,
+        "why_not_faster": diag.why_not_faster,
+        "runtime": {"name": runtime_class(fp.runtime).library, "backend": fp.runtime,
+                    "version": fp.runtime_version, "provider": fp.provider, "threads": fp.threads, "batch": fp.batch,
+                    "input_shape": [fp.batch, *fp.input_shape], "device": fp.device, "dtype": fp.dtype},
+        "plan": {"importance": cal.plan.importance, "round_to": cal.plan.round_to,
+                 "table_target_ms": cal.plan.target_ms, "table_predicted_ms": cal.plan.predicted_ms,
+                 "table_layers_ms": cal.plan.layers_ms, "e2e": cal.plan.e2e, "unpruned": cal.plan.unpruned,
+                 "knapsack_iterations": cal.plan.iterations,
+                 "calibration": cal.history, "calibrated_ratio": cal.measured_ratio},
+        "table": {"entries": table.entries, "dense_ms_at_profile": table.dense_ms,
+                  "e2e": {"intercept_ms": table.e2e.intercept_ms, "slope": table.e2e.slope,
+                          "points": len(table.e2e.points)},
+                  "validation": _validation_summary(table), "unmeasured": table.unmeasured},
+        "verify": {"pair_ratios": speed.repeats, "timing": dataclasses.asdict(cfg.verify)},
+        "seed": cfg.seed, "stage_seconds": dict(rd.seconds), "environment": environment(),
+        "artifacts": sorted(p.name for p in rd.path.iterdir() if not p.name.startswith(".")),
+    }
+    report["gates"] = check_gates(cfg.gates, report)
+    return report
+
+
+def _validation_summary(table: LatencyTable) -> dict[str, Any] | None:
+    v = table.validation
+    return None if v is None else {k: v[k] for k in ("k", "median_rel_err", "p90_rel_err", "max_rel_err")}
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
@@ -94,7 +176,8 @@ def plot_channels(r: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("output channels")
     ax.set_title(
         f"{r['model']}: {r['dense']['latency_ms']:.2f} -> {r['compact']['latency_ms']:.2f} ms/batch of "
-        f"{r['runtime']['batch']} ({r['runtime']['name']}), {_budget_short(r['budget'])}; accuracy {r['dense']['accuracy']:.3f} -> {r['compact']['accuracy']:.3f}",
+        f"{r['runtime']['batch']} ({r['runtime']['name']}), {_budget_short(r['budget'])}; "
+        f"accuracy {r['dense']['accuracy']:.3f} -> {r['compact']['accuracy']:.3f}",
         fontsize=8,
     )
     ax.legend(fontsize=8)
@@ -111,15 +194,18 @@ def plot_layer_latency(r: dict[str, Any], path: Path) -> Path:
     names = [f"{x['layer']}\n{x['dense_c_in']}x{x['dense_c_out']}->{x['c_in']}x{x['c_out']}" for x in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * len(rows) + 2), 4.6))
     x = range(len(rows))
-    ax.bar([i - 0.27 for i in x], [v["dense_predicted_ms"] for v in rows], 0.27, label="dense widths, table", color="#c9d1d9")
+    ax.bar([i - 0.27 for i in x], [v["dense_predicted_ms"] for v in rows], 0.27, label="dense widths, table",
+           color="#c9d1d9")
     ax.bar(list(x), [v["predicted_ms"] for v in rows], 0.27, label="compact widths, table (predicted)", color="#9ecae1")
-    ax.bar([i + 0.27 for i in x], [v["measured_ms"] for v in rows], 0.27, label="compact widths, measured now", color="#1f77b4")
+    ax.bar([i + 0.27 for i in x], [v["measured_ms"] for v in rows], 0.27, label="compact widths, measured now",
+           color="#1f77b4")
     ax.set_xticks(list(x), names, rotation=75, ha="right", fontsize=6)
     ax.set_ylabel(f"ms per batch of {r['runtime']['batch']} (layer alone)")
     ax.set_xlabel("layer and its widths (c_in x c_out): dense -> compact", fontsize=8)
     pred = sum(v["predicted_ms"] for v in rows)
     meas = sum(v["measured_ms"] for v in rows)
-    ax.set_title(f"Per-layer latency on {r['runtime']['name']} ({r['runtime']['threads']} threads): compact layers sum to "
+    ax.set_title(f"Per-layer latency on {r['runtime']['name']} ({r['runtime']['threads']} threads): "
+                 "compact layers sum to "
                  f"{meas:.2f} ms measured vs {pred:.2f} ms predicted", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -155,11 +241,13 @@ def _table_section(r: dict[str, Any]) -> list[str]:
     e = t.get("e2e") or {}
     lines = ["## Latency table", "",
              f"{t.get('entries')} measured entries; whole-model prediction = {_fmt(e.get('intercept_ms'))} ms + "
-             f"{_fmt(e.get('slope'))} x (sum of the layer tables), fitted on {e.get('points')} configurations timed end "
+             f"{_fmt(e.get('slope'))} x (sum of the layer tables), fitted on {e.get('points')} "
+             "configurations timed end "
              "to end. Staircases: ![staircases](table_staircases.png)"]
     v = t.get("validation")
     if v:
-        lines += ["", f"Validated on {v['k']} random pruned configurations: median error {100 * v['median_rel_err']:.1f} %, "
+        lines += ["", f"Validated on {v['k']} random pruned configurations: "
+                  f"median error {100 * v['median_rel_err']:.1f} %, "
                   f"p90 {100 * v['p90_rel_err']:.1f} %, max {100 * v['max_rel_err']:.1f} %. "
                   "![predicted vs measured](table_validation.png)"]
     else:
@@ -187,10 +275,12 @@ def _export_section(r: dict[str, Any]) -> list[str]:
     d, c, p = o["dense"], o["compact"], r["parity"]
     lines = ["## Exported files", "",
              "| file | opset | input | size (bytes) | sha256 |", "|---|---:|---|---:|---|",
-             *[f"| {a['file']} | {a['opset']} | {a['input_shape']} | {a['size_bytes']:,} | `{a['sha256'][:16]}` |" for a in (d, c)],
+             *[f"| {a['file']} | {a['opset']} | {a['input_shape']} | {a['size_bytes']:,} | `{a['sha256'][:16]}` |"
+               for a in (d, c)],
              "",
              f"Parity (ONNX Runtime CPU against torch, {p['images']} test images in {p['batches']} batches; an element "
-             f"passes when |diff| <= {p['atol']:g} + {p['rtol']:g} x |torch|, top-1 must agree on {p['min_top1']:.0%}):",
+             f"passes when |diff| <= {p['atol']:g} + {p['rtol']:g} x |torch|, "
+             f"top-1 must agree on {p['min_top1']:.0%}):",
              "", "| output | max abs diff | max rel diff | top-1 agreement | verdict |", "|---|---:|---:|---:|---|"]
     for x in p["outputs"]:
         t1 = "n/a" if x["top1_agreement"] is None else f"{x['top1_agreement']:.4f}"
@@ -207,7 +297,8 @@ def _export_section(r: dict[str, Any]) -> list[str]:
                   "|---|---:|---:|---:|---:|"]
         for k2, e in t["engines"].items():
             lat = t["latency"][k2]
-            lines.append(f"| {e['file']} | {e['size_bytes']:,} | {e['build_s']:.1f} | {lat['gpu_compute']['median_ms']:.3f} | "
+            lines.append(f"| {e['file']} | {e['size_bytes']:,} | {e['build_s']:.1f} | "
+                         f"{lat['gpu_compute']['median_ms']:.3f} | "
                          f"{lat['end_to_end']['median_ms']:.3f} |")
         lines += ["", f"Engine parity: {t['parity']['detail']}."]
     return lines
@@ -230,7 +321,8 @@ def _why_section(r: dict[str, Any]) -> list[str]:
     if og:
         lines.append(f"- **Widths off the hardware grid** (multiples of {k} on this device): "
                      + ", ".join(f"`{x['layer']}` {x['channels']} (next {x['next_multiple']})" for x in og[:12])
-                     + (f" and {len(og) - 12} more" if len(og) > 12 else "") + f"; `--round-to {k}` keeps widths on it.")
+                     + (f" and {len(og) - 12} more" if len(og) > 12 else "")
+                     + f"; `--round-to {k}` keeps widths on it.")
     else:
         lines.append(f"- **Widths**: every pruned width is a multiple of {k}, the width this device vectorises over.")
     p = w.get("providers")
@@ -274,7 +366,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"| parameters | {d['params']:,} | {c['params']:,} |",
         f"| MACs (per image) | {d['macs']:,} | {c['macs']:,} |",
         "",
-        f"Speedup {r['speedup']:.2f}x, paired by interleaved round (95% bootstrap interval over rounds {r['speedup_ci95'][0]:.2f}-"
+        f"Speedup {r['speedup']:.2f}x, paired by interleaved round (95% bootstrap interval over rounds "
+        f"{r['speedup_ci95'][0]:.2f}-"
         f"{r['speedup_ci95'][1]:.2f}); MACs reduced {d['macs'] / max(c['macs'], 1):.2f}x.",
         "",
         *_gates_section(r),
@@ -320,7 +413,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += ["", f"## Robustness: {rob['suite']}, first {rob['eval_images']} test images", "",
                   "| | dense | compact |", "|---|---:|---:|",
                   f"| clean accuracy | {rob['dense']['clean_acc']:.4f} | {rob['clean_acc']:.4f} |",
-                  f"| corruption accuracy (mean of 75) | {rob['dense']['corruption_acc']:.4f} | {rob['corruption_acc']:.4f} |",
+                  f"| corruption accuracy (mean of 75) | {rob['dense']['corruption_acc']:.4f} | "
+                  f"{rob['corruption_acc']:.4f} |",
                   f"| R_C = corruption / clean | {rob['dense']['R_C']:.3f} | {rob['R_C']:.3f} |"]
         lines += [f"| {name} | {rob['dense']['per_corruption'][name]:.4f} | {acc:.4f} |"
                   for name, acc in rob["per_corruption"].items()]
@@ -329,5 +423,6 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {d['channels'].get(name, '?')} | {k} |")
     lines += ["", "## Stage times (s)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in r["stage_seconds"].items()]
-    lines += ["", f"Seed {r['seed']}. Environment: " + ", ".join(f"{k} {v}" for k, v in r["environment"].items() if v), ""]
+    lines += ["", f"Seed {r['seed']}. Environment: "
+              + ", ".join(f"{k} {v}" for k, v in r["environment"].items() if v), ""]
     return "\n".join(lines)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latprune.errors import BadInput
+from latprune.io import save_npy_atomic
 from latprune.pipeline.data import Dataset, Split
+from latprune.pipeline.train import evaluate
+
+__all__ = ["CORRUPTIONS", "SEVERITIES", "RobustnessConfig", "Robustness", "corrupted_test_set", "evaluate_robustness"]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def corrupted_test_set(data: Dataset, images: int, cache_dir: Path, seed: int = 
         bar.close()
     finally:
         np.random.set_state(state)
-    _save_atomic_array(out, path)
+    save_npy_atomic(out, path)
     log.info("corrupted test set: %d images x %d corruptions x %d severities, cached at %s", n, len(CORRUPTIONS),
              len(SEVERITIES), path)
     return clean, out
@@ -96,8 +98,6 @@ def corrupted_test_set(data: Dataset, images: int, cache_dir: Path, seed: int = 
 @torch.no_grad()
 def evaluate_robustness(model: nn.Module, data: Dataset, clean: Split, corrupted: np.ndarray,
                         batch_size: int = 500) -> Robustness:
-    from latprune.pipeline.train import evaluate
-
     clean_acc = evaluate(model, data, clean, batch_size)
     acc = np.zeros(corrupted.shape[:2])
     for ci in range(corrupted.shape[0]):
@@ -110,17 +110,3 @@ def evaluate_robustness(model: nn.Module, data: Dataset, clean: Split, corrupted
         per_severity={int(s): float(acc[:, i].mean()) for i, s in enumerate(SEVERITIES)},
         eval_images=len(clean),
     )
-
-
-def _save_atomic_array(arr: np.ndarray, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

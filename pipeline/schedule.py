@@ -39,14 +39,20 @@ import torch
 from torch import nn
 
 from latprune.errors import BadInput
+from latprune.io import save_torch_atomic
+from latprune.latency_tables.endtoend import predicted_latency
 from latprune.latency_tables.table import LatencyTable
+from latprune.models.arch import layer_shapes, reshape_
+from latprune.models.graph import ModelGraph
+from latprune.models.surgery import Removal
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import SharpnessConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import Dataset
-from latprune.pipeline.plan import (PlanConfig, PruningPlan, build_param_plan, build_plan, count_params,
-                                    predicted_latency)
-from latprune.pipeline.prune import Removal, apply_plan_
-from latprune.pipeline.train import Resume, TrainConfig, make_optimizer, save_atomic, sgd_step, train
+from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_param_plan, build_plan, count_params
+from latprune.pipeline.train import Resume, TrainConfig, make_optimizer, sgd_step, train
+
+__all__ = ["TARGETS", "PHASES", "ScheduleConfig", "ScheduleResult", "prune_rule", "finetune_rule",
+           "measure_sharpness", "train_and_prune_", "step_time_ratio"]
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +100,13 @@ class ScheduleResult:
     resumed: list[dict[str, Any]]  # where each resume picked up (phase, iteration)
 
 
-def prune_rule(model: nn.Module, sharp: SharpnessConfig, input_shape) -> Any:
+def prune_rule(graph: ModelGraph, sharp: SharpnessConfig) -> Any:
     """The method's step rule for warm-up and pruning (AdaSAP: adaptive per-neuron radii)."""
     if sharp.method == "sgd":
         return sgd_step
     if sharp.method in ("sam", "asam"):
-        return SharpnessStep(model, sharp)
-    return SharpnessStep(model, sharp, neuron_partition(model, torch.zeros(1, *input_shape)))
+        return SharpnessStep(graph.model, sharp)
+    return SharpnessStep(graph.model, sharp, neuron_partition(graph))
 
 
 def finetune_rule(model: nn.Module, sharp: SharpnessConfig) -> Any:
@@ -180,7 +186,7 @@ class _Schedule:
         self.plan_cfg, self.sched, self.sharp, self.ft = plan_cfg, sched, sharp, finetune
         self.input_shape, self.seed, self.progress = input_shape, seed, progress
         self.checkpoint, self.key, self.hook = checkpoint, key, hook
-        self.ex = torch.zeros(1, *input_shape)
+        self._graph: ModelGraph | None = None  # of the model as it is now; None after a change
         self.history: list[dict[str, Any]] = []
         self.phases: dict[str, dict[str, Any]] = {}
         self.sharpness: dict[str, Any] = {}
@@ -190,10 +196,15 @@ class _Schedule:
         self.k: float | None = None  # params target: final kept fraction of neurons
         self.m: int | None = None  # params target: neurons when pruning starts
 
+    @property
+    def graph(self) -> ModelGraph:
+        """The model's dependency graph, traced again only after a removal or a resume changed it."""
+        if self._graph is None:
+            self._graph = ModelGraph(self.model, self.input_shape)
+        return self._graph
+
     # ---- checkpoints ----
     def _state(self, phase: str, resume: Resume | None) -> dict[str, Any]:
-        from latprune.pipeline.compact import layer_shapes
-
         # the torch RNG travels in ``resume`` (train() reseeds at every phase start)
         return {"version": CHECKPOINT_VERSION, "key": self.key, "phase": phase,
                 "train": resume.to_dict() if resume else None,
@@ -203,12 +214,10 @@ class _Schedule:
 
     def _save(self, phase: str, resume: Resume | None) -> None:
         if self.checkpoint is not None and distributed.is_main():
-            save_atomic(self._state(phase, resume), self.checkpoint)
+            save_torch_atomic(self._state(phase, resume), self.checkpoint)
 
     def _load(self) -> tuple[str, Resume | None]:
         """(phase to continue, where inside it) from the checkpoint; the start without one."""
-        from latprune.pipeline.compact import reshape_
-
         if self.checkpoint is None or not self.checkpoint.exists():
             return PHASES[0], None
         try:
@@ -220,6 +229,7 @@ class _Schedule:
             log.info("training checkpoint %s is for other settings: starting over", self.checkpoint)
             return PHASES[0], None
         reshape_(self.model, ck["layers"])
+        self._graph = None
         self.model.load_state_dict(ck["model"])
         for a in ("history", "phases", "sharpness", "resumed", "l0", "p0", "k", "m"):
             setattr(self, a, ck[a])
@@ -241,7 +251,7 @@ class _Schedule:
         distributed.barrier()  # every rank has finished with the checkpoint
         if self.checkpoint is not None and distributed.is_main():
             self.checkpoint.unlink(missing_ok=True)
-        return ScheduleResult(self.history, predicted_latency(self.model, self.table, self.input_shape),
+        return ScheduleResult(self.history, predicted_latency(self.graph, self.table),
                               self.phases, self.sharpness, self.resumed)
 
     def _train(self, phase: str, cfg: TrainConfig, seed: int, rule, resume, callbacks=()) -> None:
@@ -252,7 +262,7 @@ class _Schedule:
         self.phases[phase] = dataclasses.asdict(res)
 
     def _warmup(self, resume) -> None:
-        rule = prune_rule(self.model, self.sharp, self.input_shape)
+        rule = prune_rule(self.graph, self.sharp)
         self._train("warmup", dataclasses.replace(self.ft, epochs=self.sched.warmup_epochs), self.seed, rule, resume)
 
     def _probe_batches(self):
@@ -271,15 +281,15 @@ class _Schedule:
         sched = self.sched
         if resume is None:  # the phase starts here: measure where pruning starts from
             self._probe("pre_pruning")
-            self.l0 = predicted_latency(self.model, self.table, self.input_shape)
+            self.l0 = predicted_latency(self.graph, self.table)
             self.p0 = count_params(self.model)
             if sched.target == "params":
                 plan = distributed.on_main(lambda: build_param_plan(
-                    self.model, self.table, self.plan_cfg, self.input_shape,
+                    self.graph, self.table, self.plan_cfg,
                     max_params=int(sched.param_ratio * self.p0), batches=self._taylor_batches))
                 self.m = plan.history[0]["neurons"]
                 self.k = plan.history[0]["kept_neurons"] / self.m
-        rule = prune_rule(self.model, self.sharp, self.input_shape)
+        rule = prune_rule(self.graph, self.sharp)
 
         def prune_step(it: int, m: nn.Module) -> Removal | None:
             if it % sched.prune_every:
@@ -287,9 +297,10 @@ class _Schedule:
             r = it // sched.prune_every
             plan, target = distributed.on_main(lambda: self._plan_step(m, r))  # one decision for all ranks
             rec = Removal()
-            apply_plan_(m, plan, self.input_shape, record=rec)
+            apply_plan_(m, plan, self.input_shape, record=rec, graph=self.graph)
+            self._graph = None  # the model changed: the next use traces it again
             if isinstance(rule, SharpnessStep):
-                rule.rebind(m, self.ex)  # the parameters were replaced
+                rule.rebind(self.graph)  # the parameters were replaced
             n_params = count_params(m)
             self.history.append({"step": r, "iteration": it, "target": target, "target_ms": plan.target_ms,
                                  "predicted_ms": plan.predicted_ms, "params": n_params,
@@ -320,14 +331,14 @@ class _Schedule:
         if self.sched.target == "params":
             if r == R:  # land on the parameter target exactly
                 budget = int(self.sched.param_ratio * self.p0)
-                return build_param_plan(m, self.table, self.plan_cfg, self.input_shape, max_params=budget,
+                return build_param_plan(self.graph, self.table, self.plan_cfg, max_params=budget,
                                         batches=self._taylor_batches), {"params": budget}
             keep = int(round(self.m * self.k ** (r / R)))
-            return build_param_plan(m, self.table, self.plan_cfg, self.input_shape, keep=keep,
+            return build_param_plan(self.graph, self.table, self.plan_cfg, keep=keep,
                                     batches=self._taylor_batches), {"neurons": keep}
         target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
         floor = {g.name: len(g.keep) for g in self.final.groups}
-        plan = build_plan(m, self.table, target, self.plan_cfg, self.input_shape, self._taylor_batches,
+        plan = build_plan(self.graph, self.table, target, self.plan_cfg, self._taylor_batches,
                           min_widths=floor)
         return plan, {"latency_ms": target}
 
@@ -345,7 +356,7 @@ def step_time_ratio(model: nn.Module, data: Dataset, sharp: SharpnessConfig, cfg
     rng = np.random.default_rng(12345)
     batches = [b for _, b in zip(range(steps), data.batches(data.train, cfg.batch_size, shuffle=True, rng=rng))]
     a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-    rule = prune_rule(a, sharp, input_shape)
+    rule = prune_rule(ModelGraph(a, input_shape), sharp)
     oa, ob = make_optimizer(a, cfg), make_optimizer(b, cfg)
     cpu_state = torch.get_rng_state()
     t_rule, t_sgd = [], []

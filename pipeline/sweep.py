@@ -14,9 +14,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
 from latprune.errors import BadInput, BudgetBelowFloor
-from latprune.latency_tables.table import write_bytes_atomic, write_json_atomic
+from latprune.io import write_bytes_atomic, write_json_atomic
+from latprune.latency_tables.plots import pyplot, save_png
 from latprune.pipeline.config import RunConfig
+from latprune.pipeline.run import run
+
+__all__ = ["parse_budgets", "SweepResult", "sweep", "plot_front", "render_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +46,6 @@ class SweepResult:
 
 
 def sweep(cfg: RunConfig, budgets: list[float]) -> SweepResult:
-    from latprune.pipeline.run import run
-
     if cfg.schedule.target == "params":
         raise BadInput("sweep runs latency budgets: drop --target params")
     out = Path(cfg.out or f"runs/{cfg.model.replace(':', '_').replace('/', '_')}-sweep-{datetime.now():%Y%m%d-%H%M%S}")
@@ -81,11 +86,6 @@ def sweep(cfg: RunConfig, budgets: list[float]) -> SweepResult:
 
 
 def plot_front(s: dict[str, Any], path: Path) -> Path:
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    from latprune.latency_tables.plots import pyplot, save_png
-
     plt = pyplot()
 
     ok = sorted((p for p in s["points"] if "latency_ratio" in p), key=lambda p: p["latency_ratio"])
@@ -106,7 +106,8 @@ def plot_front(s: dict[str, Any], path: Path) -> Path:
                    color=["#1f77b4" if p["met"] else "#d62728" for p in ok])
         for p in ok:
             ax.annotate(f"budget {p['budget']:.2f}: {p['latency_ratio']:.2f} of dense, {p['speedup']:.2f}x",
-                        (p["latency_ratio"], p[key]), textcoords="offset points", xytext=(-4, 8), ha="right", fontsize=7)
+                        (p["latency_ratio"], p[key]), textcoords="offset points", xytext=(-4, 8), ha="right",
+                        fontsize=7)
         ax.set_xlabel(f"measured latency / dense latency ({s['runtime']}, batch {s['batch']})")
         ax.set_ylabel(label)
         ax.set_xlim(0, 1.05)
@@ -140,7 +141,8 @@ def render_sweep(s: dict[str, Any]) -> str:
             continue
         st = p["status"] + (f" ({', '.join(p['failed_gates'])})" if p["failed_gates"] else "")
         lo, hi = p["speedup_ci95"]
-        lines.append(f"| {p['budget']:.2f} | {st} | {p['latency_ratio']:.3f} | {p['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+        lines.append(f"| {p['budget']:.2f} | {st} | {p['latency_ratio']:.3f} | "
+                     f"{p['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | "
                      f"{p['accuracy']:.4f} | {_f(p['corruption_acc'])} | {p['run_dir']} |")
     if d:
         lines += ["", "![accuracy-latency front](sweep.png)"]

@@ -2,7 +2,7 @@
 
 A :class:`StepRule` does one optimisation step (plain SGD, or the sharpness-aware rules of
 ``pipeline.adasap``), and callbacks run after each iteration: a pruning schedule returns the
-:class:`~latprune.pipeline.prune.Removal` it made, and the trainer rebuilds its optimizer around
+:class:`~latprune.models.surgery.Removal` it made, and the trainer rebuilds its optimizer around
 the new parameters, carrying every momentum buffer over (sliced, never reset). A ``save``
 callback writes checkpoints (atomically, by the caller); ``resume`` continues one bit for bit.
 Under torchrun the step sees the model wrapped in DistributedDataParallel and this rank's slice of
@@ -11,12 +11,8 @@ each global batch (``pipeline.distributed``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -25,9 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from latprune.io import cache_key, save_torch_atomic
+from latprune.models.surgery import Removal, carry_momentum_
 from latprune.pipeline import distributed
 from latprune.pipeline.data import Dataset, Split
-from latprune.pipeline.prune import Removal, carry_momentum_
+
+__all__ = ["TrainConfig", "StepRule", "sgd_step", "TrainResult", "make_optimizer", "Resume", "train", "evaluate",
+           "pretrained"]
 
 log = logging.getLogger(__name__)
 
@@ -207,24 +207,6 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
-def save_atomic(obj, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def cache_key(**parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def pretrained(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir: Path, key: dict,
                seed: int = 0, progress: bool = True) -> tuple[nn.Module, dict]:
     """Pre-train the dense model, or load it from the cache when the same setting was trained before."""
@@ -242,13 +224,13 @@ def pretrained(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir: Pat
             resume = Resume.from_dict(ck["train"])
 
     def save(m: nn.Module, r: Resume) -> None:
-        save_atomic({"model": m.state_dict(), "train": r.to_dict()}, partial)
+        save_torch_atomic({"model": m.state_dict(), "train": r.to_dict()}, partial)
 
     per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     res = train(model, data, cfg, seed=seed, progress=progress, desc="pre-train", resume=resume, save=save,
                 save_every=per_epoch)
     if distributed.is_main():
-        save_atomic(model.state_dict(), path)
+        save_torch_atomic(model.state_dict(), path)
         partial.unlink(missing_ok=True)
     log.info("pre-trained dense model: val accuracy %.4f, cached at %s", res.val_accuracy, path)
     return model, {"cached": False, "path": str(path), "val_accuracy": res.val_accuracy}

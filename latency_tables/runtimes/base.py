@@ -1,0 +1,152 @@
+"""The runtime contract and its registry (the runtimes themselves: ``latprune.latency_tables.runtimes``).
+
+Each backend is a template: the public methods (``layer_runner``, ``model_runner``, ``measure``)
+validate inputs and results (latency finite and > 0), the private ``_*_runner`` methods build a
+zero-argument callable that runs one batch, and ``_timer`` times one call. Backends register by
+name (``get_backend('ort')``); a miss lists the valid names. Heavy runtimes are imported lazily.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import math
+from typing import Callable, ClassVar
+
+from torch import nn
+
+from latprune.errors import BadInput
+from latprune.latency_tables.device import cpu_description, latprune_version
+from latprune.latency_tables.runtimes.convert import onnx_bytes
+from latprune.latency_tables.table import Fingerprint, LayerSignature
+from latprune.latency_tables.timing import Timing, time_interleaved, wall_clock_ms
+
+__all__ = ["Backend", "register_backend", "get_backend", "runtime_names", "runtime_class", "cuda_event_ms",
+           "require_cuda"]
+
+log = logging.getLogger(__name__)
+
+_BACKENDS: dict[str, type["Backend"]] = {}
+
+
+def register_backend(cls: type["Backend"]) -> type["Backend"]:
+    """Class decorator: make a runtime available by its ``name`` (CLI choices, configs, docs)."""
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def runtime_names() -> tuple[str, ...]:
+    """Every registered runtime, in registration order: the single source of the names."""
+    return tuple(_BACKENDS)
+
+
+def runtime_class(name: str, fp16: bool = False) -> type["Backend"]:
+    """The registered class of runtime ``name`` (its capabilities, without starting it)."""
+    if name not in _BACKENDS:
+        raise BadInput(f"unknown runtime {name!r}: use one of {', '.join(sorted(_BACKENDS))}")
+    cls = _BACKENDS[name]
+    if fp16 and not cls.supports_fp16:
+        fp16_ok = ", ".join(n for n, c in _BACKENDS.items() if c.supports_fp16)
+        raise BadInput(f"--fp16 is not available on runtime {name}: use {fp16_ok}")
+    return cls
+
+
+def get_backend(name: str, threads: int = 2, batch: int = 32, fp16: bool = False) -> "Backend":
+    return runtime_class(name, fp16)(threads=threads, batch=batch, fp16=fp16)
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    supports_fp16: ClassVar[bool] = False
+    loads_onnx: ClassVar[bool] = True  # whole models are timed from ONNX files (else as nn.Modules)
+    static_shapes: ClassVar[bool] = False  # engines built for one input shape (no dynamic batch)
+    on_gpu: ClassVar[bool] = False
+    library: ClassVar[str] = ""  # the package that runs the model: onnxruntime, torch, tensorrt
+
+    def __init__(self, threads: int = 2, batch: int = 32, fp16: bool = False):
+        if threads < 1 or batch < 1:
+            raise BadInput(f"threads and batch must be >= 1, got threads={threads}, batch={batch}")
+        self.threads, self.batch, self.fp16 = threads, batch, fp16
+
+    @property
+    def dtype(self) -> str:
+        return "float16" if self.fp16 else "float32"
+
+    # ---- public, validating ------------------------------------------------------------------
+    def device(self) -> str:
+        """The device in the fingerprint: CPU model and SIMD flags, or GPU name and driver."""
+        return cpu_description()
+
+    def fingerprint(self, input_shape: tuple[int, int, int]) -> Fingerprint:
+        return Fingerprint(
+            device=self.device(), runtime=self.name, runtime_version=self.version(),
+            provider=self.provider, threads=self.threads, batch=self.batch, dtype=self.dtype,
+            input_shape=tuple(input_shape), latprune_version=latprune_version(),
+        )
+
+    def layer_runner(self, sig: LayerSignature, c_in: int, c_out: int) -> Callable[[], object]:
+        if not (1 <= c_in <= max(sig.c_in, 1) and 1 <= c_out <= max(sig.c_out, 1)):
+            raise ValueError(f"widths ({c_in}, {c_out}) outside layer {sig.key}")
+        if sig.kind == "dwconv" and c_in != c_out:
+            raise ValueError(f"depthwise layer needs c_in == c_out, got {c_in}, {c_out}")
+        return self._layer_runner(sig, c_in, c_out)
+
+    def model_runner(self, model, input_shape: tuple[int, int, int]) -> Callable[[], object]:
+        """``model`` is an ``nn.Module`` (exported first where the runtime needs it), a path, or
+        what :meth:`prepare_model` returned."""
+        return self._model_runner(model, tuple(input_shape))
+
+    def prepare_model(self, model, input_shape: tuple[int, int, int]):
+        """Convert ``model`` once into what this runtime loads (ONNX bytes, where ``loads_onnx``),
+        so timing it in several fresh sessions does not export it each time."""
+        if self.loads_onnx and isinstance(model, nn.Module):
+            return onnx_bytes(model, (self.batch, *input_shape))
+        return model
+
+    def time_call(self, fn: Callable[[], object]) -> float:
+        """Latency of one call of ``fn``, in ms, on this runtime's clock."""
+        return self._timer(fn)
+
+    def measure(self, fns: list[Callable[[], object]], rounds: int, min_round_s: float) -> list[Timing]:
+        timings = time_interleaved(fns, rounds=rounds, min_round_s=min_round_s, timer=self._timer)
+        for t in timings:
+            m = t.median_ms
+            if not (math.isfinite(m) and m > 0):
+                raise RuntimeError(f"{self.name}: measured latency {m} ms is not a positive number")
+        return timings
+
+    # ---- private, per runtime ----------------------------------------------------------------
+    provider: ClassVar[str] = ""
+
+    def _timer(self, fn: Callable[[], object]) -> float:
+        return wall_clock_ms(fn)
+
+    @abc.abstractmethod
+    def version(self) -> str: ...
+
+    @abc.abstractmethod
+    def _layer_runner(self, sig: LayerSignature, c_in: int, c_out: int) -> Callable[[], object]: ...
+
+    @abc.abstractmethod
+    def _model_runner(self, model, input_shape: tuple[int, int, int]) -> Callable[[], object]: ...
+
+
+def cuda_event_ms(fn: Callable[[], object], stream=None) -> float:
+    """GPU time of one call, in ms, between two CUDA events recorded on ``stream`` (default: the
+    current one) around it."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    fn()
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def require_cuda(runtime: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BadInput(f"runtime {runtime} needs a CUDA GPU and none is visible here: use --runtime ort or torch")
+
+

@@ -1,0 +1,88 @@
+"""Model registry: the CIFAR ResNets of He et al. (2016), torchvision classifiers, user factories.
+
+Every model is built from a small, JSON-serialisable :class:`ModelSpec`, so a compact model can be
+rebuilt later (``latprune.load``) from the spec plus its pruned layer shapes and weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from typing import Callable
+
+from torch import nn
+
+from latprune.errors import BadInput
+from latprune.models import cifar_resnet
+
+__all__ = ["ModelSpec", "register_model", "available_models"]
+
+log = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def deco(fn: Callable[..., nn.Module]):
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build the dense model: a registered name or ``package.module:factory``."""
+
+    name: str
+    num_classes: int = 10
+
+    def build(self) -> nn.Module:
+        if ":" in self.name:
+            return _build_user_model(self.name, self.num_classes)
+        if self.name not in _REGISTRY:
+            raise BadInput(
+                f"unknown model {self.name!r}: use one of {', '.join(sorted(_REGISTRY))} "
+                "or 'package.module:factory'"
+            )
+        return _REGISTRY[self.name](num_classes=self.num_classes)
+
+
+def available_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _build_user_model(ref: str, num_classes: int) -> nn.Module:
+    mod_name, _, attr = ref.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise BadInput(
+            f"cannot import model factory {ref!r} ({e}): check the module is on PYTHONPATH "
+            "and the factory name after ':'"
+        ) from None
+    try:
+        model = factory(num_classes=num_classes)
+    except TypeError:
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"model factory {ref!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+for _name, _factory in (("resnet20", cifar_resnet.resnet20), ("resnet56", cifar_resnet.resnet56)):
+    register_model(_name)(_factory)
+
+
+def _torchvision(name: str):
+    def factory(num_classes: int = 10) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    factory.__name__ = name
+    return factory
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small"):
+    register_model(_name)(_torchvision(_name))

@@ -1,0 +1,101 @@
+"""Physical channel removal through torch-pruning, and optimizer state that follows it.
+
+:func:`prune_groups_` mutates the model in place (trailing underscore): convs, BNs and linears are
+replaced by smaller ones; nothing is masked. It can record which channels each layer kept
+(:class:`Removal`), so optimizer state can follow the parameters (:func:`carry_momentum_`):
+torch-pruning replaces the Parameter objects, and a momentum buffer must be sliced on both its
+output and input dimensions, never reset. The graph it pruned through describes the model as it
+was: build a new :class:`~latprune.models.graph.ModelGraph` of the pruned model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from latprune.errors import BadInput
+from latprune.models.graph import ModelGraph, layer_dims
+
+__all__ = ["Removal", "prune_groups_", "pruned_copy", "carry_momentum_", "check_widths"]
+
+
+@dataclasses.dataclass
+class Removal:
+    """Channels each layer kept, by module name, as indices into its widths before the removal."""
+
+    out_keep: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    in_keep: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def prune_groups_(graph: ModelGraph, keep: dict[str, Sequence[int]], record: Removal | None = None) -> nn.Module:
+    """Keep only channels ``keep[group]`` (indices in the root layer's order) of each named group of
+    ``graph.model``; fill ``record`` with what every touched layer kept. Returns the model."""
+    dg, names = graph.dg, graph.names
+    removed: dict[tuple[str, bool], set[int]] = {}
+    sizes: dict[tuple[str, bool], int] = {}
+    for name, kept in keep.items():
+        try:
+            cg, group = graph.group(name)
+        except KeyError:
+            raise BadInput(f"plan names group {name!r} that this model does not have: re-plan for this model") from None
+        drop = sorted(set(range(cg.size)) - {int(i) for i in kept})
+        if not drop:
+            continue
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        sub = dg.get_pruning_group(root, handler, idxs=drop)
+        if not dg.check_pruning_group(sub):
+            raise RuntimeError(f"torch-pruning refuses to prune {len(drop)} channels of {name}")
+        for item in sub:
+            mod = item.dep.target.module
+            if mod in names and record is not None:
+                out = dg.is_out_channel_pruning_fn(item.dep.handler)
+                key = (names[mod], out)
+                pruner = dg.get_pruner_of_module(mod)
+                sizes[key] = (pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod))
+                removed.setdefault(key, set()).update(int(getattr(i, "idx", i)) for i in item.idxs)
+        sub.prune()
+    if record is not None:
+        for (name, out), gone in removed.items():
+            kept_idx = torch.tensor(sorted(set(range(sizes[(name, out)])) - gone), dtype=torch.long)
+            (record.out_keep if out else record.in_keep)[name] = kept_idx
+    return graph.model
+
+
+def pruned_copy(model: nn.Module, widths: dict[str, int], input_shape: tuple[int, int, int]) -> nn.Module:
+    """A copy of ``model`` (eval mode) with each group cut to its first ``widths[g]`` channels,
+    physically: what an end-to-end timing of a width assignment runs (latency does not depend on
+    which channels are kept, nor on weight values)."""
+    probe = copy.deepcopy(model).eval()
+    return prune_groups_(ModelGraph(probe, input_shape), {g: range(k) for g, k in widths.items()})
+
+
+@torch.no_grad()
+def carry_momentum_(optimizer: torch.optim.Optimizer, old: dict[str, torch.Tensor], model: nn.Module,
+                    removal: Removal) -> None:
+    """Give ``optimizer`` (built on the pruned model) the momentum buffers ``old`` held, by parameter
+    name, sliced to the kept channels on dim 0 (outputs) and dim 1 (inputs)."""
+    for pname, p in model.named_parameters():
+        buf = old.get(pname)
+        if buf is None:
+            continue
+        mod = pname.rsplit(".", 1)[0]
+        if buf.shape[0] != p.shape[0] and mod in removal.out_keep:
+            buf = buf.index_select(0, removal.out_keep[mod].to(buf.device))
+        if buf.dim() > 1 and buf.shape[1] != p.shape[1] and mod in removal.in_keep:
+            buf = buf.index_select(1, removal.in_keep[mod].to(buf.device))
+        if buf.shape != p.shape:
+            raise RuntimeError(f"momentum of {pname} is {tuple(buf.shape)} after slicing, "
+                               f"parameter is {tuple(p.shape)}")
+        optimizer.state[p]["momentum_buffer"] = buf.clone()
+
+
+def check_widths(model: nn.Module, layer_channels: dict[str, Sequence[int]]) -> None:
+    """Fail unless every listed layer has the (c_in, c_out) a plan expected after pruning."""
+    mods = dict(model.named_modules())
+    for name, (c_in, c_out) in layer_channels.items():
+        got = layer_dims(mods[name])
+        if tuple(got) != (c_in, c_out):
+            raise RuntimeError(f"after pruning, {name} has widths {got}, the plan expected {(c_in, c_out)}")

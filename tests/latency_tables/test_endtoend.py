@@ -1,0 +1,149 @@
+"""The end-to-end term, its fit and validation, and the closed loop, against a runtime whose
+latency is a known function of the widths (``latprune.testing.FakeBackend``)."""
+import numpy as np
+import pytest
+
+from latprune.errors import BudgetBelowFloor
+from latprune.latency_tables.endtoend import (
+    PairConfig,
+    fit_end_to_end,
+    predicted_latency,
+    smallest_widths,
+    validate_table,
+)
+from latprune.latency_tables.profile import ProfileConfig, isolated_outliers, profile_model
+from latprune.latency_tables.table import EndToEnd
+from latprune.models.graph import ModelGraph
+from latprune.models.surgery import pruned_copy
+from latprune.pipeline.calibrate import plan_to_budget
+from latprune.pipeline.plan import PlanConfig, build_plan
+from latprune.testing import FakeBackend, fake_table, model_cost_ms, residual_net
+
+SHAPE = (3, 32, 32)
+FAST = PairConfig(rounds=2, min_round_s=0.001, repeats=1, max_repeats=1)
+
+
+def test_fit_recovers_an_affine_law_exactly():
+    pts = [{"layers_ms": s, "measured_ms": 0.4 + 1.3 * s} for s in (1.0, 2.5, 4.0, 7.0)]
+    e = EndToEnd.fit(pts)
+    assert e.intercept_ms == pytest.approx(0.4) and e.slope == pytest.approx(1.3)
+
+
+def test_one_point_gives_the_proportional_term():
+    e = EndToEnd.fit([{"layers_ms": 8.0, "measured_ms": 6.0}])
+    assert (e.intercept_ms, e.slope) == (0.0, pytest.approx(0.75))
+
+
+def test_a_fit_with_negative_slope_falls_back_to_proportional():
+    e = EndToEnd.fit([{"layers_ms": 1.0, "measured_ms": 5.0}, {"layers_ms": 2.0, "measured_ms": 4.0}])
+    assert e.intercept_ms == 0.0 and e.slope > 0
+
+
+def test_correction_passes_through_the_measured_point_then_takes_the_secant():
+    e = EndToEnd(0.0, 1.0)
+    one = e.corrected([{"layers_ms": 4.0, "measured_ms": 5.0}])
+    assert one.slope == 1.0 and one.predict(4.0) == pytest.approx(5.0)
+    two = e.corrected([{"layers_ms": 4.0, "measured_ms": 5.0}, {"layers_ms": 2.0, "measured_ms": 2.8}])
+    assert two.slope == pytest.approx(1.1) and two.predict(2.0) == pytest.approx(2.8)
+    steep = e.corrected([{"layers_ms": 4.0, "measured_ms": 9.0}, {"layers_ms": 2.0, "measured_ms": 1.0}])
+    assert steep.slope == 2.0  # the secant (4.0) is clamped to 2x the fitted slope
+
+
+def test_pruned_copy_has_the_asked_widths():
+    model = residual_net()
+    sizes = ModelGraph(model, SHAPE).sizes()
+    small = pruned_copy(model, smallest_widths(sizes, 8), SHAPE)
+    assert ModelGraph(small, SHAPE).sizes() == {g: min(8, n) for g, n in sizes.items()}
+    assert ModelGraph(model, SHAPE).sizes() == sizes  # the original is untouched
+
+
+def test_fit_recovers_the_runtime_law_and_validation_measures_zero_error():
+    model = residual_net()
+    backend = FakeBackend(intercept_ms=0.05, slope=1.2)
+    table = fake_table(model, SHAPE)  # says intercept 0, slope 1: wrong for this runtime
+    table.dense_ms = backend.intercept_ms + backend.slope * model_cost_ms(model, SHAPE)
+    e2e = fit_end_to_end(ModelGraph(model, SHAPE), table, backend, n_random=3, step=8, cfg=FAST, progress=False)
+    assert e2e.intercept_ms == pytest.approx(0.05, rel=1e-6) and e2e.slope == pytest.approx(1.2, rel=1e-6)
+    assert [p["label"] for p in e2e.points] == ["dense", "smallest", "random0", "random1", "random2"]
+    v = validate_table(ModelGraph(model, SHAPE), table.with_e2e(e2e), backend, k=4, step=8, cfg=FAST, progress=False)
+    assert v["k"] == 4 and len(v["points"]) == 4
+    assert v["median_rel_err"] < 1e-9 and v["p90_rel_err"] < 1e-9
+    wrong = validate_table(ModelGraph(model, SHAPE), table, backend, k=4, step=8, cfg=FAST, progress=False)
+    assert wrong["median_rel_err"] > 0.05  # the unfitted table is measurably off
+
+
+def test_closed_loop_corrects_a_wrong_table_into_the_window():
+    model = residual_net()
+    backend = FakeBackend(intercept_ms=0.08, slope=1.3)  # the truth
+    table = fake_table(model, SHAPE, step=2)  # predicts intercept 0, slope 1
+    table.dense_ms = backend.intercept_ms + backend.slope * model_cost_ms(model, SHAPE)
+    cal = plan_to_budget(ModelGraph(model, SHAPE), table, 0.6, PlanConfig(round_to=2), backend, iters=6,
+                         window=(0.90, 0.97), timing=FAST)
+    assert 0.90 * 0.6 <= cal.measured_ratio <= 0.97 * 0.6
+    assert len(cal.history) >= 2, "the first plan, on the wrong table, must be off the window"
+    assert cal.history[0]["measured_ratio"] > 0.97 * 0.6  # the wrong table is optimistic
+    # the corrected term predicts what the runtime measures for the chosen plan
+    probe_ms = backend.intercept_ms + backend.slope * model_cost_ms(
+        pruned_copy(model, {g.name: len(g.keep) for g in cal.plan.groups}, SHAPE), SHAPE)
+    assert cal.table.e2e.predict(cal.plan.layers_ms) == pytest.approx(probe_ms, rel=0.05)
+    assert probe_ms / table.dense_ms == pytest.approx(cal.measured_ratio)
+
+
+def test_closed_loop_stops_when_the_table_is_right():
+    model = residual_net()
+    backend = FakeBackend(intercept_ms=0.0, slope=1.0)
+    table = fake_table(model, SHAPE, step=2)
+    cal = plan_to_budget(ModelGraph(model, SHAPE), table, 0.6, PlanConfig(round_to=2), backend, iters=4, timing=FAST)
+    assert len(cal.history) == 1 and 0.90 * 0.6 <= cal.measured_ratio <= 0.97 * 0.6
+
+
+def test_budget_below_the_floor_is_refused_before_any_timing():
+    model = residual_net()
+    backend = FakeBackend()
+    table = fake_table(model, SHAPE, overhead_ms=1.0)
+    with pytest.raises(BudgetBelowFloor, match="raise --budget"):
+        plan_to_budget(ModelGraph(model, SHAPE), table, 0.05, PlanConfig(), backend, timing=FAST)
+    assert backend.models_timed == 0
+
+
+def test_plan_prediction_is_the_affine_term_of_the_layer_sum():
+    model = residual_net()
+    table = fake_table(model, SHAPE).with_e2e(EndToEnd(0.3, 2.0))
+    plan = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, PlanConfig(round_to=4))
+    assert plan.predicted_ms == pytest.approx(0.3 + 2.0 * plan.layers_ms)
+    assert predicted_latency(ModelGraph(model, SHAPE), table) == pytest.approx(0.3 + 2.0 * model_cost_ms(model, SHAPE))
+    assert np.isclose(plan.e2e["slope"], 2.0)
+
+
+def test_isolated_outliers_are_spikes_not_steps():
+    step = np.array([[0.5, 0.5, 0.8, 0.8], [0.6, 0.6, 0.9, 0.9]])
+    assert isolated_outliers(step) == []
+    spike = np.array([[0.3, 0.9, 0.35, 0.4], [0.35, 0.4, 0.45, 0.5]])
+    assert (0, 1) in isolated_outliers(spike) and (1, 3) not in isolated_outliers(spike)
+    assert isolated_outliers(np.array([[1.0, 2.0], [2.0, 4.0]])) == []  # doubling per step is real
+    dip = np.array([[0.3, 0.35, 0.4], [0.4, 0.1, 0.5], [0.5, 0.55, 0.6]])
+    assert isolated_outliers(dip) == [(1, 1)]
+
+
+class SpikyBackend(FakeBackend):
+    """The fake runtime, but the first timing of one layer width comes out 4x too slow."""
+
+    def __init__(self, spike_at):
+        super().__init__()
+        self.spike_at, self.spiked = spike_at, False
+
+    def _layer_runner(self, sig, c_in, c_out):
+        run = super()._layer_runner(sig, c_in, c_out)
+        if (c_in, c_out) == self.spike_at and not self.spiked:
+            self.spiked, run.latency_ms = True, 4 * run.latency_ms
+        return run
+
+
+def test_a_spiked_table_entry_is_measured_again():
+    model = residual_net()
+    cfg = ProfileConfig(step=8, fit_configs=1)
+    table = profile_model(model, SHAPE, SpikyBackend(spike_at=(8, 8)), cfg, progress=False)
+    exact = fake_table(model, SHAPE, step=8)
+    assert 1 <= table.meta["remeasured_outliers"] <= 3  # the spike, and at most its lower neighbours
+    for k, t in table.layers.items():
+        np.testing.assert_allclose(t.median_ms, exact.layers[k].median_ms)

@@ -1,0 +1,50 @@
+"""Two gloo processes train and prune one model: identical on both ranks, each trained on its shard."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from latprune.models.graph import ModelGraph
+from latprune.pipeline.adasap import SharpnessConfig
+from latprune.pipeline.plan import PlanConfig, build_plan
+from latprune.pipeline.schedule import ScheduleConfig, train_and_prune_
+from latprune.pipeline.train import TrainConfig
+from latprune.testing import fake_table, residual_net, tiny_dataset
+
+SHAPE = (3, 16, 16)
+
+
+def _job(out_dir, method):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
+    table = fake_table(model, SHAPE)
+    final = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, PlanConfig())
+    res = train_and_prune_(model, data, table, final, PlanConfig(),
+                           ScheduleConfig(warmup_epochs=0.5, prune_steps=2, prune_every=2, checkpoint_every=2),
+                           SharpnessConfig(method=method, rho=0.1, rho_max=0.1),
+                           TrainConfig(epochs=0.5, batch_size=8, warmup_iters=1), SHAPE, progress=False,
+                           checkpoint=out_dir / "ckpt.pt", key="ddp")
+    return model.state_dict(), res.history
+
+
+def _rank(r, world, init, out_dir, method):
+    dist.init_process_group("gloo", init_method=init, rank=r, world_size=world)
+    try:
+        state, history = _job(out_dir, method)
+        torch.save({"model": state, "history": history}, out_dir / f"rank{r}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["adasap", "sgd"])
+def test_two_gloo_ranks_end_with_identical_models(tmp_path, method):
+    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", tmp_path, method), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["history"] == b["history"] and len(a["history"]) == 2  # the same removals on both ranks
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    single, _ = _job(tmp_path, method)  # one process, whole batches
+    assert any(not torch.equal(single[k], a["model"][k]) for k in single if single[k].shape == a["model"][k].shape), \
+        "each rank must train on its own shard of the batch"
+    assert not (tmp_path / "ckpt.pt").exists()

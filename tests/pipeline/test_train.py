@@ -1,0 +1,112 @@
+
+import numpy as np
+import torch
+from torch import nn
+
+from latprune.models.graph import ModelGraph
+from latprune.models.surgery import Removal, carry_momentum_
+from latprune.pipeline.plan import GroupPlan, PruningPlan, apply_plan_
+from latprune.pipeline.train import TrainConfig, evaluate, train
+from latprune.testing import residual_net, tiny_dataset
+
+SHAPE = (3, 16, 16)
+KEEP_STEM = [0, 2, 3, 5, 8, 9, 12, 15]
+KEEP_B1 = list(range(0, 32, 2))
+
+
+def _plan(model):
+    groups = []
+    for cg in ModelGraph(model, SHAPE).groups:
+        keep = KEEP_STEM if "stem.0" in cg.producers else KEEP_B1 if cg.name == "b1.0" else list(range(cg.size))
+        groups.append(GroupPlan(cg.name, cg.size, keep))
+    return PruningPlan(1.0, 1.0, 1.0, 1.0, {}, groups, {}, 1, [], "magnitude", 8)
+
+
+def test_momentum_follows_the_kept_channels_on_both_dimensions():
+    model = residual_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(4, *SHAPE)), torch.randint(0, 10, (4,))).backward()
+        opt.step()
+    old = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    rec = Removal()
+    apply_plan_(model, _plan(model), SHAPE, record=rec)
+    new = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    carry_momentum_(new, old, model, rec)
+    buf = {n: new.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        assert buf[n].shape == p.shape, n
+    s, b = torch.tensor(KEEP_STEM), torch.tensor(KEEP_B1)
+    torch.testing.assert_close(buf["stem.0.weight"], old["stem.0.weight"][s])
+    torch.testing.assert_close(buf["stem.1.bias"], old["stem.1.bias"][s])
+    torch.testing.assert_close(buf["a1.0.weight"], old["a1.0.weight"][:, s])
+    torch.testing.assert_close(buf["b1.0.weight"], old["b1.0.weight"][b][:, s])
+    torch.testing.assert_close(buf["b2.0.weight"], old["b2.0.weight"][:, b])
+    torch.testing.assert_close(buf["fc.weight"], old["fc.weight"])  # proj group untouched
+
+
+def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
+    import latprune.pipeline.train as tr
+
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
+    seen = {}
+    real = tr.carry_momentum_
+
+    def spy(opt, old, m, rec):
+        real(opt, old, m, rec)
+        seen["carried"] = sum(1 for p in m.parameters() if "momentum_buffer" in opt.state[p])
+        seen["params"] = sum(1 for _ in m.parameters())
+
+    monkeypatch.setattr(tr, "carry_momentum_", spy)
+
+    def prune_at_3(it, m):
+        if it != 3:
+            return None
+        rec = Removal()
+        apply_plan_(m, _plan(m), SHAPE, record=rec)
+        seen["stem"] = m.stem[0].out_channels
+        return rec
+
+    res = train(model, data, TrainConfig(epochs=1, batch_size=8, warmup_iters=1), callbacks=[prune_at_3],
+                progress=False)
+    assert res.iterations == 8 and seen["stem"] == 8 and model.stem[0].out_channels == 8
+    assert seen["carried"] == seen["params"]  # every parameter kept its momentum through the removal
+    assert 0.0 <= evaluate(model, data, data.test) <= 1.0
+
+
+import pytest  # noqa: E402
+
+from latprune.latency_tables.endtoend import predicted_latency  # noqa: E402
+from latprune.pipeline.adasap import SharpnessConfig  # noqa: E402
+from latprune.pipeline.plan import PlanConfig, build_plan  # noqa: E402
+from latprune.pipeline.schedule import ScheduleConfig, step_time_ratio, train_and_prune_  # noqa: E402
+from latprune.testing import fake_table  # noqa: E402
+
+
+@pytest.mark.parametrize("method,importance", [("adasap", "magnitude"), ("sgd", "taylor")])
+def test_schedule_prunes_r_times_along_a_shrinking_target(method, importance):
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
+    table = fake_table(model, SHAPE)
+    plan = build_plan(ModelGraph(model, SHAPE), table, 0.4 * table.dense_ms, PlanConfig())
+    final = plan.predicted_ms
+    res = train_and_prune_(model, data, table, plan, PlanConfig(importance=importance),
+                           ScheduleConfig(warmup_epochs=0.25, prune_steps=3,
+                           prune_every=2), SharpnessConfig(method=method, rho=0.1, rho_max=0.1),
+                           TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1), SHAPE, progress=False)
+    targets = [h["target_ms"] for h in res.history]
+    assert [h["iteration"] for h in res.history] == [2, 4, 6]
+    ratio = final / table.dense_ms
+    assert targets == pytest.approx([table.dense_ms * ratio ** (r / 3) for r in (1, 2, 3)])
+    assert all(h["predicted_ms"] <= h["target_ms"] + 1e-9 for h in res.history)
+    assert predicted_latency(ModelGraph(model, SHAPE), table) == pytest.approx(res.final_predicted_ms)
+    assert res.final_predicted_ms <= final + 1e-9 and set(res.phases) == {"warmup", "pruning", "finetune"}
+    assert res.history[-1]["widths"] == {g.name: len(g.keep) for g in plan.groups}  # lands on the plan
+
+
+def test_step_time_ratio_is_measured_for_two_pass_methods():
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
+    r = step_time_ratio(model, data, SharpnessConfig(method="asam"), TrainConfig(batch_size=8), SHAPE, steps=2,
+                        rounds=1)
+    assert np.isfinite(r) and r > 0  # a measured ratio; its size is for benchmarks, not tests
+    assert step_time_ratio(model, data, SharpnessConfig(method="sgd"), TrainConfig(batch_size=8), SHAPE) == 1.0
