@@ -19,7 +19,7 @@ import torch
 from latprune.latency_tables.device import environment
 from latprune.models.cifar_resnet import resnet20
 from latprune.models.graph import ModelGraph
-from latprune.pipeline.adasap import SharpnessConfig, SharpnessStep, neuron_partition
+from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import DataConfig, load_dataset
 from latprune.pipeline.train import TrainConfig, evaluate, sgd_step, train
 
@@ -47,7 +47,7 @@ def main() -> None:
         if norm is None:
             step, name = sgd_step, "sgd"
         else:
-            sc = SharpnessConfig(normalize=norm, rho_max=rho_max)
+            sc = OptimizerConfig(normalize=norm, rho_max=rho_max)
             step, name = SharpnessStep(m, sc, neuron_partition(ModelGraph(m, (3, 32, 32)))), "adasap"
         t0 = time.perf_counter()
         r = train(m, data, cfg, step=step, progress=False)

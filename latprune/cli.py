@@ -12,12 +12,12 @@ from pathlib import Path
 
 from latprune.errors import BadInput, LatpruneError, TooNoisy
 from latprune.export.bench import BenchConfig, render, run_bench
-from latprune.latency_tables.runtimes import RUNTIMES
+from latprune.latency_tables.runtimes import RUNTIMES, runtime_class
 from latprune.models.registry import available_models
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import METHODS
 from latprune.pipeline.config import RunConfig, load_config
-from latprune.pipeline.importance import canonical_importance, importance_names
+from latprune.pipeline.importance import DEPRECATED_IMPORTANCE, canonical_importance, importance_names
 from latprune.pipeline.run import STOPS, run
 from latprune.pipeline.schedule import TARGETS
 from latprune.pipeline.sweep import parse_budgets, sweep
@@ -25,7 +25,7 @@ from latprune.pipeline.sweep import parse_budgets, sweep
 __all__ = ["main", "config_from_args"]
 
 COMMANDS = ("run", *STOPS, "export", "sweep")
-DEPRECATED_IMPORTANCE = ("l2",)  # old spellings, accepted with a warning (pipeline.importance)
+FP16_RUNTIMES = ", ".join(n for n in RUNTIMES if runtime_class(n).supports_fp16)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--budget-ms", type=float, help="latency budget in ms per deployment batch")
     g.add_argument("--runtime", choices=RUNTIMES,
                    help="deployment runtime (default ort: ONNX Runtime CPU); the GPU ones are unverified (README)")
-    g.add_argument("--fp16", action="store_true", default=None, help="half precision (torch-cuda, ort-trt, trt)")
+    g.add_argument("--fp16", action="store_true", default=None, help=f"half precision ({FP16_RUNTIMES})")
     g.add_argument("--deploy-batch", type=int, help="batch the budget is measured at (default 32)")
     g.add_argument("--dynamic-batch", action="store_true", default=None,
                    help="export ONNX with a dynamic batch axis (default: static, at --deploy-batch)")
@@ -137,7 +137,7 @@ def _bench_parser(sub) -> None:
     b.add_argument("--iterations", type=int, default=300, help="timed calls per model (default 300)")
     b.add_argument("--batch", type=int, help="batch size (default: the files' batch; others are re-exported)")
     b.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
-    b.add_argument("--fp16", action="store_true", help="half precision (--runtime trt, ort-trt or torch-cuda)")
+    b.add_argument("--fp16", action="store_true", help=f"half precision (--runtime {FP16_RUNTIMES})")
     b.add_argument("--block", type=int, default=10, help="calls per model per interleaved block (default 10)")
     b.add_argument("--max-cv", type=float, default=0.25,
                    help="noisy above this per-call coefficient of variation (default 0.25)")
@@ -185,6 +185,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.target == "params" and (a.budget is not None or a.budget_ms is not None):
         raise BadInput("--target params prunes to --param-ratio, not to a latency budget: drop --budget/--budget-ms")
     cfg = load_config(a.config)
+    importance = None if a.importance is None else canonical_importance(a.importance)  # warns for old spellings
     budget = {}
     if a.budget is not None:
         budget = {"fraction": a.budget, "ms": None}
@@ -200,8 +201,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                 "dynamic_batch": a.dynamic_batch, "opset": a.opset},
         gates={"max_accuracy_drop": a.max_accuracy_drop, "max_corruption_drop": a.max_corruption_drop},
         budget=budget,
-        plan={"round_to": a.round_to,
-              "importance": None if a.importance is None else canonical_importance(a.importance)},
+        plan={"round_to": a.round_to, "importance": importance},
         profile={"step": a.profile_step, "min_round_s": a.profile_round_s, "validate": a.validate,
                  "fit_configs": a.fit_configs},
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
@@ -211,8 +211,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                   "sharpness_rho": a.sharpness_rho},
         robustness={"images": a.robust_images},
         # AdaSAP scores neurons for rho_i by the pruning criterion (paper section 3.1)
-        sharpness={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max,
-                   "score": None if a.importance is None else canonical_importance(a.importance)},
+        optimizer={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max,
+                   "score": importance},
         verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
     )
 

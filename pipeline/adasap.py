@@ -37,14 +37,17 @@ from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
 from latprune.pipeline.importance import restore_bn_stats, save_bn_stats
 
-__all__ = ["METHODS", "SharpnessConfig", "NeuronGroup", "Neurons", "neuron_partition", "uniform_perturbation",
+__all__ = ["METHODS", "OptimizerConfig", "NeuronGroup", "Neurons", "neuron_partition", "uniform_perturbation",
            "neuron_radii", "adaptive_perturbation", "SharpnessStep"]
 
 METHODS = ("sgd", "sam", "asam", "adasap")
 
 
 @dataclasses.dataclass(frozen=True)
-class SharpnessConfig:
+class OptimizerConfig:
+    """The step rule of warm-up, pruning and fine-tuning (config section ``optimizer``, formerly
+    ``sharpness``; "sharpness" now only names the probe of ``ScheduleConfig.sharpness_rho``)."""
+
     method: str = "adasap"  # sgd | sam | asam | adasap
     rho: float = 0.5  # uniform radius: SAM/ASAM fine-tuning, and AdaSAP's params outside any neuron
     # AdaSAP's per-neuron radii. The paper (A.5) uses 0.01 and 2.0, but per-neuron normalisation
@@ -146,7 +149,7 @@ def uniform_perturbation(params: Iterable[nn.Parameter], rho: float, asam: bool,
 
 
 @torch.no_grad()
-def neuron_radii(neurons: Neurons, cfg: SharpnessConfig) -> list[torch.Tensor]:
+def neuron_radii(neurons: Neurons, cfg: OptimizerConfig) -> list[torch.Tensor]:
     """rho_i for every neuron of every group (eq. 2), from scores taken at this step."""
     scores = []
     for g in neurons.groups:
@@ -168,7 +171,7 @@ def neuron_radii(neurons: Neurons, cfg: SharpnessConfig) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def adaptive_perturbation(model: nn.Module, neurons: Neurons, cfg: SharpnessConfig,
+def adaptive_perturbation(model: nn.Module, neurons: Neurons, cfg: OptimizerConfig,
                           scaled: set[int]) -> dict[nn.Parameter, torch.Tensor]:
     asam = cfg.form == "asam"
     radii = neuron_radii(neurons, cfg)
@@ -213,7 +216,7 @@ def adaptive_perturbation(model: nn.Module, neurons: Neurons, cfg: SharpnessConf
 class SharpnessStep:
     """A :class:`~latprune.pipeline.train.StepRule` for SAM, ASAM and AdaSAP (two passes per step)."""
 
-    def __init__(self, model: nn.Module, cfg: SharpnessConfig, neurons: Neurons | None = None,
+    def __init__(self, model: nn.Module, cfg: OptimizerConfig, neurons: Neurons | None = None,
                  scaler=None):
         if cfg.method == "sgd":
             raise ValueError("SharpnessStep is for sam, asam and adasap; use sgd_step for sgd")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from latprune.errors import BadInput
 from latprune.latency_tables.endtoend import PairConfig
 from latprune.latency_tables.profile import ProfileConfig
 from latprune.latency_tables.runtimes import RUNTIMES, runtime_class
-from latprune.pipeline.adasap import SharpnessConfig
+from latprune.pipeline.adasap import OptimizerConfig
 from latprune.pipeline.data import DataConfig
 from latprune.pipeline.plan import PlanConfig
 from latprune.pipeline.robustness import RobustnessConfig
@@ -22,7 +23,11 @@ from latprune.pipeline.schedule import ScheduleConfig
 from latprune.pipeline.train import TrainConfig
 
 __all__ = ["BudgetConfig", "DeployConfig", "VerifyConfig", "GateConfig", "RunConfig", "default_cache_dir",
-           "load_config"]
+           "load_config", "RENAMED_SECTIONS"]
+
+# config sections renamed since an earlier release: {old: new}. Old run directories (config.json,
+# --resume) and YAML files keep working, with a deprecation warning.
+RENAMED_SECTIONS = {"sharpness": "optimizer"}
 
 @dataclasses.dataclass(frozen=True)
 class BudgetConfig:
@@ -142,7 +147,7 @@ class RunConfig:
     pretrain: TrainConfig = TrainConfig(epochs=3, lr=0.1)
     finetune: TrainConfig = TrainConfig(epochs=2, lr=0.02, warmup_iters=20)  # also warm-up and pruning phases
     schedule: ScheduleConfig = ScheduleConfig()
-    sharpness: SharpnessConfig = SharpnessConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()  # the step rule; "sharpness" is the probe (schedule)
     robustness: RobustnessConfig = RobustnessConfig()
     verify: VerifyConfig = VerifyConfig()
     gates: GateConfig = GateConfig()
@@ -160,7 +165,15 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         kwargs: dict[str, Any] = {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for k, v in (d or {}).items():
+        d = dict(d or {})
+        for old, new in RENAMED_SECTIONS.items():
+            if old in d:
+                warnings.warn(f"config section {old!r} is deprecated: it is called {new!r} now", DeprecationWarning,
+                              stacklevel=2)
+                if new in d:
+                    raise BadInput(f"config has both {old!r} and {new!r}: keep only {new!r}")
+                d[new] = d.pop(old)
+        for k, v in d.items():
             if k not in fields:
                 raise BadInput(f"unknown config key {k!r}: valid keys are {', '.join(fields)}")
             default = getattr(cls(), k) if k != "cache_dir" else None

@@ -23,11 +23,11 @@ from torch import nn
 from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
 
-__all__ = ["register_importance", "importance_names", "canonical_importance", "get_importance", "needs_gradients",
-           "group_importance", "save_bn_stats", "restore_bn_stats"]
+__all__ = ["DEPRECATED_IMPORTANCE", "register_importance", "importance_names", "canonical_importance",
+           "get_importance", "needs_gradients", "group_importance", "save_bn_stats", "restore_bn_stats"]
 
 _IMPORTANCE: dict[str, tuple[Callable[[], Any], bool]] = {}  # name -> (factory, needs gradients)
-_DEPRECATED = {"l2": "magnitude"}
+DEPRECATED_IMPORTANCE = {"l2": "magnitude"}  # old spelling -> name
 
 
 def register_importance(name: str, needs_gradients: bool = False):
@@ -55,8 +55,8 @@ def importance_names() -> tuple[str, ...]:
 
 def canonical_importance(name: str) -> str:
     """``name``, or the current spelling of a deprecated one (with a warning)."""
-    if name in _DEPRECATED:
-        new = _DEPRECATED[name]
+    if name in DEPRECATED_IMPORTANCE:
+        new = DEPRECATED_IMPORTANCE[name]
         warnings.warn(f"importance {name!r} is deprecated: it is called {new!r} now", DeprecationWarning, stacklevel=2)
         return new
     if name not in _IMPORTANCE:

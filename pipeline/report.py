@@ -3,6 +3,8 @@
 report.json, ``schema_version`` 2. Units: latencies in milliseconds per batch of
 ``runtime.batch`` images (medians of dense and compact timed interleaved in one process);
 accuracies are fractions in [0, 1]; sizes in bytes.
+Since the layered layout (issue 10) the importance criterion reads ``magnitude`` where older
+schema-2 reports said ``l2`` (README, "Migration note").
 
 - ``model``, ``data``, ``seed``: what was pruned, on what, with which seed.
 - ``budget``: ``target`` ("latency" or "params"); latency: ``fraction`` of the measured dense

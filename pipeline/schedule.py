@@ -46,12 +46,12 @@ from latprune.models.arch import layer_shapes, reshape_
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import Removal
 from latprune.pipeline import distributed
-from latprune.pipeline.adasap import SharpnessConfig, SharpnessStep, neuron_partition
+from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import Dataset
 from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_param_plan, build_plan, count_params
 from latprune.pipeline.train import Resume, TrainConfig, make_optimizer, sgd_step, train
 
-__all__ = ["TARGETS", "PHASES", "ScheduleConfig", "ScheduleResult", "prune_rule", "finetune_rule",
+__all__ = ["TARGETS", "PHASES", "ScheduleConfig", "ScheduleResult", "TrainPruneConfig", "prune_rule", "finetune_rule",
            "measure_sharpness", "train_and_prune_", "step_time_ratio"]
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class ScheduleResult:
     resumed: list[dict[str, Any]]  # where each resume picked up (phase, iteration)
 
 
-def prune_rule(graph: ModelGraph, sharp: SharpnessConfig) -> Any:
+def prune_rule(graph: ModelGraph, sharp: OptimizerConfig) -> Any:
     """The method's step rule for warm-up and pruning (AdaSAP: adaptive per-neuron radii)."""
     if sharp.method == "sgd":
         return sgd_step
@@ -109,7 +109,7 @@ def prune_rule(graph: ModelGraph, sharp: SharpnessConfig) -> Any:
     return SharpnessStep(graph.model, sharp, neuron_partition(graph))
 
 
-def finetune_rule(model: nn.Module, sharp: SharpnessConfig) -> Any:
+def finetune_rule(model: nn.Module, sharp: OptimizerConfig) -> Any:
     """The method's step rule for fine-tuning (AdaSAP: uniform ASAM, robustness encouragement)."""
     if sharp.method == "sgd":
         return sgd_step
@@ -151,9 +151,20 @@ def measure_sharpness(model: nn.Module, batches, rho: float, steps: int = 3) -> 
     return best - base
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainPruneConfig:
+    """What one train-and-prune run is made of: the planner's settings (importance, ``round_to``),
+    the schedule (phases, removals, target), the optimizer (step rule) and the training settings
+    of every phase (``finetune``: learning rate, batch; the warm-up and pruning phases use it too)."""
+
+    plan: PlanConfig = PlanConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    finetune: TrainConfig = TrainConfig()
+
+
 def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final: PruningPlan | None,
-                     plan_cfg: PlanConfig, sched: ScheduleConfig, sharp: SharpnessConfig,
-                     finetune: TrainConfig, input_shape: tuple[int, int, int], seed: int = 0,
+                     cfg: TrainPruneConfig, input_shape: tuple[int, int, int], *, seed: int = 0,
                      progress: bool = True, checkpoint: Path | None = None, key: str = "",
                      hook: Callable[[str, int], None] | None = None) -> ScheduleResult:
     """Warm up, prune R times, fine-tune; in place.
@@ -172,18 +183,16 @@ def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final
     and RNG state, so a killed run ends with the same model, bit for bit, as an uninterrupted one
     (same threads). ``hook(phase, iteration)`` runs after every iteration (monitoring, tests).
     """
-    run = _Schedule(model, data, table, final, plan_cfg, sched, sharp, finetune, input_shape, seed, progress,
-                    checkpoint, key, hook)
-    return run()
+    return _Schedule(model, data, table, final, cfg, input_shape, seed, progress, checkpoint, key, hook)()
 
 
 class _Schedule:
     """The state of one train-and-prune run; everything a checkpoint must hold is an attribute."""
 
-    def __init__(self, model, data, table, final, plan_cfg, sched, sharp, finetune, input_shape, seed, progress,
-                 checkpoint, key, hook):
+    def __init__(self, model, data, table, final, cfg: TrainPruneConfig, input_shape, seed, progress, checkpoint, key,
+                 hook):
         self.model, self.data, self.table, self.final = model, data, table, final
-        self.plan_cfg, self.sched, self.sharp, self.ft = plan_cfg, sched, sharp, finetune
+        self.plan_cfg, self.sched, self.sharp, self.ft = cfg.plan, cfg.schedule, cfg.optimizer, cfg.finetune
         self.input_shape, self.seed, self.progress = input_shape, seed, progress
         self.checkpoint, self.key, self.hook = checkpoint, key, hook
         self._graph: ModelGraph | None = None  # of the model as it is now; None after a change
@@ -347,7 +356,7 @@ class _Schedule:
         self._train("finetune", self.ft, self.seed + 2, ft_rule, resume)
 
 
-def step_time_ratio(model: nn.Module, data: Dataset, sharp: SharpnessConfig, cfg: TrainConfig,
+def step_time_ratio(model: nn.Module, data: Dataset, sharp: OptimizerConfig, cfg: TrainConfig,
                     input_shape: tuple[int, int, int], steps: int = 6, rounds: int = 3) -> float:
     """Time of one step of the method's (first-phase) rule over one SGD step, interleaved on the same
     batches, on copies of the model, outside the training RNG stream."""

@@ -55,7 +55,7 @@ from latprune.pipeline.data import Dataset, load_dataset
 from latprune.pipeline.diagnose import diagnose
 from latprune.pipeline.plan import PruningPlan, build_param_plan, count_params
 from latprune.pipeline.robustness import Robustness, corrupted_test_set, evaluate_robustness
-from latprune.pipeline.schedule import step_time_ratio, train_and_prune_
+from latprune.pipeline.schedule import TrainPruneConfig, step_time_ratio, train_and_prune_
 from latprune.pipeline.train import evaluate, pretrained
 
 __all__ = ["Inputs", "RunDir", "DenseModel", "CompactModel", "ExportResult", "Evaluation", "Diagnosis", "prepare",
@@ -313,7 +313,7 @@ def prune_stage(inp: Inputs, rd: RunDir, dense: DenseModel, cal: CalibratedPlan)
     compact model (arch + weights)."""
     cfg = inp.cfg
     key, done = rd.stage_key("prune", target=cal.plan.to_dict(), plan=dataclasses.asdict(cfg.plan),
-                             schedule=dataclasses.asdict(cfg.schedule), sharpness=dataclasses.asdict(cfg.sharpness),
+                             schedule=dataclasses.asdict(cfg.schedule), optimizer=dataclasses.asdict(cfg.optimizer),
                              finetune=dataclasses.asdict(cfg.finetune), seed=cfg.seed, dense=_dense_identity(cfg))
     if done and (rd / "arch.json").exists():
         compact = load_compact(rd.path)
@@ -325,14 +325,14 @@ def prune_stage(inp: Inputs, rd: RunDir, dense: DenseModel, cal: CalibratedPlan)
     if probe.get("key") != key:
         with rd.timed("step_time_probe"):
             probe = distributed.on_main(lambda: {"key": key, "ratio": step_time_ratio(
-                compact, inp.data, cfg.sharpness, cfg.finetune, inp.input_shape)})
+                compact, inp.data, cfg.optimizer, cfg.finetune, inp.input_shape)})
         if distributed.is_main():
             write_json_atomic(probe_file, probe)
     with rd.timed("train_and_prune"):
-        res = train_and_prune_(compact, inp.data, cal.table, cal.plan, cfg.plan, cfg.schedule, cfg.sharpness,
-                               cfg.finetune, inp.input_shape, cfg.seed, cfg.progress,
-                               checkpoint=rd / "training.ckpt.pt", key=key)
-    info = {"method": cfg.sharpness.method, "target": cfg.schedule.target, "importance": cfg.plan.importance,
+        res = train_and_prune_(compact, inp.data, cal.table, cal.plan,
+                               TrainPruneConfig(cfg.plan, cfg.schedule, cfg.optimizer, cfg.finetune), inp.input_shape,
+                               seed=cfg.seed, progress=cfg.progress, checkpoint=rd / "training.ckpt.pt", key=key)
+    info = {"method": cfg.optimizer.method, "target": cfg.schedule.target, "importance": cfg.plan.importance,
             "step_time_ratio": probe["ratio"], "predicted_ms": res.final_predicted_ms,
             "prune_history": res.history, "phases": res.phases, "sharpness": res.sharpness, "resumed": res.resumed}
     if distributed.is_main():

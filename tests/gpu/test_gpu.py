@@ -14,7 +14,7 @@ from latprune.latency_tables.runtimes import get_backend
 from latprune.latency_tables.runtimes.tensorrt import TrtConfig
 from latprune.latency_tables.table import LayerSignature
 from latprune.models.graph import ModelGraph
-from latprune.pipeline.adasap import SharpnessConfig, SharpnessStep, neuron_partition
+from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep, neuron_partition
 from latprune.testing import residual_net
 from tests.conftest import RUN_SHAPE as BENCH_SHAPE
 
@@ -84,7 +84,7 @@ def test_fp16_step_on_cuda_matches_fp32_direction():
     model = residual_net().cuda().train()
     nr = neuron_partition(ModelGraph(model, SHAPE))
     scaler = torch.amp.GradScaler("cuda")
-    rule = SharpnessStep(model, SharpnessConfig(), nr, scaler=scaler)
+    rule = SharpnessStep(model, OptimizerConfig(), nr, scaler=scaler)
     x, y = torch.randn(8, *SHAPE, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
     before = [p.detach().clone() for p in model.parameters()]
     loss = rule(model, x, y, torch.optim.SGD(model.parameters(), lr=0.1))

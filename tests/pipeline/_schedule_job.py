@@ -11,9 +11,9 @@ import torch
 
 from latprune.io import save_torch_atomic
 from latprune.models.graph import ModelGraph
-from latprune.pipeline.adasap import SharpnessConfig
+from latprune.pipeline.adasap import OptimizerConfig
 from latprune.pipeline.plan import PlanConfig, build_plan
-from latprune.pipeline.schedule import ScheduleConfig, train_and_prune_
+from latprune.pipeline.schedule import ScheduleConfig, TrainPruneConfig, train_and_prune_
 from latprune.pipeline.train import TrainConfig
 from latprune.testing import fake_table, residual_net, tiny_dataset
 
@@ -33,10 +33,13 @@ def main(ckpt, out, method, target, kill_phase=None, kill_iter=None):
         if phase == kill_phase and it == int(kill_iter):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    res = train_and_prune_(model, data, table, final, PlanConfig(), sched,
-                           SharpnessConfig(method=method, rho=0.1, rho_max=0.1),
-                           TrainConfig(epochs=0.5, batch_size=8, warmup_iters=1), SHAPE, progress=False,
-                           checkpoint=__import__("pathlib").Path(ckpt), key="job", hook=hook)
+    res = train_and_prune_(model, data, table, final,
+                           TrainPruneConfig(
+                               plan=PlanConfig(),
+                               schedule=sched,
+                               optimizer=OptimizerConfig(method=method, rho=0.1, rho_max=0.1),
+                               finetune=TrainConfig(epochs=0.5, batch_size=8, warmup_iters=1)),
+                           SHAPE, progress=False, checkpoint=__import__("pathlib").Path(ckpt), key="job", hook=hook)
     save_torch_atomic({"model": model.state_dict(), "history": res.history, "resumed": res.resumed}, out)
 
 

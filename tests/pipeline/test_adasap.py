@@ -8,7 +8,7 @@ from torch import nn
 from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
 from latprune.pipeline.adasap import (
-    SharpnessConfig,
+    OptimizerConfig,
     SharpnessStep,
     _scale_param_ids,
     adaptive_perturbation,
@@ -50,7 +50,7 @@ def test_radii_order_and_range():
         model.b1[0].weight[3] *= 10  # the largest neuron
         model.b1[0].weight[4] *= 0.0  # a small one
     nr = neuron_partition(ModelGraph(model, SHAPE))
-    cfg = SharpnessConfig(rho_min=0.1, rho_max=1.5)
+    cfg = OptimizerConfig(rho_min=0.1, rho_max=1.5)
     radii = neuron_radii(nr, cfg)
     allr = torch.cat(radii)
     assert allr.min() == pytest.approx(0.1) and allr.max() == pytest.approx(1.5)
@@ -77,7 +77,7 @@ def test_equal_scores_give_rho_max():
         model[0].weight.fill_(0.5)
         model[1].weight.fill_(1.0), model[1].bias.fill_(0.0)
     nr = neuron_partition(ModelGraph(model, SHAPE))
-    radii = torch.cat(neuron_radii(nr, SharpnessConfig(rho_min=0.2, rho_max=0.7)))
+    radii = torch.cat(neuron_radii(nr, OptimizerConfig(rho_min=0.2, rho_max=0.7)))
     assert torch.allclose(radii, torch.full_like(radii, 0.7), atol=0)
 
 
@@ -98,7 +98,7 @@ def test_per_neuron_ball_has_radius_rho_i(form):
     model = residual_net()
     _grads(model)
     nr = neuron_partition(ModelGraph(model, SHAPE))
-    cfg = SharpnessConfig(form=form, rho_min=0.05, rho_max=0.8)
+    cfg = OptimizerConfig(form=form, rho_min=0.05, rho_max=0.8)
     scaled = _scale_param_ids(model)
     eps = adaptive_perturbation(model, nr, cfg, scaled)
     norms = _neuron_norms(nr, eps, scaled, cfg.eta, form == "asam")
@@ -113,7 +113,7 @@ def test_asam_perturbation_matches_the_formula_for_one_neuron():
     model = residual_net()
     _grads(model)
     nr = neuron_partition(ModelGraph(model, SHAPE))
-    cfg = SharpnessConfig()
+    cfg = OptimizerConfig()
     eps = adaptive_perturbation(model, nr, cfg, _scale_param_ids(model))
     gi = [g.name for g in nr.groups].index("b1.0")
     rho = neuron_radii(nr, cfg)[gi][2]
@@ -132,7 +132,7 @@ def test_global_normalisation_weights_by_rho_i():
     model = residual_net()
     _grads(model)
     nr = neuron_partition(ModelGraph(model, SHAPE))
-    cfg = SharpnessConfig(normalize="global", form="sam", rho_min=0.1, rho_max=1.0)
+    cfg = OptimizerConfig(normalize="global", form="sam", rho_min=0.1, rho_max=1.0)
     eps = adaptive_perturbation(model, nr, cfg, set())
     total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
     g = nr.groups[0]
@@ -154,7 +154,7 @@ def test_uniform_asam_ball():
 def test_step_descends_with_the_gradient_at_w_plus_eps_and_bn_stats_from_first_pass(method):
     model = residual_net().train()
     nr = neuron_partition(ModelGraph(model, SHAPE)) if method == "adasap" else None
-    cfg = SharpnessConfig(method=method, rho=0.3, rho_max=0.3)
+    cfg = OptimizerConfig(method=method, rho=0.3, rho_max=0.3)
     rule = SharpnessStep(model, cfg, nr)
     x, y = _grads(copy.deepcopy(model))
     # expected: grads at w, eps from them, grads at w + eps, SGD(lr=1) step from w
@@ -188,4 +188,4 @@ def test_step_descends_with_the_gradient_at_w_plus_eps_and_bn_stats_from_first_p
 ])
 def test_bad_config_names_the_fix(kw, match):
     with pytest.raises(BadInput, match=match):
-        SharpnessConfig(**kw)
+        OptimizerConfig(**kw)

@@ -137,5 +137,20 @@ def test_importance_flag_sets_the_pruning_criterion_and_adasaps_neuron_score(fla
             cfg = config_from_args(args)
     else:
         cfg = config_from_args(args)
-    assert cfg.plan.importance == plan_imp and cfg.sharpness.score == score
-    assert cfg.schedule.target == "params" and cfg.schedule.param_ratio == 0.4 and cfg.sharpness.method == "sam"
+    assert cfg.plan.importance == plan_imp and cfg.optimizer.score == score
+    assert cfg.schedule.target == "params" and cfg.schedule.param_ratio == 0.4 and cfg.optimizer.method == "sam"
+
+
+def test_renamed_spellings_still_load_with_a_warning(tmp_path):
+    """Config files and run directories written before the layout change keep working: the section
+    ``sharpness`` is now ``optimizer`` and the importance ``l2`` is now ``magnitude``."""
+    p = tmp_path / "old.yaml"
+    p.write_text("sharpness: {method: sam, rho: 0.2}\nplan: {importance: l2}\n")
+    with pytest.warns(DeprecationWarning) as seen:
+        cfg = load_config(p)
+    assert cfg.optimizer.method == "sam" and cfg.optimizer.rho == 0.2 and cfg.plan.importance == "magnitude"
+    assert {"config section 'sharpness' is deprecated", "importance 'l2' is deprecated"} <= {
+        str(w.message).split(":")[0] for w in seen}
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg and "sharpness" not in cfg.to_dict()
+    with pytest.raises(BadInput, match="keep only 'optimizer'"), pytest.warns(DeprecationWarning):
+        RunConfig.from_dict({"sharpness": {}, "optimizer": {}})

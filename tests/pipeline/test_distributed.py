@@ -5,9 +5,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from latprune.models.graph import ModelGraph
-from latprune.pipeline.adasap import SharpnessConfig
+from latprune.pipeline.adasap import OptimizerConfig
 from latprune.pipeline.plan import PlanConfig, build_plan
-from latprune.pipeline.schedule import ScheduleConfig, train_and_prune_
+from latprune.pipeline.schedule import ScheduleConfig, TrainPruneConfig, train_and_prune_
 from latprune.pipeline.train import TrainConfig
 from latprune.testing import fake_table, residual_net, tiny_dataset
 
@@ -20,11 +20,14 @@ def _job(out_dir, method):
     model, data = residual_net(), tiny_dataset(64, SHAPE)
     table = fake_table(model, SHAPE)
     final = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, PlanConfig())
-    res = train_and_prune_(model, data, table, final, PlanConfig(),
-                           ScheduleConfig(warmup_epochs=0.5, prune_steps=2, prune_every=2, checkpoint_every=2),
-                           SharpnessConfig(method=method, rho=0.1, rho_max=0.1),
-                           TrainConfig(epochs=0.5, batch_size=8, warmup_iters=1), SHAPE, progress=False,
-                           checkpoint=out_dir / "ckpt.pt", key="ddp")
+    res = train_and_prune_(model, data, table, final,
+                           TrainPruneConfig(
+                               plan=PlanConfig(),
+                               schedule=ScheduleConfig(warmup_epochs=0.5, prune_steps=2, prune_every=2,
+                                                       checkpoint_every=2),
+                               optimizer=OptimizerConfig(method=method, rho=0.1, rho_max=0.1),
+                               finetune=TrainConfig(epochs=0.5, batch_size=8, warmup_iters=1)),
+                           SHAPE, progress=False, checkpoint=out_dir / "ckpt.pt", key="ddp")
     return model.state_dict(), res.history
 
 

@@ -7,10 +7,10 @@ import torch
 
 from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
-from latprune.pipeline.adasap import SharpnessConfig
+from latprune.pipeline.adasap import OptimizerConfig
 from latprune.pipeline.importance import group_importance
 from latprune.pipeline.plan import PlanConfig, apply_plan_, build_param_plan, build_plan, count_params
-from latprune.pipeline.schedule import ScheduleConfig, measure_sharpness, train_and_prune_
+from latprune.pipeline.schedule import ScheduleConfig, TrainPruneConfig, measure_sharpness, train_and_prune_
 from latprune.pipeline.train import TrainConfig
 from latprune.testing import fake_table, residual_net, tiny_dataset
 
@@ -55,8 +55,13 @@ def test_params_schedule_follows_the_exponential_neuron_count():
     m = sum(cg.size for cg in ModelGraph(model, SHAPE).groups)
     sched = ScheduleConfig(warmup_epochs=0.25, prune_steps=3, prune_every=2, target="params", param_ratio=0.4,
                            sharpness_batches=1)
-    res = train_and_prune_(model, data, table, None, PlanConfig(), sched, SharpnessConfig(rho=0.1, rho_max=0.1),
-                           TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1), SHAPE, progress=False)
+    res = train_and_prune_(model, data, table, None,
+                           TrainPruneConfig(
+                               plan=PlanConfig(),
+                               schedule=sched,
+                               optimizer=OptimizerConfig(rho=0.1, rho_max=0.1),
+                               finetune=TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1)),
+                           SHAPE, progress=False)
     h = res.history
     assert len(h) == 3 and h[-1]["target"] == {"params": int(0.4 * p0)}
     assert count_params(model) <= 0.4 * p0 and h[-1]["params"] == count_params(model)
@@ -116,8 +121,12 @@ def test_last_latency_step_lands_on_a_floor_plan_despite_rounding():
         build_plan(ModelGraph(model, SHAPE), table, 1e-9, PlanConfig())
     floor = build_plan(ModelGraph(model, SHAPE), table, e.value.floor_ms, PlanConfig())
     final = dataclasses.replace(floor, predicted_ms=floor.predicted_ms * (1 - 1e-12))
-    res = train_and_prune_(model, data, table, final, PlanConfig(),
-                           ScheduleConfig(warmup_epochs=0.25, prune_steps=2, prune_every=2, sharpness_rho=0.0),
-                           SharpnessConfig(method="sgd"), TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1),
+    res = train_and_prune_(model, data, table, final,
+                           TrainPruneConfig(
+                               plan=PlanConfig(),
+                               schedule=ScheduleConfig(warmup_epochs=0.25, prune_steps=2, prune_every=2,
+                                                       sharpness_rho=0.0),
+                               optimizer=OptimizerConfig(method="sgd"),
+                               finetune=TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1)),
                            SHAPE, progress=False)
     assert res.history[-1]["widths"] == {g.name: len(g.keep) for g in floor.groups}

@@ -78,9 +78,9 @@ def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
 import pytest  # noqa: E402
 
 from latprune.latency_tables.endtoend import predicted_latency  # noqa: E402
-from latprune.pipeline.adasap import SharpnessConfig  # noqa: E402
+from latprune.pipeline.adasap import OptimizerConfig  # noqa: E402
 from latprune.pipeline.plan import PlanConfig, build_plan  # noqa: E402
-from latprune.pipeline.schedule import ScheduleConfig, step_time_ratio, train_and_prune_  # noqa: E402
+from latprune.pipeline.schedule import ScheduleConfig, TrainPruneConfig, step_time_ratio, train_and_prune_  # noqa: E402
 from latprune.testing import fake_table  # noqa: E402
 
 
@@ -90,10 +90,13 @@ def test_schedule_prunes_r_times_along_a_shrinking_target(method, importance):
     table = fake_table(model, SHAPE)
     plan = build_plan(ModelGraph(model, SHAPE), table, 0.4 * table.dense_ms, PlanConfig())
     final = plan.predicted_ms
-    res = train_and_prune_(model, data, table, plan, PlanConfig(importance=importance),
-                           ScheduleConfig(warmup_epochs=0.25, prune_steps=3,
-                           prune_every=2), SharpnessConfig(method=method, rho=0.1, rho_max=0.1),
-                           TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1), SHAPE, progress=False)
+    res = train_and_prune_(model, data, table, plan,
+                           TrainPruneConfig(
+                               plan=PlanConfig(importance=importance),
+                               schedule=ScheduleConfig(warmup_epochs=0.25, prune_steps=3, prune_every=2),
+                               optimizer=OptimizerConfig(method=method, rho=0.1, rho_max=0.1),
+                               finetune=TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1)),
+                           SHAPE, progress=False)
     targets = [h["target_ms"] for h in res.history]
     assert [h["iteration"] for h in res.history] == [2, 4, 6]
     ratio = final / table.dense_ms
@@ -106,7 +109,7 @@ def test_schedule_prunes_r_times_along_a_shrinking_target(method, importance):
 
 def test_step_time_ratio_is_measured_for_two_pass_methods():
     model, data = residual_net(), tiny_dataset(64, SHAPE)
-    r = step_time_ratio(model, data, SharpnessConfig(method="asam"), TrainConfig(batch_size=8), SHAPE, steps=2,
+    r = step_time_ratio(model, data, OptimizerConfig(method="asam"), TrainConfig(batch_size=8), SHAPE, steps=2,
                         rounds=1)
     assert np.isfinite(r) and r > 0  # a measured ratio; its size is for benchmarks, not tests
-    assert step_time_ratio(model, data, SharpnessConfig(method="sgd"), TrainConfig(batch_size=8), SHAPE) == 1.0
+    assert step_time_ratio(model, data, OptimizerConfig(method="sgd"), TrainConfig(batch_size=8), SHAPE) == 1.0
