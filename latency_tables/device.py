@@ -7,6 +7,9 @@ import sys
 from functools import lru_cache
 from typing import Any
 
+import numpy
+import torch
+
 __all__ = ["cpu_description", "gpu_description", "latprune_version", "environment"]
 
 _SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd")
@@ -33,8 +36,6 @@ def cpu_description() -> str:
 
 def gpu_description() -> str:
     """'GPU name (driver D, CUDA C, sm_XY)': the device in a GPU table's fingerprint."""
-    import torch
-
     if not torch.cuda.is_available():
         return "no CUDA GPU"
     props = torch.cuda.get_device_properties(0)
@@ -59,9 +60,6 @@ def latprune_version() -> str:
 
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded with every run and every figure."""
-    import numpy
-    import torch
-
     env: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -12,6 +12,7 @@ import logging
 import math
 from typing import Callable, ClassVar
 
+import torch
 from torch import nn
 
 from latprune.errors import BadInput
@@ -133,8 +134,6 @@ class Backend(abc.ABC):
 def cuda_event_ms(fn: Callable[[], object], stream=None) -> float:
     """GPU time of one call, in ms, between two CUDA events recorded on ``stream`` (default: the
     current one) around it."""
-    import torch
-
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record(stream)
     fn()
@@ -144,8 +143,6 @@ def cuda_event_ms(fn: Callable[[], object], stream=None) -> float:
 
 
 def require_cuda(runtime: str) -> None:
-    import torch
-
     if not torch.cuda.is_available():
         raise BadInput(f"runtime {runtime} needs a CUDA GPU and none is visible here: use --runtime ort or torch")
 
