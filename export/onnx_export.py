@@ -25,7 +25,6 @@ __all__ = ["OnnxArtifact", "contract_metadata", "export_onnx", "read_contract", 
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class OnnxArtifact:
     path: Path

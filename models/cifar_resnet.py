@@ -7,8 +7,6 @@ from torch import nn
 __all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet56"]
 
 
-
-
 class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -58,7 +56,6 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
-
 
 
 def resnet20(num_classes: int = 10) -> nn.Module:

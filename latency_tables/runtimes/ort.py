@@ -30,7 +30,6 @@ def import_ort():
     return onnxruntime
 
 
-
 def ort_session(model_bytes_or_path, provider: str = "CPUExecutionProvider", threads: int = 2,
                 provider_options: dict | None = None, profile_prefix: str | None = None):
     """An ONNX Runtime session on ``provider``, as deployed (sequential, ``threads`` intra-op

@@ -38,14 +38,12 @@ def import_tensorrt():
     return tensorrt
 
 
-
 def torch_dtype(trt, dt):
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
              trt.DataType.INT64: torch.int64, trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool}
     if dt not in table:
         raise RuntimeError(f"TensorRT tensor type {dt} has no torch buffer type here")
     return table[dt]
-
 
 
 @dataclasses.dataclass(frozen=True)
