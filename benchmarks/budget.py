@@ -1,7 +1,7 @@
 """Budgets -> measured latency, and the knapsack plan against uniform pruning at equal latency.
 
     python benchmarks/budget.py [--budgets 0.3 0.5 0.7] [--model resnet20] [--finetune-epochs 1]
-                                [--train-subset 10000] [--seed 0] [--importance l2|taylor]
+                                [--train-subset 10000] [--seed 0] [--importance magnitude|taylor|halp]
                                 [--out runs/bench-budget]
 
 On the embedded default (Fashion-MNIST, the cached pre-trained dense model and latency table):
@@ -36,6 +36,7 @@ from latprune.models.graph import classifier_layers
 from latprune.pipeline import stages
 from latprune.pipeline.calibrate import plan_to_budget
 from latprune.pipeline.config import RunConfig
+from latprune.pipeline.importance import importance_names
 from latprune.pipeline.plan import apply_plan_
 from latprune.pipeline.train import TrainConfig, evaluate, train
 
@@ -76,7 +77,7 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--train-subset", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude",
+    p.add_argument("--importance", choices=importance_names(), default="magnitude",
                    help="the knapsack's channel importance")
     p.add_argument("--out", default="runs/bench-budget")
     a = p.parse_args()
@@ -92,8 +93,8 @@ def main() -> None:
     for b in a.budgets:
         t0 = time.perf_counter()
         batches = None
-        if a.importance == "taylor":
-            n = cfg.plan.taylor_batches * cfg.finetune.batch_size
+        if cfg.plan.scoring_batches:
+            n = cfg.plan.scoring_batches * cfg.finetune.batch_size
             batches = list(inp.data.batches(inp.data.train, cfg.finetune.batch_size, limit=n))
         try:
             cal = plan_to_budget(dense_art.graph, table, b, cfg.plan, backend, cfg.budget.calibrate_iters,

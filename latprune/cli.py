@@ -15,7 +15,7 @@ from latprune.export.bench import BenchConfig, render, run_bench
 from latprune.latency_tables.runtimes import RUNTIMES, runtime_class
 from latprune.models.registry import available_models
 from latprune.pipeline import distributed
-from latprune.pipeline.adasap import METHODS
+from latprune.pipeline.adasap import METHODS, NEURON_SCORES
 from latprune.pipeline.config import RunConfig, load_config
 from latprune.pipeline.importance import DEPRECATED_IMPORTANCE, canonical_importance, importance_names
 from latprune.pipeline.run import STOPS, run
@@ -55,8 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="runtime threads (default 2)")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this (default 8)")
     g.add_argument("--importance", choices=[*importance_names(), *DEPRECATED_IMPORTANCE],
-                   help="channel importance: magnitude (L2 of the group's weights, default) or taylor; "
-                        "'l2' is the deprecated spelling of magnitude")
+                   help="channel importance: magnitude (L2 of the group's weights, default; it maximises kept "
+                        "channels), taylor (torch-pruning's, summed gradients) or halp (HALP's BatchNorm "
+                        "Taylor value in units of loss, averaged over plan.halp_batches minibatches); "
+                        "'l2' is the deprecated spelling of magnitude. AdaSAP's neuron score follows it "
+                        "where it can (magnitude, taylor)")
     g.add_argument("--method", choices=METHODS,
                    help="optimizer for warm-up, pruning and fine-tuning (default adasap)")
     g.add_argument("--target", choices=TARGETS,
@@ -212,7 +215,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         robustness={"images": a.robust_images},
         # AdaSAP scores neurons for rho_i by the pruning criterion (paper section 3.1)
         optimizer={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max,
-                   "score": importance},
+                   "score": importance if importance in NEURON_SCORES else None},
         verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
     )
 

@@ -37,10 +37,11 @@ from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
 from latprune.pipeline.importance import restore_bn_stats, save_bn_stats
 
-__all__ = ["METHODS", "OptimizerConfig", "NeuronGroup", "Neurons", "neuron_partition", "uniform_perturbation",
-           "neuron_radii", "adaptive_perturbation", "SharpnessStep"]
+__all__ = ["METHODS", "NEURON_SCORES", "OptimizerConfig", "NeuronGroup", "Neurons", "neuron_partition",
+           "uniform_perturbation", "neuron_radii", "adaptive_perturbation", "SharpnessStep"]
 
 METHODS = ("sgd", "sam", "asam", "adasap")
+NEURON_SCORES = ("magnitude", "taylor")  # AdaSAP's per-neuron scores for rho_i (computed each step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class OptimizerConfig:
     form: str = "asam"  # adasap's ball: asam (scale-invariant) or sam
     eta: float = 0.01  # ASAM's T = |w| + eta
     normalize: str = "neuron"  # adasap: per-neuron norms (eq. 4) or one global norm
-    score: str = "magnitude"  # neuron score for rho_i: magnitude (L2) or taylor
+    score: str = "magnitude"  # neuron score for rho_i: one of NEURON_SCORES
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -74,8 +75,8 @@ class OptimizerConfig:
             raise BadInput(f"sharpness form must be asam or sam, got {self.form!r}")
         if self.normalize not in ("neuron", "global"):
             raise BadInput(f"normalize must be neuron or global, got {self.normalize!r}")
-        if self.score not in ("magnitude", "taylor"):
-            raise BadInput(f"neuron score must be magnitude or taylor, got {self.score!r}")
+        if self.score not in NEURON_SCORES:
+            raise BadInput(f"neuron score must be one of {', '.join(NEURON_SCORES)}, got {self.score!r}")
 
 
 @dataclasses.dataclass

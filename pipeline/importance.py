@@ -1,19 +1,29 @@
 """Channel importance: every criterion the planner and AdaSAP rank channels by, in one registry.
 
-A criterion has torch-pruning's shape, ``criterion(group) -> Tensor[n_channels]`` (so
-``tp.importance.*`` plugs in directly), and is registered by name with
-:func:`register_importance`; the names are the CLI's ``--importance`` choices. Scores are
-normalised per group (mean 1) so that they compare across groups. ``l2`` is the older spelling
-of ``magnitude`` and is accepted with a deprecation warning.
+A criterion is registered by name with :func:`register_importance`; the names are the CLI's
+``--importance`` choices. A criterion is a *scorer*, ``scorer(graph, batches) -> {group: scores}``
+with one score per channel of every group of a :class:`~latprune.models.graph.ModelGraph`;
+torch-pruning-shaped criteria (``criterion(group) -> Tensor[n_channels]``, so ``tp.importance.*``
+plugs in directly) become scorers through :func:`tp_criterion`.
 
-Gradient-based criteria (``taylor``) need batches: :func:`group_importance` runs them in train
-mode and restores BatchNorm's running statistics afterwards (:func:`save_bn_stats`,
-:func:`restore_bn_stats`), so scoring never moves the model.
+- ``magnitude``: L2 norm of the group's weights, normalised per group (mean 1). Summed over a
+  plan it is about the number of kept channels: the knapsack then keeps channels, not loss.
+- ``taylor``: torch-pruning's group Taylor criterion on gradients summed over the batches,
+  normalised per group (it does not score BatchNorm layers).
+- ``halp``: HALP's value (Shen et al. 2022, NVlabs/HALP), in units of loss: see :class:`HalpValue`.
+  Not normalised, so a group that feeds more layers is worth more.
+
+``l2`` is the older spelling of ``magnitude`` and is accepted with a deprecation warning.
+
+Gradient-based criteria need batches: they run in train mode and restore BatchNorm's running
+statistics afterwards (:func:`save_bn_stats`, :func:`restore_bn_stats`), so scoring never moves
+the model, and leave no gradients behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,30 +33,144 @@ from torch import nn
 from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
 
-__all__ = ["DEPRECATED_IMPORTANCE", "register_importance", "importance_names", "canonical_importance",
-           "get_importance", "needs_gradients", "group_importance", "save_bn_stats", "restore_bn_stats"]
+__all__ = ["DEPRECATED_IMPORTANCE", "Scorer", "register_importance", "tp_criterion", "importance_names",
+           "canonical_importance", "needs_batches", "group_importance", "HalpValue", "save_bn_stats",
+           "restore_bn_stats"]
 
-_IMPORTANCE: dict[str, tuple[Callable[[], Any], bool]] = {}  # name -> (factory, needs gradients)
+Scorer = Callable[[ModelGraph, Any], dict[str, np.ndarray]]  # (graph, batches or None) -> per-group scores
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    scorer: Scorer
+    needs_batches: bool
+
+
+_IMPORTANCE: dict[str, _Entry] = {}
 DEPRECATED_IMPORTANCE = {"l2": "magnitude"}  # old spelling -> name
 
 
-def register_importance(name: str, needs_gradients: bool = False):
-    """Decorator for a zero-argument factory of a torch-pruning-shaped criterion."""
-    def deco(factory: Callable[[], Any]) -> Callable[[], Any]:
-        _IMPORTANCE[name] = (factory, needs_gradients)
-        return factory
+def register_importance(name: str, needs_batches: bool = False):
+    """Decorator for a scorer ``(graph, batches) -> {group name: np.ndarray[n_channels]}``."""
+    def deco(scorer: Scorer) -> Scorer:
+        _IMPORTANCE[name] = _Entry(scorer, needs_batches)
+        return scorer
 
     return deco
 
 
-@register_importance("magnitude")
-def _magnitude():
-    return tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")  # L2 of the group's weights
+def tp_criterion(factory: Callable[[], Any], gradients: bool = False) -> Scorer:
+    """A scorer from a torch-pruning-shaped criterion (``criterion(group) -> Tensor``); with
+    ``gradients``, the loss gradients of all batches are summed first (one backward per batch)."""
+    def scorer(graph: ModelGraph, batches) -> dict[str, np.ndarray]:
+        imp = factory()
+        with _gradients(graph.model, batches if gradients else None) as run:
+            for x, y in run:
+                nn.functional.cross_entropy(graph.model(x), y).backward()
+            with torch.no_grad():
+                return {cg.name: imp(g).detach().cpu().double().numpy() for cg, g in graph.tp_groups()}
+
+    return scorer
 
 
-@register_importance("taylor", needs_gradients=True)
-def _taylor():
-    return tp.importance.GroupTaylorImportance(normalizer="mean")
+register_importance("magnitude")(tp_criterion(lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")))
+register_importance("taylor", needs_batches=True)(
+    tp_criterion(lambda: tp.importance.GroupTaylorImportance(normalizer="mean"), gradients=True))
+
+
+class HalpValue:
+    """HALP's channel value, in units of loss: the first-order estimate of how much the loss rises
+    when the channel is removed, averaged over minibatches.
+
+    Per channel and per minibatch: ``|sum over the group's BatchNorm layers of (gamma * dL/dgamma +
+    beta * dL/dbeta)|`` at that channel; the sum runs with sign over every BatchNorm the coupled
+    channel passes through (a residual channel feeds several), and the absolute value is taken
+    after the sum. A group with no BatchNorm falls back to ``|sum over its producers' output rows
+    of w * dL/dw|`` (weights and biases). The value is the mean of these per-minibatch absolute
+    values over the minibatches :meth:`observe` saw since the last :meth:`reset`; it is not
+    normalised across groups (HALP, ``prune/importance.py``).
+
+    Call :meth:`observe` after each backward pass, with the gradients of one minibatch in ``.grad``.
+    """
+
+    def __init__(self, graph: ModelGraph):
+        self.graph = graph
+        self.terms: dict[str, list[tuple[list[nn.Parameter], torch.Tensor, torch.Tensor]]] = {}
+        self.sizes = graph.sizes()
+        for cg, group in graph.tp_groups():
+            bn, producers, seen = [], [], set()
+            for item in group:
+                mod = item.dep.target.module
+                if id(mod) in seen:
+                    continue
+                rows = torch.tensor(item.idxs, dtype=torch.long)
+                root = torch.tensor(item.root_idxs, dtype=torch.long)
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine:
+                    seen.add(id(mod))
+                    bn.append(([mod.weight, mod.bias], rows, root))
+                elif isinstance(mod, (nn.Conv2d, nn.Linear)) and graph.dg.is_out_channel_pruning_fn(item.dep.handler):
+                    seen.add(id(mod))
+                    producers.append(([p for p in (mod.weight, mod.bias) if p is not None], rows, root))
+            self.terms[cg.name] = bn or producers
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {name: np.zeros(n) for name, n in self.sizes.items()}
+        self.batches = 0
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """Add this minibatch's per-channel |sum of p * dL/dp| to the running sums."""
+        for name, terms in self.terms.items():
+            s = torch.zeros(self.sizes[name], dtype=torch.float64)
+            for params, rows, root in terms:
+                for p in params:
+                    if p.grad is None:
+                        continue
+                    t = (p.index_select(0, rows) * p.grad.index_select(0, rows)).double()
+                    s.index_add_(0, root, t.reshape(len(rows), -1).sum(1))
+            self.sums[name] += s.abs().numpy()
+        self.batches += 1
+
+    def scores(self) -> dict[str, np.ndarray]:
+        if not self.batches:
+            raise ValueError("HALP's value needs at least one observed minibatch")
+        return {name: s / self.batches for name, s in self.sums.items()}
+
+
+@register_importance("halp", needs_batches=True)
+def _halp(graph: ModelGraph, batches) -> dict[str, np.ndarray]:
+    """A scoring pass: one backward per batch, each observed separately (gradients are not summed
+    across batches, so their signs do not cancel before the absolute value)."""
+    value = HalpValue(graph)
+    with _gradients(graph.model, batches) as run:
+        for x, y in run:
+            graph.model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(graph.model(x), y).backward()
+            value.observe()
+    return value.scores()
+
+
+class _gradients:
+    """Context for a scoring pass: train mode, gradients cleared before and after, BatchNorm
+    running statistics restored; yields the batches (none when ``batches`` is None)."""
+
+    def __init__(self, model: nn.Module, batches: Iterable | None):
+        self.model, self.batches = model, batches
+
+    def __enter__(self):
+        self.was_training, self.bn = self.model.training, save_bn_stats(self.model)
+        if self.batches is not None:
+            self.model.zero_grad(set_to_none=True)
+            self.model.train()
+        return list(self.batches or ())
+
+    def __exit__(self, *exc):
+        if self.batches is not None:
+            restore_bn_stats(self.bn)  # scoring must not move BatchNorm's running statistics
+            self.model.zero_grad(set_to_none=True)
+        self.model.train(self.was_training)
+        return False
 
 
 def importance_names() -> tuple[str, ...]:
@@ -64,36 +188,20 @@ def canonical_importance(name: str) -> str:
     return name
 
 
-def get_importance(name: str):
-    return _IMPORTANCE[canonical_importance(name)][0]()
-
-
-def needs_gradients(name: str) -> bool:
-    return _IMPORTANCE[canonical_importance(name)][1]
+def needs_batches(name: str) -> bool:
+    """Whether the criterion scores from data (gradients) rather than from the weights alone."""
+    return _IMPORTANCE[canonical_importance(name)].needs_batches
 
 
 def group_importance(graph: ModelGraph, criterion: str, batches=None) -> dict[str, np.ndarray]:
-    """Per-channel importance of each group of ``graph``, normalised per group (mean 1)."""
-    model, imp = graph.model, get_importance(criterion)
-    grads = needs_gradients(criterion)
-    if grads:
-        if batches is None:
-            raise ValueError(f"{criterion} importance needs data batches for gradients")
-        model.zero_grad()
-        was_training, bn_state = model.training, save_bn_stats(model)
-        model.train()
-        for x, y in batches:
-            nn.functional.cross_entropy(model(x), y).backward()
-        restore_bn_stats(bn_state)  # scoring must not move BatchNorm's running statistics
-        model.train(was_training)
-    with torch.no_grad():
-        scores = {cg.name: imp(g).detach().cpu().double().numpy() for cg, g in graph.tp_groups()}
-    if grads:
-        model.zero_grad(set_to_none=True)
-    for name, s in scores.items():
-        if not np.all(np.isfinite(s)):
-            scores[name] = np.nan_to_num(s, nan=0.0, posinf=0.0)
-    return scores
+    """Per-channel importance of each group of ``graph`` under ``criterion`` (non-finite scores
+    count as 0)."""
+    entry = _IMPORTANCE[canonical_importance(criterion)]
+    if entry.needs_batches and batches is None:
+        raise ValueError(f"{criterion} importance needs data batches for gradients")
+    scores = entry.scorer(graph, batches if entry.needs_batches else None)
+    return {name: np.nan_to_num(np.asarray(s, dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
+            for name, s in scores.items()}
 
 
 def save_bn_stats(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

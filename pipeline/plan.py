@@ -25,7 +25,7 @@ from latprune.latency_tables.table import EndToEnd, LatencyTable
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import Removal, check_widths, prune_groups_
 from latprune.models.widths import candidate_widths
-from latprune.pipeline.importance import canonical_importance, group_importance
+from latprune.pipeline.importance import canonical_importance, group_importance, needs_batches
 from latprune.pipeline.knapsack import BudgetUnreachable, GroupChoices, plan_widths, prefix_values
 
 __all__ = ["PlanConfig", "GroupPlan", "PruningPlan", "build_plan", "build_param_plan", "apply_plan_", "count_params"]
@@ -38,12 +38,22 @@ class PlanConfig:
     round_to: int = 8
     importance: str = "magnitude"  # a name of pipeline.importance ("l2": deprecated spelling of magnitude)
     max_iter: int = 20
-    taylor_batches: int = 4  # batches whose gradients feed a gradient criterion (taylor)
+    taylor_batches: int = 4  # batches whose summed gradients feed the taylor criterion
+    halp_batches: int = 32  # minibatches the halp value averages over in a scoring pass (HALP: >= 32)
 
     def __post_init__(self):
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1 channel, got {self.round_to}")
         object.__setattr__(self, "importance", canonical_importance(self.importance))
+        if self.taylor_batches < 1 or self.halp_batches < 1:
+            raise ValueError("taylor_batches and halp_batches must be >= 1")
+
+    @property
+    def scoring_batches(self) -> int:
+        """Training batches the importance criterion scores from (0: it needs none)."""
+        if not needs_batches(self.importance):
+            return 0
+        return self.halp_batches if self.importance == "halp" else self.taylor_batches
 
 
 @dataclasses.dataclass

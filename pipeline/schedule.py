@@ -330,9 +330,9 @@ class _Schedule:
     @functools.cached_property
     def _taylor_batches(self):
         """Fixed batches whose gradients at the current weights feed the Taylor criterion."""
-        if self.plan_cfg.importance != "taylor":
+        if not self.plan_cfg.scoring_batches:
             return None
-        n = self.plan_cfg.taylor_batches * self.ft.batch_size
+        n = self.plan_cfg.scoring_batches * self.ft.batch_size
         return list(self.data.batches(self.data.train, self.ft.batch_size, limit=n))
 
     def _plan_step(self, m: nn.Module, r: int) -> tuple[PruningPlan, Any]:

@@ -288,9 +288,9 @@ def plan_stage(inp: Inputs, rd: RunDir, dense: DenseModel, table: LatencyTable) 
         return CalibratedPlan(PruningPlan.load(rd / "plan.json"), d["wanted_ratio"], d["measured_ratio"],
                               d["history"], corrected)
     batches = None
-    if cfg.plan.importance == "taylor":
+    if cfg.plan.scoring_batches:  # a gradient criterion: fixed training batches to score on
         batches = list(inp.data.batches(inp.data.train, cfg.finetune.batch_size,
-                                        limit=cfg.plan.taylor_batches * cfg.finetune.batch_size))
+                                        limit=cfg.plan.scoring_batches * cfg.finetune.batch_size))
     with rd.timed("plan"):
         if cfg.schedule.target == "params":  # AdaSAP_P: a parameter ratio, no latency budget to calibrate
             p0 = count_params(dense.model)

@@ -1,0 +1,128 @@
+"""HALP's value checked against hand computations; the scoring pass leaves the model as it was."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from latprune.models.graph import ModelGraph
+from latprune.pipeline.importance import HalpValue, group_importance, importance_names
+from latprune.pipeline.plan import PlanConfig, build_plan
+from latprune.testing import fake_table, residual_net
+
+SHAPE = (3, 8, 8)
+
+
+def _cb(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+
+
+class FourBN(nn.Module):
+    """A residual stream through four BatchNorms (stem, r1, r2 and the block output b), and one
+    block-internal channel group with a single BatchNorm (a)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.r1, self.r2, self.a, self.b = _cb(3, 8), _cb(8, 8), _cb(8, 8), _cb(8, 4), _cb(4, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.r1(x)
+        x = x + self.r2(x)
+        x = x + self.b(torch.relu(self.a(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _set_bn(model, gamma, grads: dict[str, float]):
+    """Every BN: weight ``gamma``, bias 0; weight gradient ``grads[name]`` (0 for unnamed), bias gradient 0."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.fill_(gamma)
+                m.bias.zero_()
+            m.weight.grad = torch.full_like(m.weight, grads.get(name, 0.0))
+            m.bias.grad = torch.full_like(m.bias, 1.0)  # times beta = 0: contributes nothing
+
+
+def _groups(graph):
+    stream = next(cg.name for cg in graph.groups if "stem.0" in cg.producers)
+    return stream, "a.0"
+
+
+def test_a_group_through_four_batchnorms_scores_four_times_a_single_one():
+    model = FourBN()
+    graph = ModelGraph(model, SHAPE)
+    stream, inner = _groups(graph)
+    assert {"stem.0", "r1.0", "r2.0", "b.0"} <= set(graph.group(stream)[0].producers)
+    value = HalpValue(graph)
+    _set_bn(model, 0.5, {"stem.1": 1.0, "r1.1": 1.0, "r2.1": 1.0, "b.1": 1.0, "a.1": 1.0})
+    value.observe()
+    s = value.scores()
+    np.testing.assert_allclose(s[stream], np.full(8, 4 * 0.5))  # |sum over 4 BNs of gamma * dL/dgamma|
+    np.testing.assert_allclose(s[inner], np.full(4, 0.5))
+
+
+def test_signs_cancel_across_members_before_the_absolute_value_but_not_across_minibatches():
+    model = FourBN()
+    graph = ModelGraph(model, SHAPE)
+    stream, _ = _groups(graph)
+    value = HalpValue(graph)
+    _set_bn(model, 2.0, {"stem.1": 1.0, "r1.1": -1.0, "r2.1": 1.0, "b.1": -1.0})
+    value.observe()
+    np.testing.assert_allclose(value.scores()[stream], np.zeros(8))  # +2 -2 +2 -2 in one minibatch
+    value.reset()
+    for sign in (1.0, -1.0):  # two minibatches with opposite gradients: |+8| and |-8|, mean 8
+        _set_bn(model, 2.0, {n: sign for n in ("stem.1", "r1.1", "r2.1", "b.1")})
+        value.observe()
+    np.testing.assert_allclose(value.scores()[stream], np.full(8, 8.0))
+    assert value.batches == 2
+
+
+def test_a_group_without_batchnorm_falls_back_to_its_producers_weights():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=True), nn.ReLU(), nn.Conv2d(4, 5, 1, bias=False),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 10))
+    graph = ModelGraph(model, SHAPE)
+    value = HalpValue(graph)
+    g = torch.Generator().manual_seed(0)
+    conv = model[0]
+    conv.weight.grad = torch.randn(conv.weight.shape, generator=g)
+    conv.bias.grad = torch.randn(conv.bias.shape, generator=g)
+    value.observe()
+    w, gw, b, gb = conv.weight.detach(), conv.weight.grad, conv.bias.detach(), conv.bias.grad
+    want = ((w * gw).reshape(4, -1).sum(1) + b * gb).abs().double().numpy()
+    np.testing.assert_allclose(value.scores()["0"], want, rtol=1e-6)
+
+
+def test_scoring_pass_observes_each_batch_and_leaves_the_model_alone():
+    model = residual_net().eval()
+    graph = ModelGraph(model, (3, 16, 16))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = group_importance(graph, "halp", batches)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    # the same by hand: one backward per batch (train mode, as the scoring pass runs), observed separately
+    value = HalpValue(graph)
+    model.train()
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        value.observe()
+    model.zero_grad(set_to_none=True)
+    for name, s in value.scores().items():
+        np.testing.assert_allclose(scores[name], s, rtol=1e-6)
+    assert all((s >= 0).all() for s in scores.values())
+
+
+def test_halp_plans_to_the_target_and_needs_batches():
+    assert "halp" in importance_names()
+    model = residual_net()
+    table = fake_table(model, (3, 16, 16))
+    graph = ModelGraph(model, (3, 16, 16))
+    with pytest.raises(ValueError, match="needs data batches"):
+        build_plan(graph, table, 0.6 * table.dense_ms, PlanConfig(importance="halp"))
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    plan = build_plan(graph, table, 0.6 * table.dense_ms, PlanConfig(importance="halp"), batches)
+    assert plan.importance == "halp" and plan.predicted_ms <= 0.6 * table.dense_ms
+    assert PlanConfig(importance="halp").scoring_batches == 32 and PlanConfig().scoring_batches == 0
