@@ -51,6 +51,9 @@ schema-2 reports said ``l2`` (README, "Migration note").
   ``session_providers``).
 - ``training``: ``method``, ``target``, ``importance``, ``step_time_ratio``, ``predicted_ms``,
   ``prune_history`` (per removal: ``step``, ``iteration``, ``target``, ``predicted_ms``,
+  ``val_accuracy_after_removal`` (validation accuracy right after the removal, BatchNorm statistics
+  re-estimated on ``schedule.recalibrate_batches`` training batches, before any further training;
+  null when 0; added by issue 11),
   ``neurons``, ``params``), ``phases``, ``sharpness`` (loss increase under a worst-case L2 ball of
   radius ``rho``: ``pre_pruning`` after warm-up, ``post_pruning`` after the last removal),
   ``resumed``.
@@ -380,10 +383,14 @@ def render_markdown(r: dict[str, Any]) -> str:
            else "re-solving the knapsack on the pruned model."),
         _sharpness_line(r["training"].get("sharpness") or {}),
         "",
-        "| removal | iteration | target | predicted ms | neurons | params |",
-        "|---:|---:|---|---:|---:|---:|",
+        "| removal | iteration | target | predicted ms | neurons | params | val accuracy right after * |",
+        "|---:|---:|---|---:|---:|---:|---:|",
         *[f"| {h['step']} | {h['iteration']} | {_target(h)} | {h['predicted_ms']:.3f} | {h.get('neurons', '?')} | "
-          f"{h['params']:,} |" for h in r["training"]["prune_history"]],
+          f"{h['params']:,} | {_fmt(h.get('val_accuracy_after_removal'), 4)} |"
+          for h in r["training"]["prune_history"]],
+        "",
+        "\\* right after the removal, before any further training, BatchNorm statistics re-estimated on "
+        "training batches.",
         "",
         "![channels per layer](channels.png)",
         "",

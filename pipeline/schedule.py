@@ -49,7 +49,7 @@ from latprune.pipeline import distributed
 from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import Dataset
 from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_param_plan, build_plan, count_params
-from latprune.pipeline.train import Resume, TrainConfig, make_optimizer, sgd_step, train
+from latprune.pipeline.train import Resume, TrainConfig, bn_recalibrated, evaluate, make_optimizer, sgd_step, train
 
 __all__ = ["TARGETS", "PHASES", "ScheduleConfig", "ScheduleResult", "TrainPruneConfig", "prune_rule", "finetune_rule",
            "measure_sharpness", "train_and_prune_", "step_time_ratio"]
@@ -73,6 +73,9 @@ class ScheduleConfig:
     sharpness_rho: float = 0.05  # radius of the sharpness probe before and after pruning (0: skip)
     sharpness_steps: int = 3  # ascent steps of the probe
     sharpness_batches: int = 2  # fixed training batches the probe's loss is taken on
+    # training batches BatchNorm statistics are re-estimated on for the validation accuracy right
+    # after each removal, before any further training (0: not measured)
+    recalibrate_batches: int = 8
 
     def __post_init__(self):
         if self.warmup_epochs < 0:
@@ -87,6 +90,8 @@ class ScheduleConfig:
             raise BadInput(f"--target params needs --param-ratio in (0, 1), e.g. 0.4, got {self.param_ratio}")
         if self.checkpoint_every < 0:
             raise BadInput(f"checkpoint_every must be >= 0 iterations, got {self.checkpoint_every}")
+        if self.recalibrate_batches < 0:
+            raise BadInput(f"recalibrate_batches must be >= 0, got {self.recalibrate_batches}")
         if self.sharpness_rho < 0 or self.sharpness_steps < 1 or self.sharpness_batches < 1:
             raise BadInput("sharpness_rho must be >= 0, sharpness_steps and sharpness_batches >= 1")
 
@@ -311,12 +316,15 @@ class _Schedule:
             if isinstance(rule, SharpnessStep):
                 rule.rebind(self.graph)  # the parameters were replaced
             n_params = count_params(m)
+            acc = distributed.on_main(lambda: self._accuracy_after_removal(m))
             self.history.append({"step": r, "iteration": it, "target": target, "target_ms": plan.target_ms,
                                  "predicted_ms": plan.predicted_ms, "params": n_params,
                                  "neurons": sum(len(g.keep) for g in plan.groups),
-                                 "widths": {g.name: len(g.keep) for g in plan.groups}})
-            log.info("prune step %d/%d: target %s, predicted %.3f ms, %d params", r, sched.prune_steps,
-                     ", ".join(f"{k} {v:.4g}" for k, v in target.items()), plan.predicted_ms, n_params)
+                                 "widths": {g.name: len(g.keep) for g in plan.groups},
+                                 "val_accuracy_after_removal": acc})
+            log.info("prune step %d/%d: target %s, predicted %.3f ms, %d params%s", r, sched.prune_steps,
+                     ", ".join(f"{k} {v:.4g}" for k, v in target.items()), plan.predicted_ms, n_params,
+                     "" if acc is None else f", val accuracy {acc:.4f} right after the removal")
             return rec
 
         iters = sched.prune_steps * sched.prune_every
@@ -326,6 +334,16 @@ class _Schedule:
         if len(self.history) != sched.prune_steps:
             raise RuntimeError(f"pruning phase made {len(self.history)} of {sched.prune_steps} removals")
         self._probe("post_pruning")
+
+    def _accuracy_after_removal(self, m: nn.Module) -> float | None:
+        """Validation accuracy of the model just pruned, BatchNorm statistics re-estimated on fixed
+        training batches (on a copy: training, its RNG and resume are unaffected): the cheapest
+        check of what a value function removed."""
+        n = self.sched.recalibrate_batches
+        if not n:
+            return None
+        batches = list(self.data.batches(self.data.train, self.ft.batch_size, limit=n * self.ft.batch_size))
+        return evaluate(bn_recalibrated(m, batches), self.data, self.data.val)
 
     @functools.cached_property
     def _taylor_batches(self):

@@ -10,6 +10,7 @@ each global batch (``pipeline.distributed``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -27,7 +28,7 @@ from latprune.pipeline import distributed
 from latprune.pipeline.data import Dataset, Split
 
 __all__ = ["TrainConfig", "StepRule", "sgd_step", "TrainResult", "make_optimizer", "Resume", "train", "evaluate",
-           "pretrained"]
+           "bn_recalibrated", "pretrained"]
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,22 @@ def evaluate(model: nn.Module, data: Dataset, split: Split, batch_size: int = 50
         correct += int((model(x).argmax(1) == y).sum())
     model.train(was_training)
     return correct / max(len(split), 1)
+
+
+@torch.no_grad()
+def bn_recalibrated(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated from ``batches``
+    (cumulative average, train-mode forward passes), in eval mode: how a model just pruned would
+    do with statistics that match its new channels. The model itself is untouched."""
+    m = copy.deepcopy(model)
+    bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.track_running_stats]
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None  # cumulative moving average over the calibration batches
+    m.train()
+    for x, _ in batches:
+        m(x)
+    return m.eval()
 
 
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:

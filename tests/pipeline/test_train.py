@@ -6,7 +6,7 @@ from torch import nn
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import Removal, carry_momentum_
 from latprune.pipeline.plan import GroupPlan, PruningPlan, apply_plan_
-from latprune.pipeline.train import TrainConfig, evaluate, train
+from latprune.pipeline.train import TrainConfig, bn_recalibrated, evaluate, train
 from latprune.testing import residual_net, tiny_dataset
 
 SHAPE = (3, 16, 16)
@@ -105,6 +105,23 @@ def test_schedule_prunes_r_times_along_a_shrinking_target(method, importance):
     assert predicted_latency(ModelGraph(model, SHAPE), table) == pytest.approx(res.final_predicted_ms)
     assert res.final_predicted_ms <= final + 1e-9 and set(res.phases) == {"warmup", "pruning", "finetune"}
     assert res.history[-1]["widths"] == {g.name: len(g.keep) for g in plan.groups}  # lands on the plan
+    assert all(0 <= h["val_accuracy_after_removal"] <= 1 for h in res.history)
+
+
+def test_bn_recalibration_uses_the_calibration_batches_on_a_copy():
+    model = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), nn.BatchNorm2d(2)).train()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 2, 3, 3, generator=g) * 3 + 1, None) for _ in range(3)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cal = bn_recalibrated(model, batches)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+    with torch.no_grad():
+        h = [model[0](x) for x, _ in batches]  # equal batches: the cumulative average is the overall mean
+    want_mean = torch.stack([x.mean((0, 2, 3)) for x in h]).mean(0)
+    want_var = torch.stack([x.transpose(0, 1).reshape(2, -1).var(1, unbiased=True) for x in h]).mean(0)
+    torch.testing.assert_close(cal[1].running_mean, want_mean)
+    torch.testing.assert_close(cal[1].running_var, want_var)
+    assert not cal.training and int(cal[1].num_batches_tracked) == 3
 
 
 def test_step_time_ratio_is_measured_for_two_pass_methods():
