@@ -238,7 +238,7 @@ class SharpnessStep:
             return adaptive_perturbation(model, self.neurons, c, self.scaled)
         return uniform_perturbation(model.parameters(), c.rho, c.method == "asam", c.eta, self.scaled)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer) -> float:
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, observe=None) -> float:
         optimizer.zero_grad(set_to_none=True)
         sync_off = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
         with sync_off:
@@ -251,6 +251,8 @@ class SharpnessStep:
                 for p in model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(inv)
+        if observe is not None:  # the gradients at the unperturbed weights
+            observe()
         eps = self.perturbation(model)
         if any(not torch.isfinite(e).all() for e in eps.values()):
             eps = {}  # overflowed first pass: no perturbation; the scaler skips a bad second pass

@@ -101,12 +101,15 @@ class PruningPlan:
 
 
 def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: PlanConfig, batches=None,
-               min_widths: dict[str, int] | None = None, e2e: EndToEnd | None = None) -> PruningPlan:
+               min_widths: dict[str, int] | None = None, e2e: EndToEnd | None = None,
+               scores: dict[str, np.ndarray] | None = None) -> PruningPlan:
     """Plan which channels of ``graph.model`` to keep so the predicted latency is at most ``target_ms``.
 
     ``min_widths`` (by group) bounds how far each group may shrink: iterative pruning passes the
     final plan's widths, so intermediate steps never cut a group below where it must end. ``e2e``
-    replaces the table's end-to-end term (the closed loop's corrected one).
+    replaces the table's end-to-end term (the closed loop's corrected one). ``scores`` (per group,
+    ``cfg.importance``'s values already computed, e.g. accumulated during training) replaces the
+    scoring pass over ``batches``.
     """
     if target_ms <= 0:
         raise BadInput(f"latency target must be > 0 ms, got {target_ms}")
@@ -124,7 +127,7 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
             unpruned[cg.name] = f"{cg.size} channels, not more than --round-to {cfg.round_to}"
     for name, why in unpruned.items():  # once per run: iterative steps (min_widths) plan again
         log.log(logging.DEBUG if min_widths else logging.WARNING, "group %s stays unpruned: %s", name, why)
-    scores = group_importance(graph, cfg.importance, batches)
+    scores = _scores(graph, cfg, batches, scores)
     lw = graph.layer_widths(table.layer_keys)
     lm = LatencyModel(table, lw, e2e)
     choices = []
@@ -161,6 +164,15 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
     )
 
 
+def _scores(graph: ModelGraph, cfg: PlanConfig, batches, given: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    if given is None:
+        return group_importance(graph, cfg.importance, batches)
+    sizes = graph.sizes()
+    if {k: len(v) for k, v in given.items()} != sizes:
+        raise ValueError("scores must hold one value per channel of every group of this model")
+    return given
+
+
 def _touch_fn(lm: LatencyModel, layers: list[str]):
     slope = lm.e2e.slope
     return lambda kept: slope * lm.layers_ms(kept, layers)
@@ -171,7 +183,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def build_param_plan(graph: ModelGraph, table: LatencyTable, cfg: PlanConfig, keep: int | None = None,
-                     max_params: int | None = None, batches=None) -> PruningPlan:
+                     max_params: int | None = None, batches=None,
+                     scores: dict[str, np.ndarray] | None = None) -> PruningPlan:
     """AdaSAP_P's plan: the ``keep`` channels ranked highest *globally* (importance normalised per
     group, then compared across groups; every group keeps at least one channel), or, with
     ``max_params``, the largest such count whose pruned model has at most that many parameters
@@ -179,7 +192,7 @@ def build_param_plan(graph: ModelGraph, table: LatencyTable, cfg: PlanConfig, ke
     pruned copies). No ``round_to`` here: this is the parameter-targeted ablation; the latency the
     table predicts for it is recorded, not constrained."""
     model, groups = graph.model, graph.groups
-    scores = group_importance(graph, cfg.importance, batches)
+    scores = _scores(graph, cfg, batches, scores)
     names = [cg.name for cg in groups]
     owner = np.concatenate([np.full(cg.size, i) for i, cg in enumerate(groups)])
     local = np.concatenate([np.arange(cg.size) for cg in groups])

@@ -48,6 +48,7 @@ from latprune.models.surgery import Removal
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import Dataset
+from latprune.pipeline.importance import HalpValue
 from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_param_plan, build_plan, count_params
 from latprune.pipeline.train import Resume, TrainConfig, bn_recalibrated, evaluate, make_optimizer, sgd_step, train
 
@@ -201,6 +202,9 @@ class _Schedule:
         self.input_shape, self.seed, self.progress = input_shape, seed, progress
         self.checkpoint, self.key, self.hook = checkpoint, key, hook
         self._graph: ModelGraph | None = None  # of the model as it is now; None after a change
+        # halp: the value accumulated from the training steps' own gradients since the last removal
+        self._value: HalpValue | None = None
+        self._value_state: dict[str, Any] | None = None  # a checkpoint's sums, until the value is rebuilt
         self.history: list[dict[str, Any]] = []
         self.phases: dict[str, dict[str, Any]] = {}
         self.sharpness: dict[str, Any] = {}
@@ -217,6 +221,35 @@ class _Schedule:
             self._graph = ModelGraph(self.model, self.input_shape)
         return self._graph
 
+    @property
+    def value(self) -> HalpValue | None:
+        """HALP's value over the current model's groups, fed by every training step of warm-up and
+        pruning (``observe``) and reset at every removal; None for other criteria."""
+        if self.plan_cfg.importance != "halp":
+            return None
+        if self._value is None:
+            self._value = HalpValue(self.graph)
+            if self._value_state is not None:  # resumed: continue the checkpoint's averages
+                self._value.sums = {k: v.numpy().copy() for k, v in self._value_state["sums"].items()}
+                self._value.batches = int(self._value_state["batches"])
+                self._value_state = None
+        return self._value
+
+    def _observe(self) -> None:
+        self.value.observe()
+
+    def _changed(self) -> None:
+        """The model's layers were replaced (a removal, a resume): graph and value start again."""
+        self._graph, self._value = None, None
+
+    def _accumulated_scores(self) -> tuple[dict[str, np.ndarray] | None, int]:
+        """(scores, minibatches) from the training gradients when enough were seen since the last
+        removal (HALP: min(32, iterations between removals)); else (None, 0): a scoring pass."""
+        v = self.value
+        if v is not None and v.batches >= min(32, self.sched.prune_every):
+            return v.scores(), v.batches
+        return None, 0
+
     # ---- checkpoints ----
     def _state(self, phase: str, resume: Resume | None) -> dict[str, Any]:
         # the torch RNG travels in ``resume`` (train() reseeds at every phase start)
@@ -224,7 +257,10 @@ class _Schedule:
                 "train": resume.to_dict() if resume else None,
                 "layers": layer_shapes(self.model), "model": self.model.state_dict(),
                 "history": self.history, "phases": self.phases, "sharpness": self.sharpness,
-                "resumed": self.resumed, "l0": self.l0, "p0": self.p0, "k": self.k, "m": self.m}
+                "resumed": self.resumed, "l0": self.l0, "p0": self.p0, "k": self.k, "m": self.m,
+                "value": None if self._value is None else {
+                    "sums": {k: torch.from_numpy(v.copy()) for k, v in self._value.sums.items()},
+                    "batches": self._value.batches}}
 
     def _save(self, phase: str, resume: Resume | None) -> None:
         if self.checkpoint is not None and distributed.is_main():
@@ -243,7 +279,8 @@ class _Schedule:
             log.info("training checkpoint %s is for other settings: starting over", self.checkpoint)
             return PHASES[0], None
         reshape_(self.model, ck["layers"])
-        self._graph = None
+        self._changed()
+        self._value_state = ck.get("value")
         self.model.load_state_dict(ck["model"])
         for a in ("history", "phases", "sharpness", "resumed", "l0", "p0", "k", "m"):
             setattr(self, a, ck[a])
@@ -268,16 +305,17 @@ class _Schedule:
         return ScheduleResult(self.history, predicted_latency(self.graph, self.table),
                               self.phases, self.sharpness, self.resumed)
 
-    def _train(self, phase: str, cfg: TrainConfig, seed: int, rule, resume, callbacks=()) -> None:
+    def _train(self, phase: str, cfg: TrainConfig, seed: int, rule, resume, callbacks=(), observe=None) -> None:
         hooks = [lambda it: self.hook(phase, it)] if self.hook else []
         res = train(self.model, self.data, cfg, seed=seed, step=rule, callbacks=callbacks, progress=self.progress,
                     desc=phase, resume=resume, save=lambda m, r: self._save(phase, r),
-                    save_every=self.sched.checkpoint_every, hooks=hooks)
+                    save_every=self.sched.checkpoint_every, hooks=hooks, observe=observe)
         self.phases[phase] = dataclasses.asdict(res)
 
     def _warmup(self, resume) -> None:
         rule = prune_rule(self.graph, self.sharp)
-        self._train("warmup", dataclasses.replace(self.ft, epochs=self.sched.warmup_epochs), self.seed, rule, resume)
+        self._train("warmup", dataclasses.replace(self.ft, epochs=self.sched.warmup_epochs), self.seed, rule, resume,
+                    observe=self._observe if self.value is not None else None)
 
     def _probe_batches(self):
         n = self.sched.sharpness_batches * self.ft.batch_size
@@ -299,8 +337,8 @@ class _Schedule:
             self.p0 = count_params(self.model)
             if sched.target == "params":
                 plan = distributed.on_main(lambda: build_param_plan(
-                    self.graph, self.table, self.plan_cfg,
-                    max_params=int(sched.param_ratio * self.p0), batches=self._taylor_batches))
+                    self.graph, self.table, self.plan_cfg, max_params=int(sched.param_ratio * self.p0),
+                    batches=self._taylor_batches, scores=self._accumulated_scores()[0]))
                 self.m = plan.history[0]["neurons"]
                 self.k = plan.history[0]["kept_neurons"] / self.m
         rule = prune_rule(self.graph, self.sharp)
@@ -309,10 +347,10 @@ class _Schedule:
             if it % sched.prune_every:
                 return None
             r = it // sched.prune_every
-            plan, target = distributed.on_main(lambda: self._plan_step(m, r))  # one decision for all ranks
+            plan, target, value_batches = distributed.on_main(lambda: self._plan_step(r))  # one decision, all ranks
             rec = Removal()
             apply_plan_(m, plan, self.input_shape, record=rec, graph=self.graph)
-            self._graph = None  # the model changed: the next use traces it again
+            self._changed()  # the next use traces the pruned model again
             if isinstance(rule, SharpnessStep):
                 rule.rebind(self.graph)  # the parameters were replaced
             n_params = count_params(m)
@@ -321,7 +359,7 @@ class _Schedule:
                                  "predicted_ms": plan.predicted_ms, "params": n_params,
                                  "neurons": sum(len(g.keep) for g in plan.groups),
                                  "widths": {g.name: len(g.keep) for g in plan.groups},
-                                 "val_accuracy_after_removal": acc})
+                                 "val_accuracy_after_removal": acc, "value_minibatches": value_batches})
             log.info("prune step %d/%d: target %s, predicted %.3f ms, %d params%s", r, sched.prune_steps,
                      ", ".join(f"{k} {v:.4g}" for k, v in target.items()), plan.predicted_ms, n_params,
                      "" if acc is None else f", val accuracy {acc:.4f} right after the removal")
@@ -330,7 +368,8 @@ class _Schedule:
         iters = sched.prune_steps * sched.prune_every
         per_epoch = max(int(np.ceil(len(self.data.train) / self.ft.batch_size)), 1)
         cfg_b = dataclasses.replace(self.ft, epochs=iters / per_epoch)
-        self._train("pruning", cfg_b, self.seed + 1, rule, resume, callbacks=[prune_step])
+        self._train("pruning", cfg_b, self.seed + 1, rule, resume, callbacks=[prune_step],
+                    observe=self._observe if self.value is not None else None)
         if len(self.history) != sched.prune_steps:
             raise RuntimeError(f"pruning phase made {len(self.history)} of {sched.prune_steps} removals")
         self._probe("post_pruning")
@@ -353,21 +392,24 @@ class _Schedule:
         n = self.plan_cfg.scoring_batches * self.ft.batch_size
         return list(self.data.batches(self.data.train, self.ft.batch_size, limit=n))
 
-    def _plan_step(self, m: nn.Module, r: int) -> tuple[PruningPlan, Any]:
+    def _plan_step(self, r: int) -> tuple[PruningPlan, Any, int]:
+        """Step ``r``'s plan, its target, and how many training minibatches the value averaged over
+        (0: the criterion's own scoring pass, or a criterion without data)."""
         R = self.sched.prune_steps
+        scores, n = self._accumulated_scores()
         if self.sched.target == "params":
             if r == R:  # land on the parameter target exactly
                 budget = int(self.sched.param_ratio * self.p0)
                 return build_param_plan(self.graph, self.table, self.plan_cfg, max_params=budget,
-                                        batches=self._taylor_batches), {"params": budget}
+                                        batches=self._taylor_batches, scores=scores), {"params": budget}, n
             keep = int(round(self.m * self.k ** (r / R)))
             return build_param_plan(self.graph, self.table, self.plan_cfg, keep=keep,
-                                    batches=self._taylor_batches), {"neurons": keep}
+                                    batches=self._taylor_batches, scores=scores), {"neurons": keep}, n
         target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
         floor = {g.name: len(g.keep) for g in self.final.groups}
         plan = build_plan(self.graph, self.table, target, self.plan_cfg, self._taylor_batches,
-                          min_widths=floor)
-        return plan, {"latency_ms": target}
+                          min_widths=floor, scores=scores)
+        return plan, {"latency_ms": target}, n
 
     def _finetune(self, resume) -> None:
         ft_rule = finetune_rule(self.model, self.sharp)

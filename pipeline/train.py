@@ -54,16 +54,21 @@ class TrainConfig:
 
 
 class StepRule(Protocol):
-    """One optimisation step on one batch; returns the loss. SAM-style rules do two passes."""
+    """One optimisation step on one batch; returns the loss. SAM-style rules do two passes.
+    ``observe``, when given, is called once with this minibatch's loss gradients in ``.grad`` at the
+    weights before the update (for a two-pass rule, the first pass's): a value function can
+    accumulate from them at no extra cost (``pipeline.importance.HalpValue``)."""
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 optimizer: torch.optim.Optimizer) -> float: ...
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 observe: Callable[[], None] | None = None) -> float: ...
 
 
-def sgd_step(model, x, y, optimizer) -> float:
+def sgd_step(model, x, y, optimizer, observe: Callable[[], None] | None = None) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
+    if observe is not None:
+        observe()
     optimizer.step()
     return float(loss.detach())
 
@@ -113,14 +118,15 @@ Saver = Callable[[nn.Module, Resume], None]  # writes a checkpoint of (model, wh
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step: StepRule = sgd_step,
           callbacks: Sequence[Callback] = (), progress: bool = True, desc: str = "train",
           resume: Resume | None = None, save: Saver | None = None, save_every: int = 0,
-          hooks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+          hooks: Sequence[Callable[[int], None]] = (), observe: Callable[[], None] | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` over ``data.train``; evaluate on ``data.val``.
 
     ``save`` is called every ``save_every`` iterations and after every removal a callback makes;
     ``resume`` continues from such a checkpoint, bit for bit: the data order is a function of
     (seed, epoch) and is replayed up to the stopping point, the learning rate a function of the
     iteration, and the optimizer state and torch RNG are restored. ``hooks`` run after each
-    iteration (and after its checkpoint) with the iteration count.
+    iteration (and after its checkpoint) with the iteration count; ``observe`` is handed to the step
+    rule (:class:`StepRule`).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -153,7 +159,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
             x, y = distributed.shard(x, y)
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * sched(it)
-            loss = step(wrapped, x, y, optimizer)
+            loss = step(wrapped, x, y, optimizer) if observe is None else step(wrapped, x, y, optimizer, observe)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss} at iteration {it}: lower the learning rate")
             it += 1

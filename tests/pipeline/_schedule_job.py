@@ -1,7 +1,8 @@
 """A train-and-prune job for the resume tests, run as its own process so it can be SIGKILLed.
 
 python _schedule_job.py CKPT OUT METHOD TARGET [KILL_PHASE KILL_ITER]
-Writes OUT (the final state_dict and history) unless killed.
+Writes OUT (the final state_dict and history) unless killed. $JOB_IMPORTANCE picks the criterion
+(default magnitude).
 """
 import os
 import signal
@@ -35,7 +36,8 @@ def main(ckpt, out, method, target, kill_phase=None, kill_iter=None):
 
     res = train_and_prune_(model, data, table, final,
                            TrainPruneConfig(
-                               plan=PlanConfig(),
+                               plan=PlanConfig(importance=os.environ.get("JOB_IMPORTANCE", "magnitude"),
+                                               halp_batches=2),
                                schedule=sched,
                                optimizer=OptimizerConfig(method=method, rho=0.1, rho_max=0.1),
                                finetune=TrainConfig(epochs=0.5, batch_size=8, warmup_iters=1)),

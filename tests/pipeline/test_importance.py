@@ -126,3 +126,44 @@ def test_halp_plans_to_the_target_and_needs_batches():
     plan = build_plan(graph, table, 0.6 * table.dense_ms, PlanConfig(importance="halp"), batches)
     assert plan.importance == "halp" and plan.predicted_ms <= 0.6 * table.dense_ms
     assert PlanConfig(importance="halp").scoring_batches == 32 and PlanConfig().scoring_batches == 0
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam"])
+def test_step_rules_hand_the_gradients_before_the_update_to_observe(method):
+    import copy
+
+    from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep
+    from latprune.pipeline.train import sgd_step
+
+    model = residual_net().train()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    nn.functional.cross_entropy(ref(x), y).backward()
+    seen = []
+    rule = sgd_step if method == "sgd" else SharpnessStep(model, OptimizerConfig(method="sam", rho=0.5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rule(model, x, y, opt, observe=lambda: seen.append({n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(seen) == 1  # once per step; for SAM the first pass's gradient, at the unperturbed weights
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(seen[0][n], p.grad)
+
+
+def test_schedule_feeds_halp_from_the_training_steps_since_the_last_removal():
+    from latprune.pipeline.adasap import OptimizerConfig
+    from latprune.pipeline.schedule import ScheduleConfig, TrainPruneConfig, train_and_prune_
+    from latprune.pipeline.train import TrainConfig
+    from latprune.testing import tiny_dataset
+
+    shape = (3, 16, 16)
+    model, data = residual_net(), tiny_dataset(64, shape)
+    table = fake_table(model, shape)
+    final = build_plan(ModelGraph(model, shape), table, 0.5 * table.dense_ms, PlanConfig())
+    cfg = TrainPruneConfig(plan=PlanConfig(importance="halp", halp_batches=1),
+                           schedule=ScheduleConfig(warmup_epochs=0.25, prune_steps=3, prune_every=2,
+                                                   sharpness_rho=0.0, recalibrate_batches=1),
+                           optimizer=OptimizerConfig(method="sgd"),
+                           finetune=TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1))
+    res = train_and_prune_(model, data, table, final, cfg, shape, progress=False)
+    # 64 images, batches of 8: 2 warm-up iterations, then a removal every 2 pruning iterations
+    assert [h["value_minibatches"] for h in res.history] == [4, 2, 2]
+    assert res.history[-1]["widths"] == {g.name: len(g.keep) for g in final.groups}

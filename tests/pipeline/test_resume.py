@@ -11,27 +11,28 @@ import torch
 JOB = Path(__file__).with_name("_schedule_job.py")
 
 
-def _run(tmp, name, method, target, kill=()):
+def _run(tmp, name, method, target, kill=(), importance="magnitude"):
     ckpt, out = tmp / f"{name}.ckpt.pt", tmp / f"{name}.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "JOB_IMPORTANCE": importance}
     p = subprocess.run([sys.executable, str(JOB), str(ckpt), str(out), method, target, *map(str, kill)],
                        capture_output=True, text=True, env=env, timeout=300)
     return p, ckpt, out
 
 
-@pytest.mark.parametrize("method,target,kill", [
-    ("adasap", "latency", ("pruning", 5)),  # between removals, one iteration after a checkpoint
-    ("sgd", "params", ("finetune", 3)),
-    ("adasap", "latency", ("warmup", 1)),  # before any checkpoint: starts over
+@pytest.mark.parametrize("method,target,kill,importance", [
+    ("adasap", "latency", ("pruning", 5), "magnitude"),  # between removals, one iteration after a checkpoint
+    ("sgd", "params", ("finetune", 3), "magnitude"),
+    ("adasap", "latency", ("warmup", 1), "magnitude"),  # before any checkpoint: starts over
+    ("sam", "latency", ("warmup", 3), "halp"),  # after a checkpoint that holds the value accumulated so far
 ])
-def test_sigkilled_run_resumes_to_the_same_model(tmp_path, method, target, kill):
-    ref, _, ref_out = _run(tmp_path, "ref", method, target)
+def test_sigkilled_run_resumes_to_the_same_model(tmp_path, method, target, kill, importance):
+    ref, _, ref_out = _run(tmp_path, "ref", method, target, importance=importance)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    killed, ckpt, out = _run(tmp_path, "job", method, target, kill)
+    killed, ckpt, out = _run(tmp_path, "job", method, target, kill, importance)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not out.exists()
     assert ckpt.exists() == (kill != ("warmup", 1))
-    resumed, _, _ = _run(tmp_path, "job", method, target)
+    resumed, _, _ = _run(tmp_path, "job", method, target, importance=importance)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(ref_out, weights_only=True)
     b = torch.load(out, weights_only=True)
