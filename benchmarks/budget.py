@@ -1,7 +1,7 @@
 """Budgets -> measured latency, and the knapsack plan against uniform pruning at equal latency.
 
     python benchmarks/budget.py [--budgets 0.3 0.5 0.7] [--model resnet20] [--finetune-epochs 1]
-                                [--train-subset 10000] [--seed 0] [--importance magnitude|taylor|halp]
+                                [--train-subset 10000] [--seed 0] [--importance magnitude|halp]
                                 [--out runs/bench-budget]
 
 On the embedded default (Fashion-MNIST, the cached pre-trained dense model and latency table):

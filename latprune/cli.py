@@ -56,10 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this (default 8)")
     g.add_argument("--importance", choices=[*importance_names(), *DEPRECATED_IMPORTANCE],
                    help="channel importance: magnitude (L2 of the group's weights, default; it maximises kept "
-                        "channels), taylor (torch-pruning's, summed gradients) or halp (HALP's BatchNorm "
-                        "Taylor value in units of loss, averaged over plan.halp_batches minibatches); "
-                        "'l2' is the deprecated spelling of magnitude. AdaSAP's neuron score follows it "
-                        "where it can (magnitude, taylor)")
+                        "channels) or halp (HALP's BatchNorm Taylor value in units of loss). Deprecated: 'l2' "
+                        "(= magnitude), 'taylor' (now means halp). AdaSAP's neuron score follows the flag "
+                        "where it has one (magnitude, taylor: |w.g| per neuron)")
     g.add_argument("--method", choices=METHODS,
                    help="optimizer for warm-up, pruning and fine-tuning (default adasap)")
     g.add_argument("--target", choices=TARGETS,
@@ -188,7 +187,9 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.target == "params" and (a.budget is not None or a.budget_ms is not None):
         raise BadInput("--target params prunes to --param-ratio, not to a latency budget: drop --budget/--budget-ms")
     cfg = load_config(a.config)
-    importance = None if a.importance is None else canonical_importance(a.importance)  # warns for old spellings
+    importance = None if a.importance is None else canonical_importance(a.importance)  # warns for old names
+    # AdaSAP's per-neuron score at each step: --importance taylor keeps its |w.g| score there
+    score = "taylor" if a.importance == "taylor" else importance
     budget = {}
     if a.budget is not None:
         budget = {"fraction": a.budget, "ms": None}
@@ -215,7 +216,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         robustness={"images": a.robust_images},
         # AdaSAP scores neurons for rho_i by the pruning criterion (paper section 3.1)
         optimizer={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max,
-                   "score": importance if importance in NEURON_SCORES else None},
+                   "score": score if score in NEURON_SCORES else None},
         verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
     )
 

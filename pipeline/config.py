@@ -23,11 +23,14 @@ from latprune.pipeline.schedule import ScheduleConfig
 from latprune.pipeline.train import TrainConfig
 
 __all__ = ["BudgetConfig", "DeployConfig", "VerifyConfig", "GateConfig", "RunConfig", "default_cache_dir",
-           "load_config", "RENAMED_SECTIONS"]
+           "load_config", "RENAMED_SECTIONS", "RETIRED_KEYS"]
 
 # config sections renamed since an earlier release: {old: new}. Old run directories (config.json,
 # --resume) and YAML files keep working, with a deprecation warning.
 RENAMED_SECTIONS = {"sharpness": "optimizer"}
+# settings that no longer exist: {(section, key): why}; dropped from old configs with a warning
+RETIRED_KEYS = {("plan", "taylor_batches"): "the taylor criterion is retired ('taylor' now means 'halp', which "
+                                            "scores on plan.halp_batches)"}
 
 @dataclasses.dataclass(frozen=True)
 class BudgetConfig:
@@ -173,6 +176,10 @@ class RunConfig:
                 if new in d:
                     raise BadInput(f"config has both {old!r} and {new!r}: keep only {new!r}")
                 d[new] = d.pop(old)
+        for (section, key), why in RETIRED_KEYS.items():
+            if isinstance(d.get(section), dict) and key in d[section]:
+                warnings.warn(f"config key {section}.{key} is ignored: {why}", DeprecationWarning, stacklevel=2)
+                d[section] = {k: v for k, v in d[section].items() if k != key}
         for k, v in d.items():
             if k not in fields:
                 raise BadInput(f"unknown config key {k!r}: valid keys are {', '.join(fields)}")

@@ -8,12 +8,13 @@ plugs in directly) become scorers through :func:`tp_criterion`.
 
 - ``magnitude``: L2 norm of the group's weights, normalised per group (mean 1). Summed over a
   plan it is about the number of kept channels: the knapsack then keeps channels, not loss.
-- ``taylor``: torch-pruning's group Taylor criterion on gradients summed over the batches,
-  normalised per group (it does not score BatchNorm layers).
 - ``halp``: HALP's value (Shen et al. 2022, NVlabs/HALP), in units of loss: see :class:`HalpValue`.
   Not normalised, so a group that feeds more layers is worth more.
 
-``l2`` is the older spelling of ``magnitude`` and is accepted with a deprecation warning.
+Old names accepted with a deprecation warning (:data:`DEPRECATED_IMPORTANCE`): ``l2``, the older
+spelling of ``magnitude``, and ``taylor``, which now means ``halp``: the criterion it named,
+torch-pruning's ``GroupTaylorImportance`` on gradients summed over a few batches, never scored
+BatchNorm layers (1.6.x) and let the signs of those sums cancel; it is retired.
 
 Gradient-based criteria need batches: they run in train mode and restore BatchNorm's running
 statistics afterwards (:func:`save_bn_stats`, :func:`restore_bn_stats`), so scoring never moves
@@ -47,7 +48,8 @@ class _Entry:
 
 
 _IMPORTANCE: dict[str, _Entry] = {}
-DEPRECATED_IMPORTANCE = {"l2": "magnitude"}  # old spelling -> name
+DEPRECATED_IMPORTANCE = {"l2": "magnitude", "taylor": "halp"}  # old name -> the criterion it means now
+_RETIRED = {"taylor": "torch-pruning's Taylor criterion is retired (it never scored BatchNorm layers)"}
 
 
 def register_importance(name: str, needs_batches: bool = False):
@@ -74,8 +76,6 @@ def tp_criterion(factory: Callable[[], Any], gradients: bool = False) -> Scorer:
 
 
 register_importance("magnitude")(tp_criterion(lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")))
-register_importance("taylor", needs_batches=True)(
-    tp_criterion(lambda: tp.importance.GroupTaylorImportance(normalizer="mean"), gradients=True))
 
 
 class HalpValue:
@@ -181,7 +181,8 @@ def canonical_importance(name: str) -> str:
     """``name``, or the current spelling of a deprecated one (with a warning)."""
     if name in DEPRECATED_IMPORTANCE:
         new = DEPRECATED_IMPORTANCE[name]
-        warnings.warn(f"importance {name!r} is deprecated: it is called {new!r} now", DeprecationWarning, stacklevel=2)
+        why = f"{_RETIRED[name]}: {name!r} now means {new!r}" if name in _RETIRED else f"it is called {new!r} now"
+        warnings.warn(f"importance {name!r} is deprecated: {why}", DeprecationWarning, stacklevel=2)
         return new
     if name not in _IMPORTANCE:
         raise BadInput(f"unknown importance {name!r}: use one of {', '.join(_IMPORTANCE)}")

@@ -38,22 +38,21 @@ class PlanConfig:
     round_to: int = 8
     importance: str = "magnitude"  # a name of pipeline.importance ("l2": deprecated spelling of magnitude)
     max_iter: int = 20
-    taylor_batches: int = 4  # batches whose summed gradients feed the taylor criterion
     halp_batches: int = 32  # minibatches the halp value averages over in a scoring pass (HALP: >= 32)
 
     def __post_init__(self):
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1 channel, got {self.round_to}")
         object.__setattr__(self, "importance", canonical_importance(self.importance))
-        if self.taylor_batches < 1 or self.halp_batches < 1:
-            raise ValueError("taylor_batches and halp_batches must be >= 1")
+        if self.halp_batches < 1:
+            raise ValueError(f"halp_batches must be >= 1, got {self.halp_batches}")
 
     @property
     def scoring_batches(self) -> int:
         """Training batches the importance criterion scores from (0: it needs none)."""
         if not needs_batches(self.importance):
             return 0
-        return self.halp_batches if self.importance == "halp" else self.taylor_batches
+        return self.halp_batches
 
 
 @dataclasses.dataclass

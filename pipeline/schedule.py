@@ -338,7 +338,7 @@ class _Schedule:
             if sched.target == "params":
                 plan = distributed.on_main(lambda: build_param_plan(
                     self.graph, self.table, self.plan_cfg, max_params=int(sched.param_ratio * self.p0),
-                    batches=self._taylor_batches, scores=self._accumulated_scores()[0]))
+                    batches=self._scoring_batches, scores=self._accumulated_scores()[0]))
                 self.m = plan.history[0]["neurons"]
                 self.k = plan.history[0]["kept_neurons"] / self.m
         rule = prune_rule(self.graph, self.sharp)
@@ -385,8 +385,8 @@ class _Schedule:
         return evaluate(bn_recalibrated(m, batches), self.data, self.data.val)
 
     @functools.cached_property
-    def _taylor_batches(self):
-        """Fixed batches whose gradients at the current weights feed the Taylor criterion."""
+    def _scoring_batches(self):
+        """Fixed training batches a gradient criterion scores on when it has no training gradients."""
         if not self.plan_cfg.scoring_batches:
             return None
         n = self.plan_cfg.scoring_batches * self.ft.batch_size
@@ -401,13 +401,13 @@ class _Schedule:
             if r == R:  # land on the parameter target exactly
                 budget = int(self.sched.param_ratio * self.p0)
                 return build_param_plan(self.graph, self.table, self.plan_cfg, max_params=budget,
-                                        batches=self._taylor_batches, scores=scores), {"params": budget}, n
+                                        batches=self._scoring_batches, scores=scores), {"params": budget}, n
             keep = int(round(self.m * self.k ** (r / R)))
             return build_param_plan(self.graph, self.table, self.plan_cfg, keep=keep,
-                                    batches=self._taylor_batches, scores=scores), {"neurons": keep}, n
+                                    batches=self._scoring_batches, scores=scores), {"neurons": keep}, n
         target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
         floor = {g.name: len(g.keep) for g in self.final.groups}
-        plan = build_plan(self.graph, self.table, target, self.plan_cfg, self._taylor_batches,
+        plan = build_plan(self.graph, self.table, target, self.plan_cfg, self._scoring_batches,
                           min_widths=floor, scores=scores)
         return plan, {"latency_ms": target}, n
 

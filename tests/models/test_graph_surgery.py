@@ -92,8 +92,10 @@ def test_taylor_importance_uses_gradients():
     model = residual_net()
     table = fake_table(model, SHAPE)
     batches = [(torch.randn(8, *SHAPE), torch.randint(0, 10, (8,)))]
-    plan = build_plan(ModelGraph(model, SHAPE), table, 0.6 * table.dense_ms, PlanConfig(importance="taylor"), batches)
-    assert plan.importance == "taylor" and plan.predicted_ms <= 0.6 * table.dense_ms
+    with pytest.warns(DeprecationWarning, match="'taylor' now means 'halp'"):
+        cfg = PlanConfig(importance="taylor")
+    plan = build_plan(ModelGraph(model, SHAPE), table, 0.6 * table.dense_ms, cfg, batches)
+    assert plan.importance == "halp" and plan.predicted_ms <= 0.6 * table.dense_ms
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -124,16 +124,16 @@ def test_missing_or_empty_data_path(tmp_path):
         load_dataset(DataConfig(name=str(tmp_path)))
 
 
-@pytest.mark.parametrize("flag,plan_imp,score", [("taylor", "taylor", "taylor"),
+@pytest.mark.parametrize("flag,plan_imp,score", [("taylor", "halp", "taylor"),
                                                   ("magnitude", "magnitude", "magnitude"),
-                                                  ("l2", "magnitude", "magnitude")])
+                                                  ("l2", "magnitude", "magnitude"), ("halp", "halp", "magnitude")])
 def test_importance_flag_sets_the_pruning_criterion_and_adasaps_neuron_score(flag, plan_imp, score):
     from latprune.cli import _parser, config_from_args
 
     args = _parser().parse_args(["run", "--importance", flag, "--target", "params", "--param-ratio", "0.4",
                                  "--method", "sam"])
-    if flag == "l2":  # the old spelling of magnitude: accepted, with a deprecation warning
-        with pytest.warns(DeprecationWarning, match="'l2' is deprecated"):
+    if flag in ("l2", "taylor"):  # old names: accepted, with a deprecation warning
+        with pytest.warns(DeprecationWarning, match=f"'{flag}' is deprecated"):
             cfg = config_from_args(args)
     else:
         cfg = config_from_args(args)
@@ -154,3 +154,5 @@ def test_renamed_spellings_still_load_with_a_warning(tmp_path):
     assert RunConfig.from_dict(cfg.to_dict()) == cfg and "sharpness" not in cfg.to_dict()
     with pytest.raises(BadInput, match="keep only 'optimizer'"), pytest.warns(DeprecationWarning):
         RunConfig.from_dict({"sharpness": {}, "optimizer": {}})
+    with pytest.warns(DeprecationWarning, match="plan.taylor_batches is ignored"):  # a retired setting
+        assert RunConfig.from_dict({"plan": {"taylor_batches": 4, "round_to": 16}}).plan.round_to == 16
