@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, help="epochs before the first removal (default 0.5)")
     g.add_argument("--prune-steps", type=int, help="number of removals R (default 5)")
     g.add_argument("--prune-every", type=int, help="iterations between removals (default 30)")
+    g.add_argument("--emerge", action="store_true", default=None,
+                   help="latency target: re-solve the knapsack freely at every removal, no width floor from the "
+                        "plan validated before training (the architecture emerges, as in HALP); experimental: no "
+                        "corrective step after the last removal yet, so the final timing may miss (exit 4)")
     g.add_argument("--rho", type=float, help="uniform SAM/ASAM radius (fine-tuning)")
     g.add_argument("--rho-min", type=float, help="AdaSAP's smallest per-neuron radius")
     g.add_argument("--rho-max", type=float, help="AdaSAP's largest per-neuron radius")
@@ -211,6 +215,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
         finetune={"epochs": a.finetune_epochs, "batch_size": a.batch_size},
         schedule={"warmup_epochs": a.warmup_epochs, "prune_steps": a.prune_steps, "prune_every": a.prune_every,
+                  "width_floor": None if a.emerge is None else not a.emerge,
                   "target": a.target, "param_ratio": a.param_ratio, "checkpoint_every": a.checkpoint_every,
                   "sharpness_rho": a.sharpness_rho},
         robustness={"images": a.robust_images},

@@ -77,6 +77,11 @@ class ScheduleConfig:
     # training batches BatchNorm statistics are re-estimated on for the validation accuracy right
     # after each removal, before any further training (0: not measured)
     recalibrate_batches: int = 8
+    # latency target: True, every step keeps each group at least as wide as the plan validated before
+    # training (the one-shot architecture, only which channels survive is decided later); False, the
+    # knapsack is re-solved freely at every step and the architecture emerges (HALP's schedule; no
+    # corrective step after the last removal yet: the final timing may miss, exit 4)
+    width_floor: bool = True
 
     def __post_init__(self):
         if self.warmup_epochs < 0:
@@ -91,6 +96,8 @@ class ScheduleConfig:
             raise BadInput(f"--target params needs --param-ratio in (0, 1), e.g. 0.4, got {self.param_ratio}")
         if self.checkpoint_every < 0:
             raise BadInput(f"checkpoint_every must be >= 0 iterations, got {self.checkpoint_every}")
+        if self.target == "params" and not self.width_floor:
+            raise BadInput("--emerge applies to --target latency (a parameter target has no plan to floor at)")
         if self.recalibrate_batches < 0:
             raise BadInput(f"recalibrate_batches must be >= 0, got {self.recalibrate_batches}")
         if self.sharpness_rho < 0 or self.sharpness_steps < 1 or self.sharpness_batches < 1:
@@ -406,7 +413,7 @@ class _Schedule:
             return build_param_plan(self.graph, self.table, self.plan_cfg, keep=keep,
                                     batches=self._scoring_batches, scores=scores), {"neurons": keep}, n
         target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
-        floor = {g.name: len(g.keep) for g in self.final.groups}
+        floor = {g.name: len(g.keep) for g in self.final.groups} if self.sched.width_floor else None
         plan = build_plan(self.graph, self.table, target, self.plan_cfg, self._scoring_batches,
                           min_widths=floor, scores=scores)
         return plan, {"latency_ms": target}, n

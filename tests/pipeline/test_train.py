@@ -77,6 +77,7 @@ def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
 
 import pytest  # noqa: E402
 
+from latprune.errors import BadInput  # noqa: E402
 from latprune.latency_tables.endtoend import predicted_latency  # noqa: E402
 from latprune.pipeline.adasap import OptimizerConfig  # noqa: E402
 from latprune.pipeline.plan import PlanConfig, build_plan  # noqa: E402
@@ -130,3 +131,33 @@ def test_step_time_ratio_is_measured_for_two_pass_methods():
                         rounds=1)
     assert np.isfinite(r) and r > 0  # a measured ratio; its size is for benchmarks, not tests
     assert step_time_ratio(model, data, OptimizerConfig(method="sgd"), TrainConfig(batch_size=8), SHAPE) == 1.0
+
+
+@pytest.mark.parametrize("width_floor", [True, False])
+def test_emerging_schedule_re_solves_without_the_validated_widths(width_floor):
+    """The validated plan keeps the costliest group whole. With the floor every step keeps it whole;
+    without it the knapsack re-solves freely and cuts it, still landing under the final target."""
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
+    table = fake_table(model, SHAPE)
+    graph = ModelGraph(model, SHAPE)
+    stream = next(cg for cg in graph.groups if "stem.0" in cg.producers)
+    final = build_plan(graph, table, 0.6 * table.dense_ms, PlanConfig(), min_widths={stream.name: stream.size})
+    assert {g.name: len(g.keep) for g in final.groups}[stream.name] == stream.size
+    cfg = TrainPruneConfig(plan=PlanConfig(),
+                           schedule=ScheduleConfig(warmup_epochs=0.25, prune_steps=3, prune_every=2, sharpness_rho=0.0,
+                                                   recalibrate_batches=0, width_floor=width_floor),
+                           optimizer=OptimizerConfig(method="sgd"),
+                           finetune=TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1))
+    res = train_and_prune_(model, data, table, final, cfg, SHAPE, progress=False)
+    kept = [h["widths"][stream.name] for h in res.history]
+    assert all(h["predicted_ms"] <= h["target_ms"] + 1e-9 for h in res.history)
+    assert res.final_predicted_ms <= final.predicted_ms + 1e-9
+    if width_floor:
+        assert kept == [stream.size] * 3
+    else:
+        assert kept[-1] < stream.size
+
+
+def test_emerge_is_for_latency_targets():
+    with pytest.raises(BadInput, match="--emerge applies to --target latency"):
+        ScheduleConfig(target="params", param_ratio=0.5, width_floor=False)
