@@ -85,10 +85,13 @@ class HalpValue:
     Per channel and per minibatch: ``|sum over the group's BatchNorm layers of (gamma * dL/dgamma +
     beta * dL/dbeta)|`` at that channel; the sum runs with sign over every BatchNorm the coupled
     channel passes through (a residual channel feeds several), and the absolute value is taken
-    after the sum. A group with no BatchNorm falls back to ``|sum over its producers' output rows
-    of w * dL/dw|`` (weights and biases). The value is the mean of these per-minibatch absolute
-    values over the minibatches :meth:`observe` saw since the last :meth:`reset`; it is not
-    normalised across groups (HALP, ``prune/importance.py``).
+    after the sum. A group in which not every producer (conv or linear whose output channels the
+    group prunes) is followed by a BatchNorm falls back to ``|sum over its producers' output rows
+    of w * dL/dw|`` (weights only). A minibatch whose scores are not all finite is skipped. The value
+    is the mean of these per-minibatch absolute values over the minibatches :meth:`observe` counted
+    since the last :meth:`reset`; it is not normalised across groups. This follows HALP's
+    ``ChannelImportance`` (NVlabs/HALP ``prune/importance.py``: ``_calculate_first_order_taylor``,
+    ``update_neuron_metric``), with torch-pruning's groups standing in for its configured ones.
 
     Call :meth:`observe` after each backward pass, with the gradients of one minibatch in ``.grad``.
     """
@@ -110,8 +113,9 @@ class HalpValue:
                     bn.append(([mod.weight, mod.bias], rows, root))
                 elif isinstance(mod, (nn.Conv2d, nn.Linear)) and graph.dg.is_out_channel_pruning_fn(item.dep.handler):
                     seen.add(id(mod))
-                    producers.append(([p for p in (mod.weight, mod.bias) if p is not None], rows, root))
-            self.terms[cg.name] = bn or producers
+                    producers.append(([mod.weight], rows, root))
+            # BatchNorm terms when every producer has its BatchNorm (HALP's all_layer_has_bn)
+            self.terms[cg.name] = bn if bn and len(bn) >= len(producers) else producers
         self.reset()
 
     def reset(self) -> None:
@@ -119,8 +123,10 @@ class HalpValue:
         self.batches = 0
 
     @torch.no_grad()
-    def observe(self) -> None:
-        """Add this minibatch's per-channel |sum of p * dL/dp| to the running sums."""
+    def observe(self) -> bool:
+        """Add this minibatch's per-channel |sum of p * dL/dp| to the running sums; False (and
+        nothing added) when a score is not finite."""
+        now = {}
         for name, terms in self.terms.items():
             s = torch.zeros(self.sizes[name], dtype=torch.float64)
             for params, rows, root in terms:
@@ -129,8 +135,13 @@ class HalpValue:
                         continue
                     t = (p.index_select(0, rows) * p.grad.index_select(0, rows)).double()
                     s.index_add_(0, root, t.reshape(len(rows), -1).sum(1))
-            self.sums[name] += s.abs().numpy()
+            now[name] = s.abs().numpy()
+            if not np.isfinite(now[name]).all():
+                return False
+        for name, s in now.items():
+            self.sums[name] += s
         self.batches += 1
+        return True
 
     def scores(self) -> dict[str, np.ndarray]:
         if not self.batches:

@@ -79,6 +79,7 @@ def test_signs_cancel_across_members_before_the_absolute_value_but_not_across_mi
 
 
 def test_a_group_without_batchnorm_falls_back_to_its_producers_weights():
+    """HALP's fallback: |sum of w * dL/dw| over the producers' output rows, weights only."""
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=True), nn.ReLU(), nn.Conv2d(4, 5, 1, bias=False),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 10))
     graph = ModelGraph(model, SHAPE)
@@ -86,10 +87,10 @@ def test_a_group_without_batchnorm_falls_back_to_its_producers_weights():
     g = torch.Generator().manual_seed(0)
     conv = model[0]
     conv.weight.grad = torch.randn(conv.weight.shape, generator=g)
-    conv.bias.grad = torch.randn(conv.bias.shape, generator=g)
-    value.observe()
-    w, gw, b, gb = conv.weight.detach(), conv.weight.grad, conv.bias.detach(), conv.bias.grad
-    want = ((w * gw).reshape(4, -1).sum(1) + b * gb).abs().double().numpy()
+    conv.bias.grad = torch.randn(conv.bias.shape, generator=g)  # not part of the value
+    assert value.observe()
+    w, gw = conv.weight.detach(), conv.weight.grad
+    want = (w * gw).reshape(4, -1).sum(1).abs().double().numpy()
     np.testing.assert_allclose(value.scores()["0"], want, rtol=1e-6)
 
 
@@ -167,3 +168,38 @@ def test_schedule_feeds_halp_from_the_training_steps_since_the_last_removal():
     # 64 images, batches of 8: 2 warm-up iterations, then a removal every 2 pruning iterations
     assert [h["value_minibatches"] for h in res.history] == [4, 2, 2]
     assert res.history[-1]["widths"] == {g.name: len(g.keep) for g in final.groups}
+
+
+def test_a_minibatch_with_non_finite_scores_is_skipped():
+    model = FourBN()
+    value = HalpValue(ModelGraph(model, SHAPE))
+    _set_bn(model, 1.0, {"stem.1": float("nan")})
+    assert not value.observe() and value.batches == 0
+    _set_bn(model, 1.0, {"a.1": 1.0})
+    assert value.observe() and value.batches == 1
+    np.testing.assert_allclose(value.scores()["a.0"], np.ones(4))
+
+
+def test_a_group_where_a_producer_has_no_batchnorm_uses_the_producers_weights():
+    """A residual stream fed by a conv without BatchNorm (HALP: not every layer has its BN)."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.r = _cb(3, 8), nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            return self.fc((x + self.r(x)).mean((2, 3)))
+
+    model = Mixed()
+    graph = ModelGraph(model, SHAPE)
+    value = HalpValue(graph)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    value.observe()
+    stream = next(cg.name for cg in graph.groups if "stem.0" in cg.producers)
+    w = [model.stem[0].weight.detach(), model.r.weight.detach()]
+    want = sum(x.reshape(8, -1).sum(1) for x in w).abs().double().numpy()
+    np.testing.assert_allclose(value.scores()[stream], want, rtol=1e-6)
