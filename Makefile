@@ -11,9 +11,9 @@ SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Exit 4 (the run finished and wrote its report, but the final timing missed the budget) is shown,
 # not hidden; on shared 2-core machines timing drift can cause it (BENCHMARKS.md, issue 4).
 # Budget 0.7, not 0.5: the smallest reachable ResNet-20 (every group at 8 channels) was 0.41 of
-# dense in November (onnxruntime 1.31.1) but a median 0.56 on 2026-12-02 (onnxruntime 1.32.0), where
-# 0.5 was refused before training (exit 2, "below the smallest reachable latency"); 0.7 is
-# reachable on both (BENCHMARKS.md, "Layered layout").
+# dense in November (dense 12.98 ms) but a median 0.56 on 2026-12-02 (dense 8.6 ms, same CPU
+# flags), where 0.5 was refused before training (exit 2, "below the smallest reachable latency");
+# 0.7 is reachable on both (BENCHMARKS.md, "Layered layout").
 DEMO_BUDGET ?= 0.7
 demo: install data
 	$(BIN)/latprune run --budget $(DEMO_BUDGET) || { rc=$$?; [ $$rc -eq 4 ] && echo "latprune: the demo finished but MISSED its latency budget (exit 4): see report.md" >&2 || exit $$rc; }
