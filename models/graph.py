@@ -17,7 +17,7 @@ from torch import nn
 
 from latprune.models.widths import LayerWidths
 
-__all__ = ["ChannelGroup", "ModelGraph", "classifier_layers", "layer_dims"]
+__all__ = ["ChannelGroup", "ModelGraph", "classifier_layers", "layer_dims", "output_channels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,11 @@ def layer_dims(m: nn.Module) -> tuple[int, int] | None:
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
     return None
+
+
+def output_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels of every Conv2d and Linear layer, by module name."""
+    return {n: dims[1] for n, m in model.named_modules() if (dims := layer_dims(m)) is not None}
 
 
 class ModelGraph:

@@ -97,7 +97,6 @@ class HalpValue:
     """
 
     def __init__(self, graph: ModelGraph):
-        self.graph = graph
         self.terms: dict[str, list[tuple[list[nn.Parameter], torch.Tensor, torch.Tensor]]] = {}
         self.sizes = graph.sizes()
         for cg, group in graph.tp_groups():

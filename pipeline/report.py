@@ -81,18 +81,10 @@ from latprune.latency_tables.endtoend import SpeedResult
 from latprune.latency_tables.plots import pyplot, save_png
 from latprune.latency_tables.runtimes import runtime_class
 from latprune.latency_tables.table import LatencyTable
+from latprune.models.graph import output_channels
 from latprune.pipeline.calibrate import CalibratedPlan
 from latprune.pipeline.gates import budget_verdict, check_gates
-from latprune.pipeline.stages import (
-    CompactModel,
-    DenseModel,
-    Diagnosis,
-    Evaluation,
-    ExportResult,
-    Inputs,
-    RunDir,
-    channels,
-)
+from latprune.pipeline.stages import CompactModel, DenseModel, Diagnosis, Evaluation, ExportResult, Inputs, RunDir
 
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "render_markdown"]
 
@@ -117,13 +109,13 @@ def build_report(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactMod
         "budget": budget_verdict(cfg, dense_ms, compact_ms, ev.dense_params, ev.compact_params),
         "dense": {"latency_ms": dense_ms, "latency_p90_ms": speed.dense["p90_ms"], "cv": speed.dense["cv"],
                   "predicted_ms": table.dense_ms, "accuracy": ev.dense_accuracy, "params": ev.dense_params,
-                  "macs": ev.dense_macs, "channels": channels(dense.model), "pretrain": dense.info},
+                  "macs": ev.dense_macs, "channels": output_channels(dense.model), "pretrain": dense.info},
         "compact": {"latency_ms": compact_ms, "latency_pooled_median_ms": speed.compact["median_ms"],
                     "latency_p90_ms": speed.compact["p90_ms"], "cv": speed.compact["cv"],
                     "predicted_ms": ft["predicted_ms"] * dense_ms / table.dense_ms,
                     "predicted_ratio": ft["predicted_ms"] / table.dense_ms,
                     "accuracy": ev.compact_accuracy, "params": ev.compact_params, "macs": ev.compact_macs,
-                    "channels": channels(compact.model)},
+                    "channels": output_channels(compact.model)},
         "training": ft,
         "robustness": robustness,
         "speedup": speed.speedup, "speedup_ci95": list(speed.speedup_ci95),

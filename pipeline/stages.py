@@ -46,7 +46,7 @@ from latprune.latency_tables.runtimes import Backend, get_backend
 from latprune.latency_tables.runtimes.tensorrt import TensorrtBackend, TrtConfig
 from latprune.latency_tables.table import SCHEMA_VERSION, EndToEnd, LatencyTable
 from latprune.models.arch import load_compact, save_compact
-from latprune.models.graph import ModelGraph, layer_dims
+from latprune.models.graph import ModelGraph
 from latprune.models.registry import ModelSpec
 from latprune.pipeline import distributed
 from latprune.pipeline.calibrate import CalibratedPlan, plan_to_budget
@@ -401,13 +401,13 @@ def evaluate_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactM
     c_macs, c_params = tp.utils.count_ops_and_params(compact.model, example)
     with rd.timed("evaluate"):
         d_acc, c_acc = evaluate(dense.model, data, data.test), evaluate(compact.model, data, data.test)
-    rd_, rc = None, None
+    dense_rob = compact_rob = None
     if cfg.robustness.images:
         with rd.timed("robustness"):
             clean, corrupted = corrupted_test_set(data, cfg.robustness.images, inp.cache, cfg.seed, cfg.progress)
-            rd_ = evaluate_robustness(dense.model, data, clean, corrupted)
-            rc = evaluate_robustness(compact.model, data, clean, corrupted)
-    return Evaluation(d_acc, c_acc, int(d_params), int(c_params), int(d_macs), int(c_macs), rc, rd_)
+            dense_rob = evaluate_robustness(dense.model, data, clean, corrupted)
+            compact_rob = evaluate_robustness(compact.model, data, clean, corrupted)
+    return Evaluation(d_acc, c_acc, int(d_params), int(c_params), int(d_macs), int(c_macs), compact_rob, dense_rob)
 
 
 def diagnose_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactModel, cal: CalibratedPlan,
@@ -420,8 +420,3 @@ def diagnose_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactM
     why = diagnose(dense.graph, compact.graph, cal.table, cal.plan.unpruned, cal.plan.round_to,
                    be.fingerprint(inp.input_shape), be.provider, ex.compact.path, factory)
     return Diagnosis(layers, why)
-
-
-def channels(model: nn.Module) -> dict[str, int]:
-    """Output channels of every conv and linear layer (report.json ``channels``)."""
-    return {n: dims[1] for n, m in model.named_modules() if (dims := layer_dims(m)) is not None}

@@ -203,3 +203,21 @@ def test_a_group_where_a_producer_has_no_batchnorm_uses_the_producers_weights():
     w = [model.stem[0].weight.detach(), model.r.weight.detach()]
     want = sum(x.reshape(8, -1).sum(1) for x in w).abs().double().numpy()
     np.testing.assert_allclose(value.scores()[stream], want, rtol=1e-6)
+
+
+def test_a_torch_pruning_gradient_criterion_plugs_in_and_leaves_the_model_alone():
+    """tp_criterion(gradients=True): torch-pruning's Taylor criterion as a plug-in scorer (it is no
+    longer registered; this is the path a user's gradient criterion takes)."""
+    import torch_pruning as tp
+
+    from latprune.pipeline.importance import tp_criterion
+
+    model = residual_net().eval()
+    graph = ModelGraph(model, (3, 16, 16))
+    batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))) for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = tp_criterion(lambda: tp.importance.GroupTaylorImportance(), gradients=True)(graph, batches)
+    assert set(scores) == set(graph.sizes()) and all(len(scores[k]) == n for k, n in graph.sizes().items())
+    assert any(np.abs(s).sum() > 0 for s in scores.values())  # gradients reached it
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model.training
+    assert all(p.grad is None for p in model.parameters())
