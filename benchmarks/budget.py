@@ -32,8 +32,8 @@ import torch_pruning as tp
 from latprune.errors import BudgetBelowFloor
 from latprune.latency_tables.device import environment
 from latprune.latency_tables.endtoend import PairConfig, measure_speedup
-from latprune.models.graph import classifier_layers
 from latprune.pipeline import stages
+from latprune.pipeline.baselines import tp_pruned
 from latprune.pipeline.calibrate import plan_to_budget
 from latprune.pipeline.config import RunConfig
 from latprune.pipeline.importance import importance_names
@@ -45,11 +45,7 @@ FINAL = PairConfig(rounds=9, min_round_s=0.3, repeats=2, max_repeats=4)
 
 
 def uniform(dense, ratio: float, round_to: int | None, shape) -> torch.nn.Module:
-    m = copy.deepcopy(dense).eval()
-    pruner = tp.pruner.MetaPruner(m, torch.zeros(1, *shape), importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                  pruning_ratio=ratio, ignored_layers=classifier_layers(m), round_to=round_to)
-    pruner.step()
-    return m
+    return tp_pruned(dense, ratio, shape, round_to)
 
 
 def search_ratio(dense, target_ratio: float, round_to: int | None, backend, shape, steps: int = 7):

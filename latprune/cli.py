@@ -55,10 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="runtime threads (default 2)")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this (default 8)")
     g.add_argument("--importance", choices=[*importance_names(), *DEPRECATED_IMPORTANCE],
-                   help="channel importance: magnitude (L2 of the group's weights, default; it maximises kept "
-                        "channels) or halp (HALP's BatchNorm Taylor value in units of loss). Deprecated: 'l2' "
+                   help="channel value: halp (default: HALP's BatchNorm Taylor value, in units of loss, from the "
+                        "training gradients), sensitivity (measured loss increase per group and width, NetAdapt "
+                        "style; --sensitivity-passes bounds its cost) or magnitude (L2 of the group's weights, an "
+                        "ablation: it maximises kept channels, not accuracy). Deprecated: 'l2' "
                         "(= magnitude), 'taylor' (now means halp). AdaSAP's neuron score follows the flag "
                         "where it has one (magnitude, taylor: |w.g| per neuron)")
+    g.add_argument("--sensitivity-passes", type=int,
+                   help="--importance sensitivity: most forward passes (of one batch) per estimate of the value; "
+                        "over it, every k-th width is measured and the others interpolated (default 1000)")
     g.add_argument("--method", choices=METHODS,
                    help="optimizer for warm-up, pruning and fine-tuning (default adasap)")
     g.add_argument("--target", choices=TARGETS,
@@ -72,17 +77,24 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="DIR",
                    help="continue the killed or finished run in DIR with its own config.json (no other settings)")
     g.add_argument("--warmup-epochs", type=float, help="epochs before the first removal (default 0.5)")
-    g.add_argument("--prune-steps", type=int, help="number of removals R (default 5)")
+    g.add_argument("--prune-steps", type=int, help="number of removals R (default 10)")
     g.add_argument("--prune-every", type=int, help="iterations between removals (default 30)")
-    g.add_argument("--emerge", action="store_true", default=None,
-                   help="latency target: re-solve the knapsack freely at every removal, no width floor from the "
-                        "plan validated before training (the architecture emerges, as in HALP); experimental: no "
-                        "corrective step after the last removal yet, so the final timing may miss (exit 4)")
+    g.add_argument("--floor-widths", action="store_true", default=None,
+                   help="latency target: never cut a group below the plan validated before training (the one-shot "
+                        "architecture; only which channels survive is decided later). Default: the knapsack is "
+                        "re-solved freely at every removal and the architecture emerges, as in HALP")
+    g.add_argument("--emerge", action="store_true", default=None, help=argparse.SUPPRESS)  # the default now
+    g.add_argument("--correct-steps", type=int,
+                   help="latency target: corrective removals after fine-tuning when the measured model is over "
+                        "budget (default 2; 0 only measures)")
     g.add_argument("--rho", type=float, help="uniform SAM/ASAM radius (fine-tuning)")
     g.add_argument("--rho-min", type=float, help="AdaSAP's smallest per-neuron radius")
     g.add_argument("--rho-max", type=float, help="AdaSAP's largest per-neuron radius")
     g.add_argument("--robust-images", type=int,
                    help="test images for the corruption evaluation, each corrupted 75 ways (default 1000; 0 skips)")
+    g.add_argument("--no-bundled-weights", dest="bundled_weights", action="store_false", default=None,
+                   help="without --weights, pre-train the dense model here even where the package ships trained "
+                        "weights (resnet20 on fashion-mnist)")
     g.add_argument("--pretrain-epochs", type=float, help="dense pre-training epochs when no --weights (default 3)")
     g.add_argument("--finetune-epochs", type=float, help="fine-tuning epochs after pruning (default 2)")
     g.add_argument("--batch-size", type=int, help="training batch size (default 128)")
@@ -202,20 +214,21 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     budget["calibrate_iters"] = a.calibrate_iters
     budget["calibrate_round_s"] = a.calibrate_round_s
     return cfg.with_overrides(
-        model=a.model, weights=a.weights, seed=a.seed, out=a.out, table=a.table, force=a.force,
+        model=a.model, weights=a.weights, bundled_weights=a.bundled_weights, seed=a.seed, out=a.out, table=a.table,
+        force=a.force,
         cache_dir=a.cache_dir, progress=False if a.no_progress else None,
         data={"name": a.data, "train_subset": a.train_subset, "test_subset": a.test_subset, "val_size": a.val_size},
         deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads, "fp16": a.fp16,
                 "dynamic_batch": a.dynamic_batch, "opset": a.opset},
         gates={"max_accuracy_drop": a.max_accuracy_drop, "max_corruption_drop": a.max_corruption_drop},
         budget=budget,
-        plan={"round_to": a.round_to, "importance": importance},
+        plan={"round_to": a.round_to, "importance": importance, "sensitivity_passes": a.sensitivity_passes},
         profile={"step": a.profile_step, "min_round_s": a.profile_round_s, "validate": a.validate,
                  "fit_configs": a.fit_configs},
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
         finetune={"epochs": a.finetune_epochs, "batch_size": a.batch_size},
         schedule={"warmup_epochs": a.warmup_epochs, "prune_steps": a.prune_steps, "prune_every": a.prune_every,
-                  "width_floor": None if a.emerge is None else not a.emerge,
+                  "width_floor": a.floor_widths, "correct_steps": a.correct_steps,
                   "target": a.target, "param_ratio": a.param_ratio, "checkpoint_every": a.checkpoint_every,
                   "sharpness_rho": a.sharpness_rho},
         robustness={"images": a.robust_images},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -15,7 +16,7 @@ from torch import nn
 from latprune.errors import BadInput
 from latprune.models import cifar_resnet
 
-__all__ = ["ModelSpec", "register_model", "available_models"]
+__all__ = ["ModelSpec", "register_model", "available_models", "BUNDLED_WEIGHTS", "bundled_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,20 @@ class ModelSpec:
 
 def available_models() -> list[str]:
     return sorted(_REGISTRY)
+
+
+# Trained dense models shipped with the package (plain state dicts in models/weights/; how each was
+# made, its accuracy and sha256 are in README, "Bundled weights", and in the .json beside it):
+# (model, dataset, classes) -> file name
+BUNDLED_WEIGHTS = {("resnet20", "fashion-mnist", 10): "resnet20-fashion-mnist.pt"}
+WEIGHTS_DIR = Path(__file__).resolve().with_name("weights")
+
+
+def bundled_weights(model: str, data: str, num_classes: int) -> Path | None:
+    """The shipped trained weights for this model on this dataset, or None."""
+    name = BUNDLED_WEIGHTS.get((model, data, num_classes))
+    path = WEIGHTS_DIR / name if name else None
+    return path if path is not None and path.is_file() else None
 
 
 def _build_user_model(ref: str, num_classes: int) -> nn.Module:

@@ -18,7 +18,7 @@ from latprune.latency_tables.endtoend import PairConfig, measure_speedup
 from latprune.latency_tables.runtimes import Backend
 from latprune.latency_tables.table import LatencyTable
 from latprune.models.graph import ModelGraph
-from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan
+from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan, plan_values
 
 __all__ = ["CalibratedPlan", "plan_to_budget"]
 
@@ -40,13 +40,15 @@ class CalibratedPlan:
 def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, cfg: PlanConfig,
                    backend: Backend, iters: int = 4,
                    window: tuple[float, float] = (0.90, 0.98), timing: PairConfig = PairConfig(),
-                   batches=None) -> CalibratedPlan:
+                   batches=None, held_out=None) -> CalibratedPlan:
     """Plan for ``wanted_ratio`` x dense latency, corrected by measurement until it lands in range.
 
     A plan is accepted when its measured ratio lies in ``window`` x ``wanted_ratio``; the knapsack
     aims at the window's middle. The window's top stays under 1.0 so that the final timing, minutes
     later, still lands under the budget (BENCHMARKS.md, "Timing drift"). Without a plan in the
     window, the best plan measured under its top is kept, else the fastest one measured.
+    ``batches``: training batches a data-driven value scores on; ``held_out``: the batches a
+    per-width value measures its loss on. Weights do not change here: the values are computed once.
     """
     model, input_shape = graph.model, graph.input_shape
     lo, hi = window
@@ -55,13 +57,14 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     aim = (lo + hi) / 2
     target = aim * wanted_ratio * table.dense_ms
     e2e, measured, history, seen, tried = table.e2e, [], [], {}, []
+    values = plan_values(graph, cfg, batches, held_out)
     for i in range(max(iters, 1)):
         try:
-            plan = build_plan(graph, table, target, cfg, batches, e2e=e2e)
+            plan = build_plan(graph, table, target, cfg, e2e=e2e, values=values)
         except BudgetBelowFloor as e:
             if i == 0 and e.floor_ms > wanted_ratio * table.dense_ms:
                 raise  # even the table says the budget cannot be reached
-            plan = build_plan(graph, table, e.floor_ms, cfg, batches, e2e=e2e)
+            plan = build_plan(graph, table, e.floor_ms, cfg, e2e=e2e, values=values)
         widths = tuple(len(g.keep) for g in plan.groups)
         if widths in seen:  # the corrected table chose a plan already measured: nothing new to learn
             history.append({**seen[widths], "iteration": i + 1, "repeat_of": seen[widths]["iteration"]})

@@ -142,6 +142,7 @@ def default_cache_dir() -> str:
 class RunConfig:
     model: str = "resnet20"
     weights: str | None = None
+    bundled_weights: bool = True  # no --weights: start from the package's trained weights where it has them
     data: DataConfig = DataConfig()
     deploy: DeployConfig = DeployConfig()
     budget: BudgetConfig = BudgetConfig()

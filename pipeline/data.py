@@ -46,6 +46,9 @@ class DataConfig:
     train_subset: int = 0  # 0: the whole (remaining) training set
     test_subset: int = 0  # 0: the whole test set
     image_size: int = 32  # ImageFolder images are resized to this
+    # which training images are held out for validation: fixed, not the run's --seed, so every seed
+    # (and the bundled dense model, trained on this split) sees the same validation images
+    split_seed: int = 0
 
     def __post_init__(self):
         for f in ("val_size", "train_subset", "test_subset"):
@@ -120,7 +123,7 @@ def _augment(xb: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarr
     return np.ascontiguousarray(out)
 
 
-def load_dataset(cfg: DataConfig, seed: int = 0, cache_dir: Path | None = None) -> Dataset:
+def load_dataset(cfg: DataConfig, cache_dir: Path | None = None) -> Dataset:
     path = Path(cfg.name).expanduser()
     if path.exists():
         train, test, classes, name = _load_path(path, cfg)
@@ -134,7 +137,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0, cache_dir: Path | None = None) 
         )
     if len(train) == 0 or len(test) == 0:
         raise BadInput(f"data {path} has no training or no test images: check the folder layout")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(cfg.split_seed)
     perm = rng.permutation(len(train))
     n_val = min(cfg.val_size, len(train) // 5)
     val_idx, tr_idx = perm[:n_val], perm[n_val:]

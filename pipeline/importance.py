@@ -9,7 +9,10 @@ plugs in directly) become scorers through :func:`tp_criterion`.
 - ``magnitude``: L2 norm of the group's weights, normalised per group (mean 1). Summed over a
   plan it is about the number of kept channels: the knapsack then keeps channels, not loss.
 - ``halp``: HALP's value (Shen et al. 2022, NVlabs/HALP), in units of loss: see :class:`HalpValue`.
-  Not normalised, so a group that feeds more layers is worth more.
+  Not normalised, so a group that feeds more layers is worth more. The default.
+- ``sensitivity``: a per-width value, not a per-channel one (``pipeline.sensitivity``: the
+  measured loss increase of truncating each group to each width); its per-channel scorer, which
+  decides *which* channels a width keeps, is ``halp``'s. :func:`per_width` says a criterion is so.
 
 Old names accepted with a deprecation warning (:data:`DEPRECATED_IMPORTANCE`): ``l2``, the older
 spelling of ``magnitude``, and ``taylor``, which now means ``halp``: the criterion it named,
@@ -35,8 +38,8 @@ from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
 
 __all__ = ["DEPRECATED_IMPORTANCE", "Scorer", "register_importance", "tp_criterion", "importance_names",
-           "canonical_importance", "needs_batches", "group_importance", "HalpValue", "save_bn_stats",
-           "restore_bn_stats"]
+           "canonical_importance", "needs_batches", "per_width", "uses_halp", "group_importance", "HalpValue",
+           "save_bn_stats", "restore_bn_stats"]
 
 Scorer = Callable[[ModelGraph, Any], dict[str, np.ndarray]]  # (graph, batches or None) -> per-group scores
 
@@ -45,6 +48,7 @@ Scorer = Callable[[ModelGraph, Any], dict[str, np.ndarray]]  # (graph, batches o
 class _Entry:
     scorer: Scorer
     needs_batches: bool
+    per_width: bool = False  # the planner's values are measured per (group, width) (pipeline.sensitivity)
 
 
 _IMPORTANCE: dict[str, _Entry] = {}
@@ -52,10 +56,12 @@ DEPRECATED_IMPORTANCE = {"l2": "magnitude", "taylor": "halp"}  # old name -> the
 _RETIRED = {"taylor": "torch-pruning's Taylor criterion is retired (it never scored BatchNorm layers)"}
 
 
-def register_importance(name: str, needs_batches: bool = False):
-    """Decorator for a scorer ``(graph, batches) -> {group name: np.ndarray[n_channels]}``."""
+def register_importance(name: str, needs_batches: bool = False, per_width: bool = False):
+    """Decorator for a scorer ``(graph, batches) -> {group name: np.ndarray[n_channels]}``;
+    ``per_width``: the scorer only ranks channels inside a group, the planner's values are
+    measured per width (``pipeline.sensitivity``)."""
     def deco(scorer: Scorer) -> Scorer:
-        _IMPORTANCE[name] = _Entry(scorer, needs_batches)
+        _IMPORTANCE[name] = _Entry(scorer, needs_batches, per_width)
         return scorer
 
     return deco
@@ -161,6 +167,9 @@ def _halp(graph: ModelGraph, batches) -> dict[str, np.ndarray]:
     return value.scores()
 
 
+register_importance("sensitivity", needs_batches=True, per_width=True)(_halp)
+
+
 class _gradients:
     """Context for a scoring pass: train mode, gradients cleared before and after, BatchNorm
     running statistics restored; yields the batches (none when ``batches`` is None)."""
@@ -202,6 +211,16 @@ def canonical_importance(name: str) -> str:
 def needs_batches(name: str) -> bool:
     """Whether the criterion scores from data (gradients) rather than from the weights alone."""
     return _IMPORTANCE[canonical_importance(name)].needs_batches
+
+
+def uses_halp(name: str) -> bool:
+    """Whether the criterion ranks channels by HALP's value (which training can accumulate, :class:`HalpValue`)."""
+    return _IMPORTANCE[canonical_importance(name)].scorer is _halp
+
+
+def per_width(name: str) -> bool:
+    """Whether the criterion's planner values are measured per (group, width), not summed per channel."""
+    return _IMPORTANCE[canonical_importance(name)].per_width
 
 
 def group_importance(graph: ModelGraph, criterion: str, batches=None) -> dict[str, np.ndarray]:

@@ -25,10 +25,12 @@ from latprune.latency_tables.table import EndToEnd, LatencyTable
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import Removal, check_widths, prune_groups_
 from latprune.models.widths import candidate_widths
-from latprune.pipeline.importance import canonical_importance, group_importance, needs_batches
+from latprune.pipeline.importance import canonical_importance, group_importance, needs_batches, per_width
 from latprune.pipeline.knapsack import BudgetUnreachable, GroupChoices, plan_widths, prefix_values
+from latprune.pipeline.sensitivity import SensitivityCost, sensitivity_values
 
-__all__ = ["PlanConfig", "GroupPlan", "PruningPlan", "build_plan", "build_param_plan", "apply_plan_", "count_params"]
+__all__ = ["PlanConfig", "GroupPlan", "PruningPlan", "PlanValues", "plan_values", "build_plan", "build_param_plan",
+           "apply_plan_", "count_params"]
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,13 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
     round_to: int = 8
-    importance: str = "magnitude"  # a name of pipeline.importance ("l2": deprecated spelling of magnitude)
+    importance: str = "halp"  # a name of pipeline.importance (deprecated spellings: l2, taylor)
     max_iter: int = 20
     halp_batches: int = 32  # minibatches the halp value averages over in a scoring pass (HALP: >= 32)
+    # sensitivity: held-out batches the loss is measured on (as many training batches re-estimate
+    # BatchNorm), and the most forward passes one estimate may take (over it, widths are subsampled)
+    sensitivity_batches: int = 4
+    sensitivity_passes: int = 1000
 
     def __post_init__(self):
         if self.round_to < 1:
@@ -46,6 +52,9 @@ class PlanConfig:
         object.__setattr__(self, "importance", canonical_importance(self.importance))
         if self.halp_batches < 1:
             raise ValueError(f"halp_batches must be >= 1, got {self.halp_batches}")
+        if self.sensitivity_batches < 1 or self.sensitivity_passes < 1:
+            raise BadInput(f"sensitivity batches and passes must be >= 1, got {self.sensitivity_batches}, "
+                           f"{self.sensitivity_passes}")
 
     @property
     def scoring_batches(self) -> int:
@@ -76,6 +85,7 @@ class PruningPlan:
     importance: str
     round_to: int
     unpruned: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> why the knapsack left it whole
+    value_cost: dict = dataclasses.field(default_factory=dict)  # sensitivity: forward passes, seconds
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,16 +109,45 @@ class PruningPlan:
             raise BadInput(f"plan {path} is corrupted ({e}): delete it and re-plan") from None
 
 
+@dataclasses.dataclass
+class PlanValues:
+    """What the knapsack maximises: per-channel ``scores`` (a width keeps the highest), and for a
+    per-width criterion (``sensitivity``) ``widths`` (group -> value at each candidate width on the
+    ``round_to`` grid) with the ``cost`` of measuring them."""
+
+    scores: dict[str, np.ndarray]
+    widths: dict[str, np.ndarray] | None = None
+    cost: SensitivityCost | None = None
+
+
+def plan_values(graph: ModelGraph, cfg: PlanConfig, batches=None, held_out=None,
+                scores: dict[str, np.ndarray] | None = None) -> PlanValues:
+    """``cfg.importance``'s values on ``graph``: scored on ``batches`` (training batches) unless
+    ``scores`` are given; a per-width criterion also measures its values on ``held_out`` batches,
+    BatchNorm re-estimated on the first ``cfg.sensitivity_batches`` of ``batches``."""
+    scores = _scores(graph, cfg, batches, scores)
+    if not per_width(cfg.importance):
+        return PlanValues(scores)
+    if not batches or not held_out:
+        raise ValueError(f"{cfg.importance} needs training batches and held-out batches")
+    widths = {cg.name: candidate_widths(cg.size, cfg.round_to) for cg in graph.groups}
+    vals, cost = sensitivity_values(graph, scores, widths, list(batches)[: cfg.sensitivity_batches],
+                                    list(held_out)[: cfg.sensitivity_batches], cfg.sensitivity_passes)
+    return PlanValues(scores, vals, cost)
+
+
 def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: PlanConfig, batches=None,
                min_widths: dict[str, int] | None = None, e2e: EndToEnd | None = None,
-               scores: dict[str, np.ndarray] | None = None) -> PruningPlan:
+               scores: dict[str, np.ndarray] | None = None, held_out=None,
+               values: PlanValues | None = None) -> PruningPlan:
     """Plan which channels of ``graph.model`` to keep so the predicted latency is at most ``target_ms``.
 
     ``min_widths`` (by group) bounds how far each group may shrink: iterative pruning passes the
     final plan's widths, so intermediate steps never cut a group below where it must end. ``e2e``
     replaces the table's end-to-end term (the closed loop's corrected one). ``scores`` (per group,
     ``cfg.importance``'s values already computed, e.g. accumulated during training) replaces the
-    scoring pass over ``batches``.
+    scoring pass over ``batches``; ``values`` (from :func:`plan_values`) replaces both, and a per-width
+    criterion needs either ``values`` or ``held_out`` batches to measure them on.
     """
     if target_ms <= 0:
         raise BadInput(f"latency target must be > 0 ms, got {target_ms}")
@@ -126,7 +165,8 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
             unpruned[cg.name] = f"{cg.size} channels, not more than --round-to {cfg.round_to}"
     for name, why in unpruned.items():  # once per run: iterative steps (min_widths) plan again
         log.log(logging.DEBUG if min_widths else logging.WARNING, "group %s stays unpruned: %s", name, why)
-    scores = _scores(graph, cfg, batches, scores)
+    values = values or plan_values(graph, cfg, batches, held_out, scores)
+    scores = values.scores
     lw = graph.layer_widths(table.layer_keys)
     lm = LatencyModel(table, lw, e2e)
     choices = []
@@ -136,7 +176,12 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
             ws = ws[-1:]
         if min_widths and cg.name in min_widths:
             ws = ws[ws >= min(min_widths[cg.name], cg.size)]
-        choices.append(GroupChoices(cg.name, ws, prefix_values(scores[cg.name], ws)))
+        if values.widths is None:
+            kept = prefix_values(scores[cg.name], ws)
+        else:
+            by_width = dict(zip(candidate_widths(cg.size, cfg.round_to).tolist(), values.widths[cg.name]))
+            kept = np.array([by_width[int(w)] for w in ws])
+        choices.append(GroupChoices(cg.name, ws, kept))
     touches = {cg.name: _touch_fn(lm, lw.touched_by(cg.name)) for cg in groups}
     try:
         sol = plan_widths(choices, lm.predict, touches, target_ms, cfg.max_iter)
@@ -159,7 +204,7 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
         layers_ms=lm.layers_ms(sol.widths), e2e=lm.e2e.to_dict() | {"points": len(lm.e2e.points)}, groups=plans,
         layer_channels={lay: list(lw.widths(lay, sol.widths)) for lay in lw.dense},
         iterations=sol.iterations, history=sol.history, importance=cfg.importance, round_to=cfg.round_to,
-        unpruned=unpruned,
+        unpruned=unpruned, value_cost=values.cost.to_dict() if values.cost else {},
     )
 
 

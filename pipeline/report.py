@@ -1,6 +1,8 @@
 """Stage 5: the run's report, ``report.json`` (schema below), ``report.md`` and its plots.
 
-report.json, ``schema_version`` 2. Units: latencies in milliseconds per batch of
+report.json, ``schema_version`` 3 (3: ``training.emerging``, ``training.corrections``,
+``training.corrected_e2e`` and each removal's ``predicted_ratio`` / ``measured_ratio``; the default
+planner became the emerging ``halp`` schedule). Units: latencies in milliseconds per batch of
 ``runtime.batch`` images (medians of dense and compact timed interleaved in one process);
 accuracies are fractions in [0, 1]; sizes in bytes.
 Since the layered layout (issue 10) the importance criterion reads ``magnitude`` where older
@@ -49,15 +51,23 @@ schema-2 reports said ``l2`` (README, "Migration note").
   prediction for the dense model; ``fixed_layers``; ``intercept_ms``),
   ``providers`` (ORT runtimes: ``nodes``, ``per_provider``, ``requested``, ``fallback_nodes``,
   ``session_providers``).
-- ``training``: ``method``, ``target``, ``importance``, ``step_time_ratio``, ``predicted_ms``,
+- ``training``: ``method``, ``target``, ``importance``, ``emerging`` (true: the knapsack was
+  re-solved freely at every removal; false: floored at the plan validated before training),
+  ``step_time_ratio``, ``predicted_ms``,
   ``prune_history`` (per removal: ``step``, ``iteration``, ``target``, ``predicted_ms``,
+  ``predicted_ratio`` (of the table's dense latency), ``measured_ratio`` (compact / dense timed right
+  after the removal on the deployment runtime; null when not measured),
   ``val_accuracy_after_removal`` (validation accuracy right after the removal, BatchNorm statistics
   re-estimated on ``schedule.recalibrate_batches`` training batches, before any further training;
   null when 0; added by issue 11), ``value_minibatches`` (training minibatches the ``halp`` value
   averaged over for this removal; 0 when the criterion scored on its own batches or needs none),
   ``neurons``, ``params``), ``phases``, ``sharpness`` (loss increase under a worst-case L2 ball of
   radius ``rho``: ``pre_pruning`` after warm-up, ``post_pruning`` after the last removal),
-  ``resumed``.
+  ``corrections`` (the budget checks after fine-tuning: ``check``, ``measured_ratio``,
+  ``predicted_ratio``, ``wanted_ratio``, ``layers_ms``, ``params``, ``action`` ("accepted",
+  "under budget", "removed" (then ``target_ms``, ``predicted_ms``, ``e2e``, ``widths``,
+  ``params_after``, ``finetuned``), "over budget, ..."); empty for a parameter target),
+  ``corrected_e2e`` (the end-to-end term after a corrective removal, else null), ``resumed``.
 - ``robustness``: null with ``--robust-images 0``; else the compact model's ``clean_acc``,
   ``corruption_acc`` (mean of 75), ``R_C``, ``per_corruption``, ``eval_images``, ``suite``, and
   the same for ``dense``.
@@ -65,6 +75,7 @@ schema-2 reports said ``l2`` (README, "Migration note").
   ``input_shape``, ``device``, ``dtype``.
 - ``plan``: the knapsack's ``importance``, ``round_to``, ``table_target_ms``,
   ``table_predicted_ms``, ``table_layers_ms``, ``e2e``, ``unpruned``, ``knapsack_iterations``,
+  ``value_cost`` (``sensitivity``: ``passes``, ``evaluated``, ``interpolated``, ``seconds``; else {}),
   ``calibration`` (closed-loop iterations), ``calibrated_ratio``.
 - ``table``: ``entries``, ``dense_ms_at_profile``, ``e2e``, ``validation``, ``unmeasured``.
 - ``stage_seconds``, ``environment`` (versions, CPU, threads), ``artifacts`` (files in the run dir).
@@ -88,7 +99,8 @@ from latprune.pipeline.stages import CompactModel, DenseModel, Diagnosis, Evalua
 
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "render_markdown"]
 
-SCHEMA_VERSION = 2  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output
+SCHEMA_VERSION = 3  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output. 3: emerging
+# schedule, per-removal measured latency, corrective checks
 ROBUSTNESS_SUITE = "CIFAR-10-C-style (imagecorruptions-imaug: 15 corruptions x 5 severities)"
 
 
@@ -131,7 +143,7 @@ def build_report(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactMod
         "plan": {"importance": cal.plan.importance, "round_to": cal.plan.round_to,
                  "table_target_ms": cal.plan.target_ms, "table_predicted_ms": cal.plan.predicted_ms,
                  "table_layers_ms": cal.plan.layers_ms, "e2e": cal.plan.e2e, "unpruned": cal.plan.unpruned,
-                 "knapsack_iterations": cal.plan.iterations,
+                 "knapsack_iterations": cal.plan.iterations, "value_cost": cal.plan.value_cost,
                  "calibration": cal.history, "calibrated_ratio": cal.measured_ratio},
         "table": {"entries": table.entries, "dense_ms_at_profile": table.dense_ms,
                   "e2e": {"intercept_ms": table.e2e.intercept_ms, "slope": table.e2e.slope,
@@ -257,6 +269,23 @@ def _table_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _corrections_section(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    out = ["Budget checks after fine-tuning (compact / dense measured; over the window, the end-to-end term is "
+           "corrected through the measurement, the knapsack re-solved on the model and a short fine-tune run):", "",
+           "| check | measured | predicted | wanted | action |", "|---:|---:|---:|---:|---|"]
+    out += [f"| {c['check']} | {c['measured_ratio']:.3f} | {c['predicted_ratio']:.3f} | {c['wanted_ratio']:.3f} | "
+            f"{c['action']}{_removed(c)} |" for c in rows]
+    return [*out, ""]
+
+
+def _removed(c: dict[str, Any]) -> str:
+    if c.get("action") != "removed":
+        return ""
+    return f" to {c['params_after']:,} params (predicted {c['predicted_ms']:.3f} ms)"
+
+
 def _gates_section(r: dict[str, Any]) -> list[str]:
     gates = r.get("gates") or []
     failed = [g["name"] for g in gates if not g["ok"]]
@@ -376,15 +405,18 @@ def render_markdown(r: dict[str, Any]) -> str:
            else "re-solving the knapsack on the pruned model."),
         _sharpness_line(r["training"].get("sharpness") or {}),
         "",
-        "| removal | iteration | target | predicted ms | neurons | params | val accuracy right after * |",
-        "|---:|---:|---|---:|---:|---:|---:|",
-        *[f"| {h['step']} | {h['iteration']} | {_target(h)} | {h['predicted_ms']:.3f} | {h.get('neurons', '?')} | "
+        "| removal | iteration | target | predicted ms | predicted / measured of dense | neurons | params | "
+        "val accuracy right after * |",
+        "|---:|---:|---|---:|---|---:|---:|---:|",
+        *[f"| {h['step']} | {h['iteration']} | {_target(h)} | {h['predicted_ms']:.3f} | "
+          f"{_fmt(h.get('predicted_ratio'))} / {_fmt(h.get('measured_ratio'))} | {h.get('neurons', '?')} | "
           f"{h['params']:,} | {_fmt(h.get('val_accuracy_after_removal'), 4)} |"
           for h in r["training"]["prune_history"]],
         "",
         "\\* right after the removal, before any further training, BatchNorm statistics re-estimated on "
         "training batches.",
         "",
+        *_corrections_section(r["training"].get("corrections") or []),
         "![channels per layer](channels.png)",
         "",
         "## Budget calibration (planned widths timed before training)",

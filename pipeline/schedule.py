@@ -38,35 +38,43 @@ import numpy as np
 import torch
 from torch import nn
 
-from latprune.errors import BadInput
+from latprune.errors import BadInput, BudgetBelowFloor
 from latprune.io import save_torch_atomic
-from latprune.latency_tables.endtoend import predicted_latency
-from latprune.latency_tables.table import LatencyTable
+from latprune.latency_tables.endtoend import model_layers_ms, predicted_latency
+from latprune.latency_tables.table import EndToEnd, LatencyTable
 from latprune.models.arch import layer_shapes, reshape_
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import Removal
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import Dataset
-from latprune.pipeline.importance import HalpValue
-from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_param_plan, build_plan, count_params
+from latprune.pipeline.importance import HalpValue, per_width, uses_halp
+from latprune.pipeline.plan import (
+    PlanConfig,
+    PruningPlan,
+    apply_plan_,
+    build_param_plan,
+    build_plan,
+    count_params,
+    plan_values,
+)
 from latprune.pipeline.train import Resume, TrainConfig, bn_recalibrated, evaluate, make_optimizer, sgd_step, train
 
-__all__ = ["TARGETS", "PHASES", "ScheduleConfig", "ScheduleResult", "TrainPruneConfig", "prune_rule", "finetune_rule",
-           "measure_sharpness", "train_and_prune_", "step_time_ratio"]
+__all__ = ["TARGETS", "PHASES", "ScheduleConfig", "LatencyGoal", "ScheduleResult", "TrainPruneConfig", "prune_rule",
+           "finetune_rule", "measure_sharpness", "train_and_prune_", "step_time_ratio"]
 
 log = logging.getLogger(__name__)
 
 
 TARGETS = ("latency", "params")
-PHASES = ("warmup", "pruning", "finetune")
-CHECKPOINT_VERSION = 1
+PHASES = ("warmup", "pruning", "finetune", "correct")
+CHECKPOINT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
     warmup_epochs: float = 0.5
-    prune_steps: int = 5  # R
+    prune_steps: int = 10  # R
     prune_every: int = 30  # iterations between removals (paper: 30)
     target: str = "latency"  # latency: AdaSAP_L (HALP knapsack); params: AdaSAP_P (global rank)
     param_ratio: float | None = None  # --target params: kept parameters / dense parameters
@@ -77,11 +85,18 @@ class ScheduleConfig:
     # training batches BatchNorm statistics are re-estimated on for the validation accuracy right
     # after each removal, before any further training (0: not measured)
     recalibrate_batches: int = 8
-    # latency target: True, every step keeps each group at least as wide as the plan validated before
-    # training (the one-shot architecture, only which channels survive is decided later); False, the
-    # knapsack is re-solved freely at every step and the architecture emerges (HALP's schedule; no
-    # corrective step after the last removal yet: the final timing may miss, exit 4)
-    width_floor: bool = True
+    # latency target: False (default), the knapsack is re-solved freely at every step and the
+    # architecture emerges (HALP's schedule), the corrective phase closing the loop at the end; True,
+    # every step keeps each group at least as wide as the plan validated before training (the
+    # one-shot architecture: only which channels survive is decided later)
+    width_floor: bool = False
+    # latency target, with a measuring callable: after fine-tuning the compact model is timed; over
+    # the accepted window, the end-to-end term is corrected from that measurement, the knapsack
+    # re-solved on the current model, the channels removed and ``correct_iters`` iterations of
+    # fine-tuning run, at most ``correct_steps`` times
+    correct_steps: int = 2
+    correct_iters: int = 60
+    measure_steps: bool = True  # time the model after every removal too (the report's per-step latency)
 
     def __post_init__(self):
         if self.warmup_epochs < 0:
@@ -96,12 +111,29 @@ class ScheduleConfig:
             raise BadInput(f"--target params needs --param-ratio in (0, 1), e.g. 0.4, got {self.param_ratio}")
         if self.checkpoint_every < 0:
             raise BadInput(f"checkpoint_every must be >= 0 iterations, got {self.checkpoint_every}")
-        if self.target == "params" and not self.width_floor:
-            raise BadInput("--emerge applies to --target latency (a parameter target has no plan to floor at)")
+        if self.target == "params" and self.width_floor:
+            raise BadInput("--target params has no plan to floor at: drop --floor-widths")
+        if self.correct_steps < 0 or self.correct_iters < 0:
+            raise BadInput(f"correct_steps and correct_iters must be >= 0, got {self.correct_steps}, "
+                           f"{self.correct_iters}")
         if self.recalibrate_batches < 0:
             raise BadInput(f"recalibrate_batches must be >= 0, got {self.recalibrate_batches}")
         if self.sharpness_rho < 0 or self.sharpness_steps < 1 or self.sharpness_batches < 1:
             raise BadInput("sharpness_rho must be >= 0, sharpness_steps and sharpness_batches >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyGoal:
+    """What the latency target is held to by measurement: ``measure(model)`` times a model against
+    the dense one on the deployment runtime and returns compact/dense (it must not change the
+    model); the corrective phase accepts a measured ratio up to ``window[1] x wanted_ratio`` and
+    reports one under ``window[0] x wanted_ratio`` as under budget. ``measure_step`` (default
+    ``measure``) times the model after each removal, for the report: it may be quicker and noisier."""
+
+    measure: Callable[[nn.Module], float]
+    wanted_ratio: float
+    window: tuple[float, float] = (0.90, 0.97)
+    measure_step: Callable[[nn.Module], float] | None = None
 
 
 @dataclasses.dataclass
@@ -111,6 +143,8 @@ class ScheduleResult:
     phases: dict[str, dict[str, Any]]
     sharpness: dict[str, Any]
     resumed: list[dict[str, Any]]  # where each resume picked up (phase, iteration)
+    corrections: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the corrective phase's checks
+    e2e: dict[str, Any] | None = None  # the end-to-end term after the corrective phase (None: unchanged)
 
 
 def prune_rule(graph: ModelGraph, sharp: OptimizerConfig) -> Any:
@@ -179,14 +213,18 @@ class TrainPruneConfig:
 def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final: PruningPlan | None,
                      cfg: TrainPruneConfig, input_shape: tuple[int, int, int], *, seed: int = 0,
                      progress: bool = True, checkpoint: Path | None = None, key: str = "",
-                     hook: Callable[[str, int], None] | None = None) -> ScheduleResult:
-    """Warm up, prune R times, fine-tune; in place.
+                     hook: Callable[[str, int], None] | None = None, goal: LatencyGoal | None = None) -> ScheduleResult:
+    """Warm up, prune R times, fine-tune, then hold the result to the budget by measurement; in place.
 
-    ``target="latency"`` (AdaSAP_L): down to the widths of ``final`` (a plan validated by
-    measurement; unused, may be None, for ``target="params"``). Each step re-solves the knapsack
-    at L_r with the current importances, never cutting a group below its final width, so the last
-    step lands on ``final``'s widths and which channels survive is decided by the importances after
-    warm-up. ``target="params"`` (AdaSAP_P):
+    ``target="latency"`` (AdaSAP_L): towards ``final``'s predicted latency (a plan validated by
+    measurement; unused, may be None, for ``target="params"``). Each step re-solves the knapsack at
+    L_r with the value accumulated since the last removal; by default freely, so the architecture
+    emerges over the schedule (``width_floor``: never below ``final``'s widths, so the last step lands
+    on them). With a ``goal``, every removal is timed (``measure_steps``) and, after fine-tuning, the
+    corrective phase times the compact model: over the window, it corrects the table's end-to-end
+    term from that measurement, re-solves on the current model, removes, fine-tunes
+    ``correct_iters`` iterations and times again (at most ``correct_steps`` times); removed channels
+    do not grow back, so a model under the window is only reported. ``target="params"`` (AdaSAP_P):
     step r keeps the k_r = m k^(r/R) globally top-ranked neurons, k found after warm-up so that the
     global ranking meets ``param_ratio``; the last step searches the count that meets it exactly.
 
@@ -196,15 +234,16 @@ def train_and_prune_(model: nn.Module, data: Dataset, table: LatencyTable, final
     and RNG state, so a killed run ends with the same model, bit for bit, as an uninterrupted one
     (same threads). ``hook(phase, iteration)`` runs after every iteration (monitoring, tests).
     """
-    return _Schedule(model, data, table, final, cfg, input_shape, seed, progress, checkpoint, key, hook)()
+    return _Schedule(model, data, table, final, cfg, input_shape, seed, progress, checkpoint, key, hook, goal)()
 
 
 class _Schedule:
     """The state of one train-and-prune run; everything a checkpoint must hold is an attribute."""
 
     def __init__(self, model, data, table, final, cfg: TrainPruneConfig, input_shape, seed, progress, checkpoint, key,
-                 hook):
-        self.model, self.data, self.table, self.final = model, data, table, final
+                 hook, goal: LatencyGoal | None):
+        self.model, self.data, self.table, self.final, self.goal = model, data, table, final, goal
+        self.e2e0 = table.e2e  # the term training plans with; the corrective phase corrects from it
         self.plan_cfg, self.sched, self.sharp, self.ft = cfg.plan, cfg.schedule, cfg.optimizer, cfg.finetune
         self.input_shape, self.seed, self.progress = input_shape, seed, progress
         self.checkpoint, self.key, self.hook = checkpoint, key, hook
@@ -216,6 +255,8 @@ class _Schedule:
         self.phases: dict[str, dict[str, Any]] = {}
         self.sharpness: dict[str, Any] = {}
         self.resumed: list[dict[str, Any]] = []
+        self.corrections: list[dict[str, Any]] = []
+        self.corrected_e2e: dict[str, Any] | None = None  # the corrective phase's end-to-end term
         self.l0: float | None = None  # predicted latency when pruning starts
         self.p0: int | None = None  # parameters when pruning starts
         self.k: float | None = None  # params target: final kept fraction of neurons
@@ -231,8 +272,8 @@ class _Schedule:
     @property
     def value(self) -> HalpValue | None:
         """HALP's value over the current model's groups, fed by every training step of warm-up and
-        pruning (``observe``) and reset at every removal; None for other criteria."""
-        if self.plan_cfg.importance != "halp":
+        pruning (``observe``) and reset at every removal; None for criteria that do not rank by it."""
+        if not uses_halp(self.plan_cfg.importance):
             return None
         if self._value is None:
             self._value = HalpValue(self.graph)
@@ -265,6 +306,7 @@ class _Schedule:
                 "layers": layer_shapes(self.model), "model": self.model.state_dict(),
                 "history": self.history, "phases": self.phases, "sharpness": self.sharpness,
                 "resumed": self.resumed, "l0": self.l0, "p0": self.p0, "k": self.k, "m": self.m,
+                "corrections": self.corrections, "corrected_e2e": self.corrected_e2e,
                 "value": None if self._value is None else {
                     "sums": {k: torch.from_numpy(v.copy()) for k, v in self._value.sums.items()},
                     "batches": self._value.batches}}
@@ -289,8 +331,10 @@ class _Schedule:
         self._changed()
         self._value_state = ck.get("value")
         self.model.load_state_dict(ck["model"])
-        for a in ("history", "phases", "sharpness", "resumed", "l0", "p0", "k", "m"):
+        for a in ("history", "phases", "sharpness", "resumed", "l0", "p0", "k", "m", "corrections", "corrected_e2e"):
             setattr(self, a, ck[a])
+        if self.corrected_e2e is not None:
+            self.table = self.table.with_e2e(EndToEnd.from_dict(self.corrected_e2e))
         resume = Resume.from_dict(ck["train"]) if ck["train"] else None
         it = resume.iteration if resume else 0
         self.resumed.append({"phase": ck["phase"], "iteration": it})
@@ -310,12 +354,13 @@ class _Schedule:
         if self.checkpoint is not None and distributed.is_main():
             self.checkpoint.unlink(missing_ok=True)
         return ScheduleResult(self.history, predicted_latency(self.graph, self.table),
-                              self.phases, self.sharpness, self.resumed)
+                              self.phases, self.sharpness, self.resumed, self.corrections, self.corrected_e2e)
 
-    def _train(self, phase: str, cfg: TrainConfig, seed: int, rule, resume, callbacks=(), observe=None) -> None:
+    def _train(self, phase: str, cfg: TrainConfig, seed: int, rule, resume, callbacks=(), observe=None,
+               save_phase: str | None = None) -> None:
         hooks = [lambda it: self.hook(phase, it)] if self.hook else []
         res = train(self.model, self.data, cfg, seed=seed, step=rule, callbacks=callbacks, progress=self.progress,
-                    desc=phase, resume=resume, save=lambda m, r: self._save(phase, r),
+                    desc=phase, resume=resume, save=lambda m, r: self._save(save_phase or phase, r),
                     save_every=self.sched.checkpoint_every, hooks=hooks, observe=observe)
         self.phases[phase] = dataclasses.asdict(res)
 
@@ -362,8 +407,12 @@ class _Schedule:
                 rule.rebind(self.graph)  # the parameters were replaced
             n_params = count_params(m)
             acc = distributed.on_main(lambda: self._accuracy_after_removal(m))
+            measured = None
+            if self.goal is not None and sched.measure_steps and sched.target == "latency":
+                measured = distributed.on_main(lambda: (self.goal.measure_step or self.goal.measure)(m))
             self.history.append({"step": r, "iteration": it, "target": target, "target_ms": plan.target_ms,
-                                 "predicted_ms": plan.predicted_ms, "params": n_params,
+                                 "predicted_ms": plan.predicted_ms, "predicted_ratio": plan.predicted_ms /
+                                 self.table.dense_ms, "measured_ratio": measured, "params": n_params,
                                  "neurons": sum(len(g.keep) for g in plan.groups),
                                  "widths": {g.name: len(g.keep) for g in plan.groups},
                                  "val_accuracy_after_removal": acc, "value_minibatches": value_batches})
@@ -399,6 +448,14 @@ class _Schedule:
         n = self.plan_cfg.scoring_batches * self.ft.batch_size
         return list(self.data.batches(self.data.train, self.ft.batch_size, limit=n))
 
+    @functools.cached_property
+    def _held_out(self):
+        """Fixed validation batches a per-width value (sensitivity) measures its loss on."""
+        if not per_width(self.plan_cfg.importance):
+            return None
+        n = self.plan_cfg.sensitivity_batches * self.ft.batch_size
+        return list(self.data.batches(self.data.val, self.ft.batch_size, limit=n))
+
     def _plan_step(self, r: int) -> tuple[PruningPlan, Any, int]:
         """Step ``r``'s plan, its target, and how many training minibatches the value averaged over
         (0: the criterion's own scoring pass, or a criterion without data)."""
@@ -415,12 +472,82 @@ class _Schedule:
         target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
         floor = {g.name: len(g.keep) for g in self.final.groups} if self.sched.width_floor else None
         plan = build_plan(self.graph, self.table, target, self.plan_cfg, self._scoring_batches,
-                          min_widths=floor, scores=scores)
+                          min_widths=floor, scores=scores, held_out=self._held_out)
         return plan, {"latency_ms": target}, n
 
     def _finetune(self, resume) -> None:
         ft_rule = finetune_rule(self.model, self.sharp)
         self._train("finetune", self.ft, self.seed + 2, ft_rule, resume)
+
+    def _correct(self, resume) -> None:
+        """The closed loop after training: time the compact model; over the window, correct the
+        end-to-end term from the measurement, re-solve on the current model, remove, fine-tune
+        briefly; repeat at most ``correct_steps`` times. ``resume``: killed inside a corrective
+        fine-tune, which is finished first (its removal is already in the model)."""
+        goal, sched = self.goal, self.sched
+        if goal is None or sched.target != "latency":
+            return
+        lo, hi = goal.window
+        last = self.corrections[-1] if self.corrections else None
+        if last is not None and last["action"] == "removed" and not last.get("finetuned"):
+            self._correct_finetune(resume)  # killed after a corrective removal: finish its fine-tuning
+        while True:
+            ratio = float(distributed.on_main(lambda: goal.measure(self.model)))
+            layers = model_layers_ms(self.graph, self.table)
+            row = {"check": len(self.corrections) + 1, "measured_ratio": ratio,
+                   "predicted_ratio": predicted_latency(self.graph, self.table) / self.table.dense_ms,
+                   "wanted_ratio": goal.wanted_ratio, "layers_ms": layers, "params": count_params(self.model)}
+            removals = sum(1 for c in self.corrections if c.get("action") == "removed")
+            if ratio <= hi * goal.wanted_ratio:
+                row["action"] = "under budget" if ratio < lo * goal.wanted_ratio else "accepted"
+            elif removals >= sched.correct_steps:
+                row["action"] = "over budget, corrective steps used up"
+            else:
+                dense_ms = self.table.dense_ms
+                points = [{"layers_ms": c["layers_ms"], "measured_ms": c["measured_ratio"] * dense_ms}
+                          for c in [*self.corrections, row]]
+                e2e = self.e2e0.corrected(points)  # from the term training planned with, as the loop before it
+                table = self.table.with_e2e(e2e)
+                aim = (lo + hi) / 2 * goal.wanted_ratio * self.table.dense_ms
+                plan = distributed.on_main(lambda: self._solve(table, aim))
+                if plan is None:
+                    row["action"] = "over budget, no narrower plan on the grid"
+                else:
+                    self.table, self.corrected_e2e = table, e2e.to_dict()
+                    rec = Removal()
+                    apply_plan_(self.model, plan, self.input_shape, record=rec, graph=self.graph)
+                    self._changed()
+                    row.update({"action": "removed", "finetuned": False, "target_ms": aim,
+                                "predicted_ms": plan.predicted_ms,
+                                "e2e": {"intercept_ms": e2e.intercept_ms, "slope": e2e.slope},
+                                "widths": {g.name: len(g.keep) for g in plan.groups},
+                                "params_after": count_params(self.model)})
+            self.corrections.append(row)
+            log.info("budget check %d: measured %.3f of dense (wanted %.3f, accepted up to %.3f): %s", row["check"],
+                     ratio, goal.wanted_ratio, hi * goal.wanted_ratio, row["action"])
+            if row["action"] != "removed":
+                return
+            self._save("correct", None)
+            self._correct_finetune(None)
+
+    def _solve(self, table: LatencyTable, target_ms: float) -> PruningPlan | None:
+        """A plan for ``target_ms`` on the current model that removes something; None when none does."""
+        scores, _ = self._accumulated_scores()
+        values = plan_values(self.graph, self.plan_cfg, self._scoring_batches, self._held_out, scores)
+        try:
+            plan = build_plan(self.graph, table, target_ms, self.plan_cfg, values=values)
+        except BudgetBelowFloor as e:
+            plan = build_plan(self.graph, table, e.floor_ms, self.plan_cfg, values=values)
+        return plan if any(len(g.keep) < g.size for g in plan.groups) else None
+
+    def _correct_finetune(self, resume) -> None:
+        n = len(self.corrections)
+        per_epoch = max(int(np.ceil(len(self.data.train) / self.ft.batch_size)), 1)
+        cfg = dataclasses.replace(self.ft, epochs=self.sched.correct_iters / per_epoch,
+                                  warmup_iters=min(self.ft.warmup_iters, self.sched.correct_iters // 4))
+        self._train(f"correct{n}", cfg, self.seed + 2 + n, finetune_rule(self.model, self.sharp), resume,
+                    save_phase="correct")
+        self.corrections[-1]["finetuned"] = True
 
 
 def step_time_ratio(model: nn.Module, data: Dataset, sharp: OptimizerConfig, cfg: TrainConfig,

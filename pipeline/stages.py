@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 import shutil
@@ -39,7 +41,7 @@ from latprune.export.parity import Parity, check_parity
 from latprune.export.tensorrt import UNVERIFIED, build_engines, engine_latency, engine_parity
 from latprune.io import cache_key, save_torch_atomic, write_json_atomic
 from latprune.latency_tables.device import environment, latprune_version
-from latprune.latency_tables.endtoend import SpeedResult, measure_speedup, validate_table
+from latprune.latency_tables.endtoend import PairConfig, SpeedResult, measure_speedup, validate_table
 from latprune.latency_tables.plots import plot_staircases, plot_validation
 from latprune.latency_tables.profile import check_layers, layer_signatures, profile_model
 from latprune.latency_tables.runtimes import Backend, get_backend
@@ -47,15 +49,16 @@ from latprune.latency_tables.runtimes.tensorrt import TensorrtBackend, TrtConfig
 from latprune.latency_tables.table import SCHEMA_VERSION, EndToEnd, LatencyTable
 from latprune.models.arch import load_compact, save_compact
 from latprune.models.graph import ModelGraph
-from latprune.models.registry import ModelSpec
+from latprune.models.registry import ModelSpec, bundled_weights
 from latprune.pipeline import distributed
 from latprune.pipeline.calibrate import CalibratedPlan, plan_to_budget
 from latprune.pipeline.config import RunConfig
 from latprune.pipeline.data import Dataset, load_dataset
 from latprune.pipeline.diagnose import diagnose
+from latprune.pipeline.importance import per_width
 from latprune.pipeline.plan import PruningPlan, build_param_plan, count_params
 from latprune.pipeline.robustness import Robustness, corrupted_test_set, evaluate_robustness
-from latprune.pipeline.schedule import TrainPruneConfig, step_time_ratio, train_and_prune_
+from latprune.pipeline.schedule import LatencyGoal, TrainPruneConfig, step_time_ratio, train_and_prune_
 from latprune.pipeline.train import evaluate, pretrained
 
 __all__ = ["Inputs", "RunDir", "DenseModel", "CompactModel", "ExportResult", "Evaluation", "Diagnosis", "prepare",
@@ -63,6 +66,9 @@ __all__ = ["Inputs", "RunDir", "DenseModel", "CompactModel", "ExportResult", "Ev
            "verify_stage", "evaluate_stage", "diagnose_stage"]
 
 log = logging.getLogger(__name__)
+# the timing of each removal during training, for the report (one pair of sessions, ~2 s on
+# ResNet-20): quicker and noisier than the closed loop's, which holds the budget
+STEP_TIMING = PairConfig(rounds=5, min_round_s=0.15, repeats=1, max_repeats=1)
 
 
 # ---- what every stage reads and where it writes ----------------------------------------------
@@ -127,7 +133,7 @@ class RunDir:
 def prepare(cfg: RunConfig) -> tuple[Inputs, RunDir]:
     """Validate everything that can be validated before writing a single file, then create the run
     directory with ``config.json`` and ``environment.json``."""
-    data = load_dataset(cfg.data, seed=cfg.seed, cache_dir=Path(cfg.cache_dir).expanduser())
+    data = load_dataset(cfg.data, cache_dir=Path(cfg.cache_dir).expanduser())
     spec = ModelSpec(cfg.model, data.num_classes)
     spec.build()  # unknown names and broken factories fail here
     backend = get_backend(cfg.deploy.runtime, cfg.deploy.threads, cfg.deploy.batch, cfg.deploy.fp16)
@@ -208,7 +214,9 @@ def untrained_dense(inp: Inputs) -> DenseModel:
 
 
 def dense_stage(inp: Inputs, rd: RunDir) -> DenseModel:
-    """The trained dense model: ``--weights``, or pre-trained here and cached for the next run."""
+    """The trained dense model: ``--weights``; the package's bundled weights for this model and
+    dataset (``models.registry.BUNDLED_WEIGHTS``) unless ``bundled_weights`` is off; else pre-trained
+    here and cached for the next run."""
     cfg, model = inp.cfg, inp.spec.build()
     with rd.timed("pretrain"):
         if cfg.weights:
@@ -219,6 +227,11 @@ def dense_stage(inp: Inputs, rd: RunDir) -> DenseModel:
                 raise BadInput(f"cannot load --weights {cfg.weights} into {inp.spec.name} ({str(e)[:120]}): "
                                "pass a matching state_dict") from None
             info = {"source": str(cfg.weights)}
+        elif cfg.bundled_weights and (path := bundled_weights(inp.spec.name, inp.data.name, inp.spec.num_classes)):
+            blob = path.read_bytes()
+            model.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+            info = {"source": "bundled", "path": str(path), "sha256": hashlib.sha256(blob).hexdigest()}
+            log.info("dense model: the bundled %s (--no-bundled-weights pre-trains here instead)", path.name)
         else:
             key = {"model": dataclasses.asdict(inp.spec), "data": inp.data.source,
                    "data_cfg": dataclasses.asdict(cfg.data)}
@@ -264,8 +277,8 @@ def profile_stage(inp: Inputs, rd: RunDir, dense: DenseModel) -> LatencyTable:
 def _dense_identity(cfg: RunConfig) -> dict[str, Any]:
     if cfg.weights:  # the seed and pre-training settings do not make this model
         return {"model": cfg.model, "weights": str(Path(cfg.weights).resolve()), "data": dataclasses.asdict(cfg.data)}
-    return {"model": cfg.model, "weights": None, "pretrain": dataclasses.asdict(cfg.pretrain),
-            "data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
+    return {"model": cfg.model, "weights": None, "bundled": cfg.bundled_weights,
+            "pretrain": dataclasses.asdict(cfg.pretrain), "data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
 
 
 def plan_stage(inp: Inputs, rd: RunDir, dense: DenseModel, table: LatencyTable) -> CalibratedPlan:
@@ -287,10 +300,13 @@ def plan_stage(inp: Inputs, rd: RunDir, dense: DenseModel, table: LatencyTable) 
         corrected = table.with_e2e(EndToEnd.from_dict(d["e2e"])) if d.get("e2e") else table
         return CalibratedPlan(PruningPlan.load(rd / "plan.json"), d["wanted_ratio"], d["measured_ratio"],
                               d["history"], corrected)
-    batches = None
+    batches = held_out = None
     if cfg.plan.scoring_batches:  # a gradient criterion: fixed training batches to score on
         batches = list(inp.data.batches(inp.data.train, cfg.finetune.batch_size,
                                         limit=cfg.plan.scoring_batches * cfg.finetune.batch_size))
+    if per_width(cfg.plan.importance):  # sensitivity: the loss is measured on validation batches
+        held_out = list(inp.data.batches(inp.data.val, cfg.finetune.batch_size,
+                                         limit=cfg.plan.sensitivity_batches * cfg.finetune.batch_size))
     with rd.timed("plan"):
         if cfg.schedule.target == "params":  # AdaSAP_P: a parameter ratio, no latency budget to calibrate
             p0 = count_params(dense.model)
@@ -299,7 +315,8 @@ def plan_stage(inp: Inputs, rd: RunDir, dense: DenseModel, table: LatencyTable) 
             cal = CalibratedPlan(plan, plan.predicted_ms / table.dense_ms, None, [], table)
         else:
             cal = plan_to_budget(dense.graph, table, wanted, cfg.plan, inp.backend, cfg.budget.calibrate_iters,
-                                 (cfg.budget.window_low, cfg.budget.window_high), cfg.budget.timing, batches=batches)
+                                 (cfg.budget.window_low, cfg.budget.window_high), cfg.budget.timing, batches=batches,
+                                 held_out=held_out)
     cal.plan.save(rd / "plan.json")
     write_json_atomic(rd / "calibration.json",
                       {"wanted_ratio": cal.wanted_ratio, "measured_ratio": cal.measured_ratio, "history": cal.history,
@@ -328,13 +345,27 @@ def prune_stage(inp: Inputs, rd: RunDir, dense: DenseModel, cal: CalibratedPlan)
                 compact, inp.data, cfg.optimizer, cfg.finetune, inp.input_shape)})
         if distributed.is_main():
             write_json_atomic(probe_file, probe)
+    goal = None
+    if cfg.schedule.target == "latency":  # every removal timed, and the result held to the budget
+
+        def timer(pairs: PairConfig):
+            def measure(m: nn.Module) -> float:
+                probe = copy.deepcopy(m).eval()
+                return measure_speedup(inp.backend, dense.model, probe, inp.input_shape, pairs).ratio
+
+            return measure
+
+        goal = LatencyGoal(timer(cfg.budget.timing), cal.wanted_ratio, (cfg.budget.window_low, cfg.budget.window_high),
+                           measure_step=timer(STEP_TIMING))
     with rd.timed("train_and_prune"):
         res = train_and_prune_(compact, inp.data, cal.table, cal.plan,
                                TrainPruneConfig(cfg.plan, cfg.schedule, cfg.optimizer, cfg.finetune), inp.input_shape,
-                               seed=cfg.seed, progress=cfg.progress, checkpoint=rd / "training.ckpt.pt", key=key)
+                               seed=cfg.seed, progress=cfg.progress, checkpoint=rd / "training.ckpt.pt", key=key,
+                               goal=goal)
     info = {"method": cfg.optimizer.method, "target": cfg.schedule.target, "importance": cfg.plan.importance,
-            "step_time_ratio": probe["ratio"], "predicted_ms": res.final_predicted_ms,
-            "prune_history": res.history, "phases": res.phases, "sharpness": res.sharpness, "resumed": res.resumed}
+            "emerging": not cfg.schedule.width_floor, "step_time_ratio": probe["ratio"],
+            "predicted_ms": res.final_predicted_ms, "prune_history": res.history, "corrections": res.corrections,
+            "corrected_e2e": res.e2e, "phases": res.phases, "sharpness": res.sharpness, "resumed": res.resumed}
     if distributed.is_main():
         save_compact(compact, inp.spec, rd.path)
         write_json_atomic(rd / "training.json", info)

@@ -45,7 +45,7 @@ def run_dir(tmp_path):
     models, their weights, arch.json, and ONNX files at batch 4."""
     dense = RUN_SPEC.build().eval()
     table = fake_table(dense, RUN_SHAPE)
-    plan = build_plan(ModelGraph(dense, RUN_SHAPE), table, 0.4 * table.dense_ms, PlanConfig())
+    plan = build_plan(ModelGraph(dense, RUN_SHAPE), table, 0.4 * table.dense_ms, PlanConfig(importance="magnitude"))
     compact = apply_plan_(copy.deepcopy(dense), plan, RUN_SHAPE).eval()
     save_compact(compact, RUN_SPEC, tmp_path)
     torch.save(dense.state_dict(), tmp_path / "dense.pt")

@@ -24,7 +24,7 @@ SPEC = ModelSpec("latprune.testing:residual_net", 10)
 def pair():
     dense = SPEC.build().eval()
     plan = build_plan(ModelGraph(dense, SHAPE), fake_table(dense, SHAPE), 0.4 * fake_table(dense, SHAPE).dense_ms,
-                      PlanConfig())
+                      PlanConfig(importance="magnitude"))
     return dense, apply_plan_(copy.deepcopy(dense), plan, SHAPE).eval()
 
 

@@ -19,6 +19,9 @@ from latprune.pipeline.calibrate import plan_to_budget
 from latprune.pipeline.plan import PlanConfig, build_plan
 from latprune.testing import FakeBackend, fake_table, model_cost_ms, residual_net
 
+MAG2 = PlanConfig(round_to=2, importance="magnitude")  # needs no data batches
+MAG4 = PlanConfig(round_to=4, importance="magnitude")  # needs no data batches
+
 SHAPE = (3, 32, 32)
 FAST = PairConfig(rounds=2, min_round_s=0.001, repeats=1, max_repeats=1)
 
@@ -77,7 +80,7 @@ def test_closed_loop_corrects_a_wrong_table_into_the_window():
     backend = FakeBackend(intercept_ms=0.08, slope=1.3)  # the truth
     table = fake_table(model, SHAPE, step=2)  # predicts intercept 0, slope 1
     table.dense_ms = backend.intercept_ms + backend.slope * model_cost_ms(model, SHAPE)
-    cal = plan_to_budget(ModelGraph(model, SHAPE), table, 0.6, PlanConfig(round_to=2), backend, iters=6,
+    cal = plan_to_budget(ModelGraph(model, SHAPE), table, 0.6, MAG2, backend, iters=6,
                          window=(0.90, 0.97), timing=FAST)
     assert 0.90 * 0.6 <= cal.measured_ratio <= 0.97 * 0.6
     assert len(cal.history) >= 2, "the first plan, on the wrong table, must be off the window"
@@ -93,7 +96,7 @@ def test_closed_loop_stops_when_the_table_is_right():
     model = residual_net()
     backend = FakeBackend(intercept_ms=0.0, slope=1.0)
     table = fake_table(model, SHAPE, step=2)
-    cal = plan_to_budget(ModelGraph(model, SHAPE), table, 0.6, PlanConfig(round_to=2), backend, iters=4, timing=FAST)
+    cal = plan_to_budget(ModelGraph(model, SHAPE), table, 0.6, MAG2, backend, iters=4, timing=FAST)
     assert len(cal.history) == 1 and 0.90 * 0.6 <= cal.measured_ratio <= 0.97 * 0.6
 
 
@@ -102,14 +105,14 @@ def test_budget_below_the_floor_is_refused_before_any_timing():
     backend = FakeBackend()
     table = fake_table(model, SHAPE, overhead_ms=1.0)
     with pytest.raises(BudgetBelowFloor, match="raise --budget"):
-        plan_to_budget(ModelGraph(model, SHAPE), table, 0.05, PlanConfig(), backend, timing=FAST)
+        plan_to_budget(ModelGraph(model, SHAPE), table, 0.05, PlanConfig(importance="magnitude"), backend, timing=FAST)
     assert backend.models_timed == 0
 
 
 def test_plan_prediction_is_the_affine_term_of_the_layer_sum():
     model = residual_net()
     table = fake_table(model, SHAPE).with_e2e(EndToEnd(0.3, 2.0))
-    plan = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, PlanConfig(round_to=4))
+    plan = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, MAG4)
     assert plan.predicted_ms == pytest.approx(0.3 + 2.0 * plan.layers_ms)
     assert predicted_latency(ModelGraph(model, SHAPE), table) == pytest.approx(0.3 + 2.0 * model_cost_ms(model, SHAPE))
     assert np.isclose(plan.e2e["slope"], 2.0)

@@ -7,6 +7,8 @@ from latprune.models.graph import ModelGraph
 from latprune.pipeline.plan import GroupPlan, PlanConfig, PruningPlan, apply_plan_, build_plan
 from latprune.testing import TINY_MODELS, fake_table, residual_net
 
+MAG8 = PlanConfig(round_to=8, importance="magnitude")  # needs no data batches
+
 SHAPE = (3, 32, 32)
 
 
@@ -68,7 +70,7 @@ def test_plan_meets_the_predicted_budget_on_the_round_to_grid(name):
     model = TINY_MODELS[name]()
     table = fake_table(model, SHAPE, step=8)
     for frac in (0.4, 0.7):
-        plan = build_plan(ModelGraph(model, SHAPE), table, frac * table.dense_ms, PlanConfig(round_to=8))
+        plan = build_plan(ModelGraph(model, SHAPE), table, frac * table.dense_ms, MAG8)
         assert plan.predicted_ms <= frac * table.dense_ms + 1e-9
         for g in plan.groups:
             assert len(g.keep) % 8 == 0 or len(g.keep) == g.size
@@ -83,7 +85,7 @@ def test_plan_keeps_the_most_important_channels():
         model.b1[0].weight.mul_(0.01)
         model.b1[0].weight[[5, 7]] *= 1000  # two channels far larger than the rest
     table = fake_table(model, SHAPE)
-    plan = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, PlanConfig())
+    plan = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, PlanConfig(importance="magnitude"))
     g = next(g for g in plan.groups if g.name == "b1.0")
     assert len(g.keep) < g.size and {5, 7} <= set(g.keep)
 
@@ -105,4 +107,4 @@ def test_budget_below_floor_says_what_is_reachable():
     model = residual_net()
     table = fake_table(model, SHAPE)
     with pytest.raises(BadInput, match=r"smallest reachable latency .* raise --budget"):
-        build_plan(ModelGraph(model, SHAPE), table, 0.01 * table.dense_ms, PlanConfig())
+        build_plan(ModelGraph(model, SHAPE), table, 0.01 * table.dense_ms, PlanConfig(importance="magnitude"))

@@ -19,10 +19,10 @@ def _job(out_dir, method):
     torch.manual_seed(0)
     model, data = residual_net(), tiny_dataset(64, SHAPE)
     table = fake_table(model, SHAPE)
-    final = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, PlanConfig())
+    final = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, PlanConfig(importance="magnitude"))
     res = train_and_prune_(model, data, table, final,
                            TrainPruneConfig(
-                               plan=PlanConfig(),
+                               plan=PlanConfig(importance="magnitude"),
                                schedule=ScheduleConfig(warmup_epochs=0.5, prune_steps=2, prune_every=2,
                                                        checkpoint_every=2),
                                optimizer=OptimizerConfig(method=method, rho=0.1, rho_max=0.1),

@@ -9,6 +9,8 @@ from latprune.pipeline.importance import HalpValue, group_importance, importance
 from latprune.pipeline.plan import PlanConfig, build_plan
 from latprune.testing import fake_table, residual_net
 
+MAG = PlanConfig(importance="magnitude")  # needs no data batches
+
 SHAPE = (3, 8, 8)
 
 
@@ -126,7 +128,8 @@ def test_halp_plans_to_the_target_and_needs_batches():
     batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
     plan = build_plan(graph, table, 0.6 * table.dense_ms, PlanConfig(importance="halp"), batches)
     assert plan.importance == "halp" and plan.predicted_ms <= 0.6 * table.dense_ms
-    assert PlanConfig(importance="halp").scoring_batches == 32 and PlanConfig().scoring_batches == 0
+    assert PlanConfig(importance="halp").scoring_batches == 32 and MAG.scoring_batches == 0
+    assert PlanConfig().importance == "halp"  # the default value for latency targets (issue 11)
 
 
 @pytest.mark.parametrize("method", ["sgd", "sam"])
@@ -158,10 +161,10 @@ def test_schedule_feeds_halp_from_the_training_steps_since_the_last_removal():
     shape = (3, 16, 16)
     model, data = residual_net(), tiny_dataset(64, shape)
     table = fake_table(model, shape)
-    final = build_plan(ModelGraph(model, shape), table, 0.5 * table.dense_ms, PlanConfig())
+    final = build_plan(ModelGraph(model, shape), table, 0.5 * table.dense_ms, PlanConfig(importance="magnitude"))
     cfg = TrainPruneConfig(plan=PlanConfig(importance="halp", halp_batches=1),
                            schedule=ScheduleConfig(warmup_epochs=0.25, prune_steps=3, prune_every=2,
-                                                   sharpness_rho=0.0, recalibrate_batches=1),
+                                                   sharpness_rho=0.0, recalibrate_batches=1, width_floor=True),
                            optimizer=OptimizerConfig(method="sgd"),
                            finetune=TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1))
     res = train_and_prune_(model, data, table, final, cfg, shape, progress=False)

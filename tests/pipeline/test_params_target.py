@@ -14,6 +14,8 @@ from latprune.pipeline.schedule import ScheduleConfig, TrainPruneConfig, measure
 from latprune.pipeline.train import TrainConfig
 from latprune.testing import fake_table, residual_net, tiny_dataset
 
+MAG = PlanConfig(importance="magnitude")  # needs no data batches
+
 SHAPE = (3, 16, 16)
 
 
@@ -26,7 +28,7 @@ def test_param_plan_keeps_the_global_top_n():
     model = residual_net()
     groups, scores = _scores(model)
     n = 30
-    plan = build_param_plan(ModelGraph(model, SHAPE), fake_table(model, SHAPE), PlanConfig(), keep=n)
+    plan = build_param_plan(ModelGraph(model, SHAPE), fake_table(model, SHAPE), MAG, keep=n)
     flat = sorted(((s, g, i) for g, v in scores.items() for i, s in enumerate(v)), reverse=True)
     top = {(g, i) for _, g, i in flat[:n]}
     for gp in plan.groups:
@@ -38,14 +40,14 @@ def test_param_plan_keeps_the_global_top_n():
 def test_param_plan_meets_the_parameter_target_with_the_most_neurons():
     model = residual_net()
     p0, table = count_params(model), fake_table(model, SHAPE)
-    plan = build_param_plan(ModelGraph(model, SHAPE), table, PlanConfig(), max_params=int(0.5 * p0))
+    plan = build_param_plan(ModelGraph(model, SHAPE), table, MAG, max_params=int(0.5 * p0))
     n = plan.history[0]["kept_neurons"]
     pruned = apply_plan_(copy.deepcopy(model), plan, SHAPE)
     assert count_params(pruned) <= 0.5 * p0
-    one_more = build_param_plan(ModelGraph(model, SHAPE), table, PlanConfig(), keep=n + 1)
+    one_more = build_param_plan(ModelGraph(model, SHAPE), table, PlanConfig(importance="magnitude"), keep=n + 1)
     assert count_params(apply_plan_(copy.deepcopy(model), one_more, SHAPE)) > 0.5 * p0
     with pytest.raises(BadInput, match="raise --param-ratio"):
-        build_param_plan(ModelGraph(model, SHAPE), table, PlanConfig(), max_params=10)
+        build_param_plan(ModelGraph(model, SHAPE), table, PlanConfig(importance="magnitude"), max_params=10)
 
 
 def test_params_schedule_follows_the_exponential_neuron_count():
@@ -57,7 +59,7 @@ def test_params_schedule_follows_the_exponential_neuron_count():
                            sharpness_batches=1)
     res = train_and_prune_(model, data, table, None,
                            TrainPruneConfig(
-                               plan=PlanConfig(),
+                               plan=PlanConfig(importance="magnitude"),
                                schedule=sched,
                                optimizer=OptimizerConfig(rho=0.1, rho_max=0.1),
                                finetune=TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1)),
@@ -118,12 +120,12 @@ def test_last_latency_step_lands_on_a_floor_plan_despite_rounding():
     model, data = residual_net(), tiny_dataset(64, SHAPE)
     table = fake_table(model, SHAPE)
     with pytest.raises(BudgetBelowFloor) as e:
-        build_plan(ModelGraph(model, SHAPE), table, 1e-9, PlanConfig())
-    floor = build_plan(ModelGraph(model, SHAPE), table, e.value.floor_ms, PlanConfig())
+        build_plan(ModelGraph(model, SHAPE), table, 1e-9, PlanConfig(importance="magnitude"))
+    floor = build_plan(ModelGraph(model, SHAPE), table, e.value.floor_ms, PlanConfig(importance="magnitude"))
     final = dataclasses.replace(floor, predicted_ms=floor.predicted_ms * (1 - 1e-12))
     res = train_and_prune_(model, data, table, final,
                            TrainPruneConfig(
-                               plan=PlanConfig(),
+                               plan=PlanConfig(importance="magnitude"),
                                schedule=ScheduleConfig(warmup_epochs=0.25, prune_steps=2, prune_every=2,
                                                        sharpness_rho=0.0),
                                optimizer=OptimizerConfig(method="sgd"),

@@ -13,7 +13,8 @@ JOB = Path(__file__).with_name("_schedule_job.py")
 
 def _run(tmp, name, method, target, kill=(), importance="magnitude"):
     ckpt, out = tmp / f"{name}.ckpt.pt", tmp / f"{name}.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "JOB_IMPORTANCE": importance}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "JOB_IMPORTANCE": importance,
+           "JOB_GOAL": "1" if importance == "halp" else ""}
     p = subprocess.run([sys.executable, str(JOB), str(ckpt), str(out), method, target, *map(str, kill)],
                        capture_output=True, text=True, env=env, timeout=300)
     return p, ckpt, out
@@ -24,6 +25,7 @@ def _run(tmp, name, method, target, kill=(), importance="magnitude"):
     ("sgd", "params", ("finetune", 3), "magnitude"),
     ("adasap", "latency", ("warmup", 1), "magnitude"),  # before any checkpoint: starts over
     ("sam", "latency", ("warmup", 3), "halp"),  # after a checkpoint that holds the value accumulated so far
+    ("sgd", "latency", ("correct1", 3), "halp"),  # inside the fine-tuning after a corrective removal
 ])
 def test_sigkilled_run_resumes_to_the_same_model(tmp_path, method, target, kill, importance):
     ref, _, ref_out = _run(tmp_path, "ref", method, target, importance=importance)
@@ -36,11 +38,13 @@ def test_sigkilled_run_resumes_to_the_same_model(tmp_path, method, target, kill,
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(ref_out, weights_only=True)
     b = torch.load(out, weights_only=True)
-    assert a["history"] == b["history"]
+    assert a["history"] == b["history"] and a["corrections"] == b["corrections"]
+    if kill[0] == "correct1":
+        assert [c["action"] for c in a["corrections"]][0] == "removed"
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k  # bit for bit, BN buffers included
     if kill != ("warmup", 1):
-        assert b["resumed"] and b["resumed"][0]["phase"] == kill[0]
+        assert b["resumed"] and b["resumed"][0]["phase"] == kill[0].rstrip("0123456789")  # correct1: phase correct
         assert b["resumed"][0]["iteration"] < kill[1]  # it really picked up from a checkpoint
     assert not ckpt.exists()  # removed once the run finished

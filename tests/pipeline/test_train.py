@@ -84,17 +84,20 @@ from latprune.pipeline.plan import PlanConfig, build_plan  # noqa: E402
 from latprune.pipeline.schedule import ScheduleConfig, TrainPruneConfig, step_time_ratio, train_and_prune_  # noqa: E402
 from latprune.testing import fake_table  # noqa: E402
 
+MAG = PlanConfig(importance="magnitude")  # needs no data batches
+
 
 @pytest.mark.parametrize("method,importance", [("adasap", "magnitude"), ("sgd", "taylor")])
 def test_schedule_prunes_r_times_along_a_shrinking_target(method, importance):
     model, data = residual_net(), tiny_dataset(64, SHAPE)
     table = fake_table(model, SHAPE)
-    plan = build_plan(ModelGraph(model, SHAPE), table, 0.4 * table.dense_ms, PlanConfig())
+    plan = build_plan(ModelGraph(model, SHAPE), table, 0.4 * table.dense_ms, PlanConfig(importance="magnitude"))
     final = plan.predicted_ms
     res = train_and_prune_(model, data, table, plan,
                            TrainPruneConfig(
                                plan=PlanConfig(importance=importance),
-                               schedule=ScheduleConfig(warmup_epochs=0.25, prune_steps=3, prune_every=2),
+                               schedule=ScheduleConfig(warmup_epochs=0.25, prune_steps=3, prune_every=2,
+                                                       width_floor=True),
                                optimizer=OptimizerConfig(method=method, rho=0.1, rho_max=0.1),
                                finetune=TrainConfig(epochs=0.25, batch_size=8, warmup_iters=1)),
                            SHAPE, progress=False)
@@ -141,9 +144,9 @@ def test_emerging_schedule_re_solves_without_the_validated_widths(width_floor):
     table = fake_table(model, SHAPE)
     graph = ModelGraph(model, SHAPE)
     stream = next(cg for cg in graph.groups if "stem.0" in cg.producers)
-    final = build_plan(graph, table, 0.6 * table.dense_ms, PlanConfig(), min_widths={stream.name: stream.size})
+    final = build_plan(graph, table, 0.6 * table.dense_ms, MAG, min_widths={stream.name: stream.size})
     assert {g.name: len(g.keep) for g in final.groups}[stream.name] == stream.size
-    cfg = TrainPruneConfig(plan=PlanConfig(),
+    cfg = TrainPruneConfig(plan=PlanConfig(importance="magnitude"),
                            schedule=ScheduleConfig(warmup_epochs=0.25, prune_steps=3, prune_every=2, sharpness_rho=0.0,
                                                    recalibrate_batches=0, width_floor=width_floor),
                            optimizer=OptimizerConfig(method="sgd"),
@@ -158,6 +161,7 @@ def test_emerging_schedule_re_solves_without_the_validated_widths(width_floor):
         assert kept[-1] < stream.size
 
 
-def test_emerge_is_for_latency_targets():
-    with pytest.raises(BadInput, match="--emerge applies to --target latency"):
-        ScheduleConfig(target="params", param_ratio=0.5, width_floor=False)
+def test_width_floor_is_for_latency_targets():
+    assert not ScheduleConfig().width_floor  # the architecture emerges by default (issue 11)
+    with pytest.raises(BadInput, match="--target params has no plan to floor at"):
+        ScheduleConfig(target="params", param_ratio=0.5, width_floor=True)
