@@ -133,8 +133,10 @@ class Bench:
             s[f"oneshot_{v}"] = {"plan": cal.plan.to_dict(), "measured_ratio": cal.measured_ratio,
                                  "value_cost": cal.plan.value_cost}
             print(f"{budget} oneshot_{v}: measured {cal.measured_ratio:.3f}", flush=True)
-        if "halp" not in plans:
-            raise SystemExit(f"budget {budget}: no one-shot halp plan ({s['oneshot_halp']['error']})")
+        if "halp" not in plans:  # below the smallest reachable latency on this machine: no cells
+            print(f"budget {budget} skipped: {s['oneshot_halp']['error']}", flush=True)
+            write_json_atomic(path, s)
+            return s
         aim = plans["halp"].measured_ratio
         for name, glob in (("tp_uniform_r8", False), ("tp_global_r8", True)):
             best, trace = match_latency(self.dense, aim, self.backend, self.shape, SEARCH, 8, glob)
@@ -300,7 +302,8 @@ def main() -> None:
     structures = {b: bench.structures(b) for b in a.budgets}  # every timing pass before any training
     rows = []
     for m, b, s in cells:
-        rows.append(bench.cell(m, b, s, structures[b]))
+        if "error" not in structures[b].get("oneshot_halp", {}):
+            rows.append(bench.cell(m, b, s, structures[b]))
     meta = {"command": "python benchmarks/front.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(a).items()
         if k != "probe"), "dense": bench.dense_art.info, "finetune": dataclasses.asdict(bench.ft),

@@ -60,11 +60,11 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     values = plan_values(graph, cfg, batches, held_out)
     for i in range(max(iters, 1)):
         try:
-            plan = build_plan(graph, table, target, cfg, e2e=e2e, values=values)
+            plan = build_plan(graph, table, target, cfg, e2e=e2e, values=values, warn_unpruned=i == 0)
         except BudgetBelowFloor as e:
             if i == 0 and e.floor_ms > wanted_ratio * table.dense_ms:
                 raise  # even the table says the budget cannot be reached
-            plan = build_plan(graph, table, e.floor_ms, cfg, e2e=e2e, values=values)
+            plan = build_plan(graph, table, e.floor_ms, cfg, e2e=e2e, values=values, warn_unpruned=False)
         widths = tuple(len(g.keep) for g in plan.groups)
         if widths in seen:  # the corrected table chose a plan already measured: nothing new to learn
             history.append({**seen[widths], "iteration": i + 1, "repeat_of": seen[widths]["iteration"]})

@@ -139,7 +139,7 @@ def plan_values(graph: ModelGraph, cfg: PlanConfig, batches=None, held_out=None,
 def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: PlanConfig, batches=None,
                min_widths: dict[str, int] | None = None, e2e: EndToEnd | None = None,
                scores: dict[str, np.ndarray] | None = None, held_out=None,
-               values: PlanValues | None = None) -> PruningPlan:
+               values: PlanValues | None = None, warn_unpruned: bool = True) -> PruningPlan:
     """Plan which channels of ``graph.model`` to keep so the predicted latency is at most ``target_ms``.
 
     ``min_widths`` (by group) bounds how far each group may shrink: iterative pruning passes the
@@ -147,7 +147,9 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
     replaces the table's end-to-end term (the closed loop's corrected one). ``scores`` (per group,
     ``cfg.importance``'s values already computed, e.g. accumulated during training) replaces the
     scoring pass over ``batches``; ``values`` (from :func:`plan_values`) replaces both, and a per-width
-    criterion needs either ``values`` or ``held_out`` batches to measure them on.
+    criterion needs either ``values`` or ``held_out`` batches to measure them on. ``warn_unpruned``:
+    log the groups that stay whole as warnings (the plan before training) rather than debug lines
+    (every pruning step plans again).
     """
     if target_ms <= 0:
         raise BadInput(f"latency target must be > 0 ms, got {target_ms}")
@@ -163,8 +165,8 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
             unpruned[cg.name] = "not profiled (" + "; ".join(why) + ")"
         elif cg.size <= cfg.round_to:
             unpruned[cg.name] = f"{cg.size} channels, not more than --round-to {cfg.round_to}"
-    for name, why in unpruned.items():  # once per run: iterative steps (min_widths) plan again
-        log.log(logging.DEBUG if min_widths else logging.WARNING, "group %s stays unpruned: %s", name, why)
+    for name, why in unpruned.items():
+        log.log(logging.WARNING if warn_unpruned else logging.DEBUG, "group %s stays unpruned: %s", name, why)
     values = values or plan_values(graph, cfg, batches, held_out, scores)
     scores = values.scores
     lw = graph.layer_widths(table.layer_keys)

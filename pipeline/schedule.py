@@ -472,7 +472,7 @@ class _Schedule:
         target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
         floor = {g.name: len(g.keep) for g in self.final.groups} if self.sched.width_floor else None
         plan = build_plan(self.graph, self.table, target, self.plan_cfg, self._scoring_batches,
-                          min_widths=floor, scores=scores, held_out=self._held_out)
+                          min_widths=floor, scores=scores, held_out=self._held_out, warn_unpruned=False)
         return plan, {"latency_ms": target}, n
 
     def _finetune(self, resume) -> None:
@@ -535,9 +535,9 @@ class _Schedule:
         scores, _ = self._accumulated_scores()
         values = plan_values(self.graph, self.plan_cfg, self._scoring_batches, self._held_out, scores)
         try:
-            plan = build_plan(self.graph, table, target_ms, self.plan_cfg, values=values)
+            plan = build_plan(self.graph, table, target_ms, self.plan_cfg, values=values, warn_unpruned=False)
         except BudgetBelowFloor as e:
-            plan = build_plan(self.graph, table, e.floor_ms, self.plan_cfg, values=values)
+            plan = build_plan(self.graph, table, e.floor_ms, self.plan_cfg, values=values, warn_unpruned=False)
         return plan if any(len(g.keep) < g.size for g in plan.groups) else None
 
     def _correct_finetune(self, resume) -> None:
