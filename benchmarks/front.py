@@ -195,7 +195,7 @@ class Bench:
                                                "val_accuracy_after_removal")} for h in res.history]
             row["corrections"] = res.corrections
             row["iterations"] = used + int(round(ft.epochs * self.per_epoch)) + sum(
-                self.cfg.schedule.correct_iters for c in res.corrections if c["action"] == "removed")
+                sched.correct_iters for c in res.corrections if c["action"] == "removed")
         else:
             m = self.build(method, s)
             row["after_pruning"] = evaluate(bn_recalibrated(m, recal), self.data, self.data.test)
