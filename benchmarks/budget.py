@@ -44,10 +44,6 @@ SEARCH = PairConfig(rounds=5, min_round_s=0.2, repeats=1, max_repeats=2)
 FINAL = PairConfig(rounds=9, min_round_s=0.3, repeats=2, max_repeats=4)
 
 
-def uniform(dense, ratio: float, round_to: int | None, shape) -> torch.nn.Module:
-    return tp_pruned(dense, ratio, shape, round_to)
-
-
 def search_ratio(dense, target_ratio: float, round_to: int | None, backend, shape, steps: int = 7):
     """Largest kept width (smallest pruning ratio) whose measured latency ratio is <= target; when no
     ratio tried reaches the target, the one measured fastest (the search's trace says so: with
@@ -55,7 +51,7 @@ def search_ratio(dense, target_ratio: float, round_to: int | None, backend, shap
     lo, hi, best, trace = 0.0, 0.95, None, []
     for _ in range(steps):
         mid = (lo + hi) / 2
-        r = measure_speedup(backend, dense, uniform(dense, mid, round_to, shape), shape, SEARCH).ratio
+        r = measure_speedup(backend, dense, tp_pruned(dense, mid, shape, round_to), shape, SEARCH).ratio
         trace.append({"pruning_ratio": mid, "measured_ratio": r})
         if r <= target_ratio:
             hi, best = mid, (mid if best is None else min(best, mid))
@@ -108,7 +104,7 @@ def main() -> None:
         for label, rt in (("uniform", None), ("uniform round_to 8", 8)):
             ratio, trace = search_ratio(dense, cal.measured_ratio, rt, backend, shape)
             reached = any(t["measured_ratio"] <= cal.measured_ratio for t in trace)
-            models[label] = uniform(dense, ratio, rt, shape)
+            models[label] = tp_pruned(dense, ratio, shape, rt)
             searches[label] = {"pruning_ratio": ratio, "trace": trace, "reached_target": reached}
         for label, m in models.items():
             train(m, inp.data, ft, seed=a.seed, progress=False, desc=label)
