@@ -32,6 +32,7 @@ import torch_pruning as tp
 from latprune.errors import BudgetBelowFloor
 from latprune.latency_tables.device import environment
 from latprune.latency_tables.endtoend import PairConfig, measure_speedup
+from latprune.models.graph import output_channels
 from latprune.pipeline import stages
 from latprune.pipeline.baselines import tp_pruned
 from latprune.pipeline.calibrate import plan_to_budget
@@ -61,9 +62,6 @@ def search_ratio(dense, target_ratio: float, round_to: int | None, backend, shap
         best = min(trace, key=lambda t: t["measured_ratio"])["pruning_ratio"]
     return best, trace
 
-
-def _widths(m) -> dict[str, int]:
-    return {n: mod.out_channels for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)}
 
 
 def main() -> None:
@@ -112,7 +110,7 @@ def main() -> None:
             macs, params = tp.utils.count_ops_and_params(m, torch.zeros(1, *shape))
             rows.append({"budget": b, "method": label,
                          "importance": a.importance if label == "knapsack" else "magnitude",
-                         "widths": _widths(m), "measured_ratio": s.ratio, "pair_ratios": s.repeats,
+                         "widths": output_channels(m), "measured_ratio": s.ratio, "pair_ratios": s.repeats,
                          "measured_over_target": s.ratio / b, "calibrated_ratio": cal.measured_ratio,
                          "calibration_iters": len(cal.history), "params": int(params), "macs": int(macs),
                          "accuracy": evaluate(m, inp.data, inp.data.test), "dense_accuracy": dense_acc,

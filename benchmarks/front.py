@@ -52,7 +52,7 @@ from latprune.latency_tables.endtoend import PairConfig, measure_speedup
 from latprune.latency_tables.plots import pyplot, save_png
 from latprune.latency_tables.predict import LatencyModel
 from latprune.latency_tables.table import EndToEnd, LatencyTable
-from latprune.models.graph import ModelGraph
+from latprune.models.graph import ModelGraph, output_channels
 from latprune.models.surgery import prune_groups_
 from latprune.models.widths import candidate_widths
 from latprune.pipeline import stages
@@ -91,9 +91,6 @@ def magnitude_keep(graph: ModelGraph, widths: dict[str, int]) -> dict[str, list[
     scores = group_importance(graph, "magnitude")
     return {n: np.sort(np.argsort(-scores[n], kind="stable")[:k]).tolist() for n, k in widths.items()}
 
-
-def stage_widths(m: torch.nn.Module) -> dict[str, int]:
-    return {n: mod.out_channels for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)}
 
 
 class Bench:
@@ -207,7 +204,7 @@ class Bench:
         sp = measure_speedup(self.backend, self.dense, m, self.shape, FINAL)
         row.update({"accuracy": evaluate(m, self.data, self.data.test), "measured_ratio": sp.ratio,
                     "pair_ratios": sp.repeats, "structure_ratio": s.get(method, {}).get("measured_ratio"),
-                    "params": int(params), "macs": int(macs), "widths": stage_widths(m),
+                    "params": int(params), "macs": int(macs), "widths": output_channels(m),
                     "wall_s": time.perf_counter() - t0, "time": _now()})
         write_json_atomic(path, row)
         print(f"{budget} {method} seed {seed}: accuracy {row['accuracy']:.4f} (after pruning "
