@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity-passes", type=int,
                    help="--importance sensitivity: most forward passes (of one batch) per estimate of the value; "
                         "over it, every k-th width is measured and the others interpolated (default 1000)")
+    g.add_argument("--search", type=int, metavar="N",
+                   help="latency target: choose the plan among N candidates that fit the budget (the knapsack's "
+                        "plan, the uniform widths, their perturbations), each timed against the dense model; "
+                        "those measured under the budget are scored by held-out accuracy after a short fine-tune "
+                        "(--search-iters), and the schedule then prunes to the chosen widths. 0: the knapsack's "
+                        "plan alone (default 0)")
+    g.add_argument("--search-iters", type=int,
+                   help="--search: SGD iterations each finalist is fine-tuned for before it is scored (default 30)")
     g.add_argument("--method", choices=METHODS,
                    help="optimizer for warm-up, pruning and fine-tuning (default adasap)")
     g.add_argument("--target", choices=TARGETS,
@@ -222,7 +230,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                 "dynamic_batch": a.dynamic_batch, "opset": a.opset},
         gates={"max_accuracy_drop": a.max_accuracy_drop, "max_corruption_drop": a.max_corruption_drop},
         budget=budget,
-        plan={"round_to": a.round_to, "importance": importance, "sensitivity_passes": a.sensitivity_passes},
+        plan={"round_to": a.round_to, "importance": importance, "sensitivity_passes": a.sensitivity_passes,
+              "search_candidates": a.search, "search_iters": a.search_iters},
         profile={"step": a.profile_step, "min_round_s": a.profile_round_s, "validate": a.validate,
                  "fit_configs": a.fit_configs},
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},

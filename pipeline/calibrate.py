@@ -19,8 +19,13 @@ from latprune.latency_tables.runtimes import Backend
 from latprune.latency_tables.table import LatencyTable
 from latprune.models.graph import ModelGraph
 from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan, plan_values
+from latprune.pipeline.search import search_plan
 
-__all__ = ["CalibratedPlan", "plan_to_budget"]
+__all__ = ["LIGHT_TIMING", "CalibratedPlan", "plan_to_budget"]
+
+# one quick timing (one pair of sessions): what a pruning step and each search candidate get; the
+# search takes the median of several, round-robin
+LIGHT_TIMING = PairConfig(rounds=5, min_round_s=0.15, repeats=1, max_repeats=1)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     window, the best plan measured under its top is kept, else the fastest one measured.
     ``batches``: training batches a data-driven value scores on; ``held_out``: the batches a
     per-width value measures its loss on. Weights do not change here: the values are computed once.
+    With ``cfg.search_candidates``, each plan is the best of that many candidates at the target
+    (``pipeline.search``, on the same batches).
     """
     model, input_shape = graph.model, graph.input_shape
     lo, hi = window
@@ -58,6 +65,8 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     target = aim * wanted_ratio * table.dense_ms
     e2e, measured, history, seen, tried = table.e2e, [], [], {}, []
     values = plan_values(graph, cfg, batches, held_out)
+    if cfg.search_candidates:
+        return _searched(graph, table, wanted_ratio, cfg, backend, iters, window, values, batches, held_out)
     for i in range(max(iters, 1)):
         try:
             plan = build_plan(graph, table, target, cfg, e2e=e2e, values=values, warn_unpruned=i == 0)
@@ -90,3 +99,44 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     # the slowest plan under the window's top (the most channels), else the fastest plan seen
     ratio, plan, used = max(under, key=lambda t: t[0]) if under else min(tried, key=lambda t: t[0])
     return CalibratedPlan(plan, wanted_ratio, ratio, history, table.with_e2e(used))
+
+
+def _searched(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, cfg: PlanConfig, backend: Backend,
+              iters: int, window: tuple[float, float], values, batches, held_out) -> CalibratedPlan:
+    """The plan search (``pipeline.search``) with the measurement in it: candidates proposed by the
+    table around the window's middle, each timed against the dense model (:data:`LIGHT_TIMING`,
+    median of several), those measured under the window's top scored on held-out data. When none
+    is, the end-to-end term is corrected through the fastest candidate's measurement and the search
+    runs again (at most ``iters`` searches). The term is then moved through the chosen plan's
+    measurement, for the pruning steps."""
+    model, input_shape = graph.model, graph.input_shape
+    lo, hi = window
+    aim = (lo + hi) / 2 * wanted_ratio * table.dense_ms
+
+    def measure(m) -> float:
+        return measure_speedup(backend, model, m, input_shape, LIGHT_TIMING).ratio
+
+    e2e, history = table.e2e, []
+    for i in range(max(iters, 1)):
+        target = aim
+        try:
+            build_plan(graph, table, target, cfg, e2e=e2e, values=values, warn_unpruned=False)
+        except BudgetBelowFloor as e:
+            if i == 0 and e.floor_ms > wanted_ratio * table.dense_ms:
+                raise  # even the table says the budget cannot be reached
+            target = e.floor_ms
+        plan = search_plan(graph, table, target, cfg, values, batches, held_out, e2e=e2e, warn_unpruned=i == 0,
+                           measure=measure, accept_ratio=hi * wanted_ratio)
+        chosen = next(r for r in plan.search["candidates"] if r.get("chosen"))
+        ratio = chosen["measured_ratio"]
+        history.append({"iteration": i + 1, "search": plan.search["cost"], "target_ratio": target / table.dense_ms,
+                        "predicted_ratio": plan.predicted_ms / table.dense_ms, "measured_ratio": ratio,
+                        "pair_ratios": chosen["measured_ratios"], "layers_ms": plan.layers_ms,
+                        "e2e": {"intercept_ms": e2e.intercept_ms, "slope": e2e.slope}})
+        log.info("plan search %d: chose a plan measured at %.3f of dense (window %.3f-%.3f)", i + 1, ratio,
+                 lo * wanted_ratio, hi * wanted_ratio)
+        # the table's error at the chosen plan (the fastest one when none fitted), in ms of its dense latency
+        e2e = table.e2e.corrected([{"layers_ms": plan.layers_ms, "measured_ms": ratio * table.dense_ms}])
+        if ratio <= hi * wanted_ratio:
+            break
+    return CalibratedPlan(plan, wanted_ratio, ratio, history, table.with_e2e(e2e))

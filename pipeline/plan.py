@@ -29,8 +29,8 @@ from latprune.pipeline.importance import canonical_importance, group_importance,
 from latprune.pipeline.knapsack import BudgetUnreachable, GroupChoices, plan_widths, prefix_values
 from latprune.pipeline.sensitivity import SensitivityCost, sensitivity_values
 
-__all__ = ["PlanConfig", "GroupPlan", "PruningPlan", "PlanValues", "plan_values", "build_plan", "build_param_plan",
-           "apply_plan_", "count_params"]
+__all__ = ["PlanConfig", "GroupPlan", "PruningPlan", "PlanValues", "plan_values", "build_plan", "plan_for_widths",
+           "build_param_plan", "apply_plan_", "count_params"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ class PlanConfig:
     # BatchNorm), and the most forward passes one estimate may take (over it, widths are subsampled)
     sensitivity_batches: int = 4
     sensitivity_passes: int = 1000
+    # pipeline.search: candidate width sets scored on held-out data (0: the knapsack's plan alone),
+    # the finalists that get a short fine-tune (its iterations), the held-out batches they are scored on
+    search_candidates: int = 0
+    search_finalists: int = 4
+    search_iters: int = 30
+    search_batches: int = 16
+    search_seed: int = 0
 
     def __post_init__(self):
         if self.round_to < 1:
@@ -55,6 +62,10 @@ class PlanConfig:
         if self.sensitivity_batches < 1 or self.sensitivity_passes < 1:
             raise BadInput(f"sensitivity batches and passes must be >= 1, got {self.sensitivity_batches}, "
                            f"{self.sensitivity_passes}")
+        if self.search_candidates < 0 or self.search_finalists < 1 or self.search_iters < 0 or self.search_batches < 1:
+            raise BadInput(f"search needs candidates >= 0, finalists >= 1, iterations >= 0 and batches >= 1, got "
+                           f"{self.search_candidates}, {self.search_finalists}, {self.search_iters}, "
+                           f"{self.search_batches}")
 
     @property
     def scoring_batches(self) -> int:
@@ -62,6 +73,18 @@ class PlanConfig:
         if not needs_batches(self.importance):
             return 0
         return self.halp_batches
+
+    @property
+    def plan_batches(self) -> int:
+        """Training batches the plan before training needs: the criterion's, and the search's (it
+        re-estimates BatchNorm and fine-tunes its finalists on them)."""
+        return self.halp_batches if self.search_candidates else self.scoring_batches
+
+    @property
+    def held_out_batches(self) -> int:
+        """Validation batches the plan measures on (0: none): a per-width value's loss, the search's scores."""
+        n = self.sensitivity_batches if per_width(self.importance) else 0
+        return max(n, self.search_batches if self.search_candidates else 0)
 
 
 @dataclasses.dataclass
@@ -86,6 +109,7 @@ class PruningPlan:
     round_to: int
     unpruned: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> why the knapsack left it whole
     value_cost: dict = dataclasses.field(default_factory=dict)  # sensitivity: forward passes, seconds
+    search: dict = dataclasses.field(default_factory=dict)  # pipeline.search: every candidate scored, the chosen one
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,19 +218,31 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
             "raise --budget or lower --round-to",
             e.floor_ms, e.dense_ms,
         ) from None
-    plans = []
-    for cg in groups:
-        k = sol.widths[cg.name]
-        keep = np.sort(np.argsort(-scores[cg.name], kind="stable")[:k]).tolist()
-        plans.append(GroupPlan(cg.name, cg.size, keep))
     log.info("plan: predicted %.3f ms for target %.3f ms (dense %.3f ms), %d iterations",
              sol.predicted_ms, target_ms, lm.dense_ms(), sol.iterations)
+    return plan_for_widths(graph, table, sol.widths, scores, target_ms, cfg, e2e, unpruned, sol.iterations,
+                           sol.history, values.cost.to_dict() if values.cost else {})
+
+
+def plan_for_widths(graph: ModelGraph, table: LatencyTable, widths: dict[str, int], scores: dict[str, np.ndarray],
+                    target_ms: float, cfg: PlanConfig, e2e: EndToEnd | None = None,
+                    unpruned: dict[str, str] | None = None, iterations: int = 0, history: list[dict] | None = None,
+                    value_cost: dict | None = None) -> PruningPlan:
+    """The :class:`PruningPlan` keeping ``widths[group]`` channels of each group, the highest by
+    ``scores``, its latency predicted by ``table`` (``e2e``: a corrected end-to-end term)."""
+    lw = graph.layer_widths(table.layer_keys)
+    lm = LatencyModel(table, lw, e2e)
+    plans = []
+    for cg in graph.groups:
+        k = widths[cg.name]
+        keep = np.sort(np.argsort(-scores[cg.name], kind="stable")[:k]).tolist()
+        plans.append(GroupPlan(cg.name, cg.size, keep))
     return PruningPlan(
-        target_ms=target_ms, predicted_ms=sol.predicted_ms, dense_predicted_ms=lm.dense_ms(),
-        layers_ms=lm.layers_ms(sol.widths), e2e=lm.e2e.to_dict() | {"points": len(lm.e2e.points)}, groups=plans,
-        layer_channels={lay: list(lw.widths(lay, sol.widths)) for lay in lw.dense},
-        iterations=sol.iterations, history=sol.history, importance=cfg.importance, round_to=cfg.round_to,
-        unpruned=unpruned, value_cost=values.cost.to_dict() if values.cost else {},
+        target_ms=target_ms, predicted_ms=lm.predict(widths), dense_predicted_ms=lm.dense_ms(),
+        layers_ms=lm.layers_ms(widths), e2e=lm.e2e.to_dict() | {"points": len(lm.e2e.points)}, groups=plans,
+        layer_channels={lay: list(lw.widths(lay, widths)) for lay in lw.dense},
+        iterations=iterations, history=history or [], importance=cfg.importance, round_to=cfg.round_to,
+        unpruned=unpruned or {}, value_cost=value_cost or {},
     )
 
 

@@ -1,10 +1,10 @@
 """Stage 5: the run's report, ``report.json`` (schema below), ``report.md`` and its plots.
 
-report.json, ``schema_version`` 3 (3: ``training.emerging``, ``training.corrections``,
+report.json, ``schema_version`` 4 (3: ``training.emerging``, ``training.corrections``,
 ``training.corrected_e2e`` and each removal's ``predicted_ratio`` / ``measured_ratio``; the default
-planner became the emerging ``halp`` schedule). Units: latencies in milliseconds per batch of
-``runtime.batch`` images (medians of dense and compact timed interleaved in one process);
-accuracies are fractions in [0, 1]; sizes in bytes.
+planner became the emerging ``halp`` schedule. 4: ``plan.search``, ``training.searched``).
+Units: latencies in milliseconds per batch of ``runtime.batch`` images (medians of dense and
+compact timed interleaved in one process); accuracies are fractions in [0, 1]; sizes in bytes.
 Since the layered layout (issue 10) the importance criterion reads ``magnitude`` where older
 schema-2 reports said ``l2`` (README, "Migration note").
 
@@ -53,6 +53,7 @@ schema-2 reports said ``l2`` (README, "Migration note").
   ``session_providers``).
 - ``training``: ``method``, ``target``, ``importance``, ``emerging`` (true: the knapsack was
   re-solved freely at every removal; false: floored at the plan validated before training),
+  ``searched`` (true: the plan came from the plan search, and the removals floored at it),
   ``step_time_ratio``, ``predicted_ms``,
   ``prune_history`` (per removal: ``step``, ``iteration``, ``target``, ``predicted_ms``,
   ``predicted_ratio`` (of the table's dense latency), ``measured_ratio`` (compact / dense timed right
@@ -76,7 +77,11 @@ schema-2 reports said ``l2`` (README, "Migration note").
 - ``plan``: the knapsack's ``importance``, ``round_to``, ``table_target_ms``,
   ``table_predicted_ms``, ``table_layers_ms``, ``e2e``, ``unpruned``, ``knapsack_iterations``,
   ``value_cost`` (``sensitivity``: ``passes``, ``evaluated``, ``interpolated``, ``seconds``; else {}),
-  ``calibration`` (closed-loop iterations), ``calibrated_ratio``.
+  ``calibration`` (closed-loop iterations; with the search, one row per search), ``calibrated_ratio``,
+  ``search`` (``pipeline.search``; {} when off: ``cost`` (``candidates``, ``eligible``, ``finalists``,
+  ``timings``, ``iterations``, ``held_out_images``, ``seconds``) and ``candidates``, each with
+  ``kind``, ``widths``, ``predicted_ms``, ``measured_ratios``, ``measured_ratio``, and where it was
+  scored ``bn_accuracy``, ``bn_loss``, ``finetuned_accuracy``, ``finetuned_loss``, ``chosen``).
 - ``table``: ``entries``, ``dense_ms_at_profile``, ``e2e``, ``validation``, ``unmeasured``.
 - ``stage_seconds``, ``environment`` (versions, CPU, threads), ``artifacts`` (files in the run dir).
 """
@@ -99,8 +104,8 @@ from latprune.pipeline.stages import CompactModel, DenseModel, Diagnosis, Evalua
 
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "render_markdown"]
 
-SCHEMA_VERSION = 3  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output. 3: emerging
-# schedule, per-removal measured latency, corrective checks
+SCHEMA_VERSION = 4  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output. 3: emerging
+# schedule, per-removal measured latency, corrective checks. 4: the plan search
 ROBUSTNESS_SUITE = "CIFAR-10-C-style (imagecorruptions-imaug: 15 corruptions x 5 severities)"
 
 
@@ -144,7 +149,7 @@ def build_report(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactMod
                  "table_target_ms": cal.plan.target_ms, "table_predicted_ms": cal.plan.predicted_ms,
                  "table_layers_ms": cal.plan.layers_ms, "e2e": cal.plan.e2e, "unpruned": cal.plan.unpruned,
                  "knapsack_iterations": cal.plan.iterations, "value_cost": cal.plan.value_cost,
-                 "calibration": cal.history, "calibrated_ratio": cal.measured_ratio},
+                 "calibration": cal.history, "calibrated_ratio": cal.measured_ratio, "search": cal.plan.search},
         "table": {"entries": table.entries, "dense_ms_at_profile": table.dense_ms,
                   "e2e": {"intercept_ms": table.e2e.intercept_ms, "slope": table.e2e.slope,
                           "points": len(table.e2e.points)},
@@ -267,6 +272,23 @@ def _table_section(r: dict[str, Any]) -> list[str]:
     for name, why in (r.get("plan", {}).get("unpruned") or {}).items():
         lines.append(f"- group `{name}` stays unpruned: {why}")
     return lines
+
+
+def _search_section(search: dict[str, Any]) -> list[str]:
+    if not search:
+        return []
+    c = search["cost"]
+    scored = [r for r in search["candidates"] if "bn_accuracy" in r]
+    out = ["## Plan search", "",
+           f"{c['candidates']} candidate plans, {c['timings']} timings against the dense model; {c['eligible']} "
+           f"measured under the budget were scored on {c['held_out_images']} held-out images (BatchNorm "
+           f"re-estimated), {c['finalists']} of them after {c['iterations']} fine-tuning iterations; "
+           f"{c['seconds']:.0f} s.", "",
+           "| candidate | measured / dense (median) | accuracy, BN re-estimated | after the short fine-tune | |",
+           "|---|---:|---:|---:|---|"]
+    out += [f"| {r['kind']} | {_fmt(r.get('measured_ratio'))} | {r['bn_accuracy']:.4f} | "
+            f"{_fmt(r.get('finetuned_accuracy'), 4)} | {'chosen' if r.get('chosen') else ''} |" for r in scored]
+    return [*out, ""]
 
 
 def _corrections_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -441,7 +463,8 @@ def render_markdown(r: dict[str, Any]) -> str:
                   "change latency, so a difference is timing drift on this machine."]
     else:
         lines += ["", "No calibration: a parameter target does not constrain latency."]
-    lines += ["", *_table_section(r), "", *_export_section(r), "", *_why_section(r)]
+    lines += ["", *_search_section(r["plan"].get("search") or {}), *_table_section(r), "", *_export_section(r), "",
+              *_why_section(r)]
     rob = r.get("robustness")
     if rob:
         lines += ["", f"## Robustness: {rob['suite']}, first {rob['eval_images']} test images", "",

@@ -22,12 +22,10 @@ import time
 from typing import Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import prune_groups_
-from latprune.pipeline.train import bn_recalibrated
+from latprune.pipeline.train import bn_recalibrated, held_out_metrics
 
 __all__ = ["SensitivityCost", "sensitivity_values"]
 
@@ -43,15 +41,6 @@ class SensitivityCost:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@torch.no_grad()
-def _loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    total, n = 0.0, 0
-    for x, y in batches:
-        total += float(nn.functional.cross_entropy(model(x), y, reduction="sum"))
-        n += len(y)
-    return total / max(n, 1)
 
 
 def _subsample(widths: np.ndarray, stride: int) -> np.ndarray:
@@ -82,7 +71,7 @@ def sensitivity_values(graph: ModelGraph, ranks: dict[str, np.ndarray], widths: 
     stride = 1  # the densest sampling that fits max_passes (at worst the widest and narrowest width)
     while passes_at(stride) > max_passes and stride < longest:
         stride += 1
-    base = _loss(bn_recalibrated(model, recalibrate), held_out)
+    base = held_out_metrics(bn_recalibrated(model, recalibrate), held_out)[1]
     passes, evaluated, interpolated = per_eval, 0, 0
     out: dict[str, np.ndarray] = {}
     for name, ws in widths.items():
@@ -94,7 +83,7 @@ def sensitivity_values(graph: ModelGraph, ranks: dict[str, np.ndarray], widths: 
             probe = copy.deepcopy(model)
             g = ModelGraph(probe, graph.input_shape)
             prune_groups_(g, {name: np.sort(order[: int(ws[i])]).tolist()})
-            vals[i] = -(_loss(bn_recalibrated(probe, recalibrate), held_out) - base)
+            vals[i] = -(held_out_metrics(bn_recalibrated(probe, recalibrate), held_out)[1] - base)
             passes += per_eval
             evaluated += 1
         missing = np.isnan(vals)

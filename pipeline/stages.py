@@ -51,11 +51,10 @@ from latprune.models.arch import load_compact, save_compact
 from latprune.models.graph import ModelGraph
 from latprune.models.registry import ModelSpec, bundled_weights
 from latprune.pipeline import distributed
-from latprune.pipeline.calibrate import CalibratedPlan, plan_to_budget
+from latprune.pipeline.calibrate import LIGHT_TIMING, CalibratedPlan, plan_to_budget
 from latprune.pipeline.config import RunConfig
 from latprune.pipeline.data import Dataset, load_dataset
 from latprune.pipeline.diagnose import diagnose
-from latprune.pipeline.importance import per_width
 from latprune.pipeline.plan import PruningPlan, build_param_plan, count_params
 from latprune.pipeline.robustness import Robustness, corrupted_test_set, evaluate_robustness
 from latprune.pipeline.schedule import LatencyGoal, TrainPruneConfig, step_time_ratio, train_and_prune_
@@ -66,9 +65,6 @@ __all__ = ["Inputs", "RunDir", "DenseModel", "CompactModel", "ExportResult", "Ev
            "verify_stage", "evaluate_stage", "diagnose_stage"]
 
 log = logging.getLogger(__name__)
-# the timing of each removal during training, for the report (one pair of sessions, ~2 s on
-# ResNet-20): quicker and noisier than the closed loop's, which holds the budget
-STEP_TIMING = PairConfig(rounds=5, min_round_s=0.15, repeats=1, max_repeats=1)
 
 
 # ---- what every stage reads and where it writes ----------------------------------------------
@@ -301,12 +297,12 @@ def plan_stage(inp: Inputs, rd: RunDir, dense: DenseModel, table: LatencyTable) 
         return CalibratedPlan(PruningPlan.load(rd / "plan.json"), d["wanted_ratio"], d["measured_ratio"],
                               d["history"], corrected)
     batches = held_out = None
-    if cfg.plan.scoring_batches:  # a gradient criterion: fixed training batches to score on
+    if cfg.plan.plan_batches:  # a gradient criterion or the search: fixed training batches
         batches = list(inp.data.batches(inp.data.train, cfg.finetune.batch_size,
-                                        limit=cfg.plan.scoring_batches * cfg.finetune.batch_size))
-    if per_width(cfg.plan.importance):  # sensitivity: the loss is measured on validation batches
+                                        limit=cfg.plan.plan_batches * cfg.finetune.batch_size))
+    if cfg.plan.held_out_batches:  # sensitivity's loss and the search's scores: validation batches
         held_out = list(inp.data.batches(inp.data.val, cfg.finetune.batch_size,
-                                         limit=cfg.plan.sensitivity_batches * cfg.finetune.batch_size))
+                                         limit=cfg.plan.held_out_batches * cfg.finetune.batch_size))
     with rd.timed("plan"):
         if cfg.schedule.target == "params":  # AdaSAP_P: a parameter ratio, no latency budget to calibrate
             p0 = count_params(dense.model)
@@ -356,14 +352,18 @@ def prune_stage(inp: Inputs, rd: RunDir, dense: DenseModel, cal: CalibratedPlan)
             return measure
 
         goal = LatencyGoal(timer(cfg.budget.timing), cal.wanted_ratio, (cfg.budget.window_low, cfg.budget.window_high),
-                           measure_step=timer(STEP_TIMING))
+                           measure_step=timer(LIGHT_TIMING))
+    schedule = cfg.schedule
+    if cal.plan.search and not schedule.width_floor:  # the search chose the widths: the steps go to them
+        log.info("the plan search chose the widths: every removal keeps each group at least as wide as the plan")
+        schedule = dataclasses.replace(schedule, width_floor=True)
     with rd.timed("train_and_prune"):
         res = train_and_prune_(compact, inp.data, cal.table, cal.plan,
-                               TrainPruneConfig(cfg.plan, cfg.schedule, cfg.optimizer, cfg.finetune), inp.input_shape,
+                               TrainPruneConfig(cfg.plan, schedule, cfg.optimizer, cfg.finetune), inp.input_shape,
                                seed=cfg.seed, progress=cfg.progress, checkpoint=rd / "training.ckpt.pt", key=key,
                                goal=goal)
     info = {"method": cfg.optimizer.method, "target": cfg.schedule.target, "importance": cfg.plan.importance,
-            "emerging": not cfg.schedule.width_floor, "step_time_ratio": probe["ratio"],
+            "emerging": not schedule.width_floor, "searched": bool(cal.plan.search), "step_time_ratio": probe["ratio"],
             "predicted_ms": res.final_predicted_ms, "prune_history": res.history, "corrections": res.corrections,
             "corrected_e2e": res.e2e, "phases": res.phases, "sharpness": res.sharpness, "resumed": res.resumed}
     if distributed.is_main():

@@ -28,7 +28,7 @@ from latprune.pipeline import distributed
 from latprune.pipeline.data import Dataset, Split
 
 __all__ = ["TrainConfig", "StepRule", "sgd_step", "TrainResult", "make_optimizer", "Resume", "train", "evaluate",
-           "bn_recalibrated", "pretrained"]
+           "held_out_metrics", "finetune_on_batches_", "bn_recalibrated", "pretrained"]
 
 log = logging.getLogger(__name__)
 
@@ -204,18 +204,55 @@ def evaluate(model: nn.Module, data: Dataset, split: Split, batch_size: int = 50
 
 
 @torch.no_grad()
+def held_out_metrics(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy per image) of ``model`` in eval mode on ``batches``."""
+    was_training = model.training
+    model.eval()
+    correct, total, n = 0, 0.0, 0
+    for x, y in batches:
+        out = model(x)
+        correct += int((out.argmax(1) == y).sum())
+        total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        n += len(y)
+    model.train(was_training)
+    return correct / max(n, 1), total / max(n, 1)
+
+
+def finetune_on_batches_(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], iterations: int,
+                         cfg: TrainConfig) -> nn.Module:
+    """``iterations`` SGD steps on ``batches`` in their order (cycling), ``cfg``'s learning rate,
+    warm-up and cosine schedule: a short, deterministic fine-tune for comparing candidate models
+    on equal terms (the same batches, the same steps). In place; returns ``model`` in eval mode."""
+    optimizer = make_optimizer(model, cfg)
+    sched = _lr_lambda(iterations, cfg.warmup_iters)
+    model.train()
+    for it in range(iterations):
+        x, y = batches[it % len(batches)]
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr * sched(it)
+        loss = sgd_step(model, x, y, optimizer)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"short fine-tune: loss became {loss} at iteration {it}: lower the learning rate")
+    return model.eval()
+
+
+@torch.no_grad()
 def bn_recalibrated(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
     """A copy of ``model`` whose BatchNorm running statistics are re-estimated from ``batches``
     (cumulative average, train-mode forward passes), in eval mode: how a model just pruned would
-    do with statistics that match its new channels. The model itself is untouched."""
+    do with statistics that match its new channels. The model itself is untouched; the copy's
+    BatchNorm momentum is restored afterwards, so it can be trained like the original."""
     m = copy.deepcopy(model)
     bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.track_running_stats]
+    momentum = [b.momentum for b in bns]
     for b in bns:
         b.reset_running_stats()
         b.momentum = None  # cumulative moving average over the calibration batches
     m.train()
     for x, _ in batches:
         m(x)
+    for b, mo in zip(bns, momentum):
+        b.momentum = mo
     return m.eval()
 
 
