@@ -76,7 +76,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-budget")
     a = p.parse_args()
     cfg = RunConfig().with_overrides(model=a.model, out=f"{a.out}/base", progress=False, seed=a.seed,
-                                     data={"train_subset": a.train_subset}, plan={"importance": a.importance})
+                                     data={"train_subset": a.train_subset},
+                                     plan={"importance": a.importance, "search_candidates": 0})  # the knapsack alone
     inp, rd = stages.prepare(cfg)
     dense_art = stages.dense_stage(inp, rd)
     table = stages.profile_stage(inp, rd, dense_art)

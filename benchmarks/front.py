@@ -259,11 +259,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def paired(rows: list[dict], method: str, budget: float, seeds, n_boot: int = 10_000) -> dict | None:
+def paired(rows: list[dict], method: str, budget: float, seeds) -> dict | None:
     by = {(r["method"], r["seed"]): r["accuracy"] for r in rows if r["budget"] == budget}
     d = np.array([by[(method, s)] - by[(BASELINE, s)] for s in seeds if (method, s) in by and (BASELINE, s) in by])
-    if len(d) < 2:
-        return None
+    return paired_ci(d) if len(d) >= 2 else None
+
+
+def paired_ci(d: np.ndarray, n_boot: int = 10_000) -> dict:
+    """Mean of the per-seed differences ``d`` and a bootstrap 95 % interval of it."""
     idx = np.random.default_rng(0).integers(0, len(d), size=(n_boot, len(d)))
     lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
     return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "n": int(len(d)), "per_seed": d.tolist(),
@@ -322,6 +325,8 @@ def main() -> None:
     p.add_argument("--aim", default="oneshot_search", choices=[f"oneshot_{v}" for v in ONESHOT],
                    help="the latprune plan whose measured latency the torch-pruning baselines are bisected to "
                         "(oneshot_halp when that plan is not among --methods)")
+    p.add_argument("--retime", type=int, default=0, metavar="ROUNDS",
+                   help="after the cells, time every static structure again in one interleaved pass of ROUNDS rounds")
     p.add_argument("--probe", action="store_true", help="print the cell count and an ETA, then exit")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -345,9 +350,13 @@ def main() -> None:
     for m, b, s in cells:
         if "error" not in structures[b].get("oneshot_halp", {}):
             rows.append(bench.cell(m, b, s, structures[b]))
+    for b in a.budgets if a.retime else ():  # every static structure timed again, interleaved, after training
+        if "error" not in structures[b].get("oneshot_halp", {}):
+            structures[b].setdefault("retimed", []).append(bench._retime(structures[b], a.retime))
+            write_json_atomic(bench.out / f"structures-{b}.json", structures[b])
     meta = {"command": "python benchmarks/front.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(a).items()
-        if k != "probe"), "dense": bench.dense_art.info, "finetune": dataclasses.asdict(bench.ft),
+        if k not in ("probe", "retime")), "dense": bench.dense_art.info, "finetune": dataclasses.asdict(bench.ft),
             "structures": structures, "environment": environment(), "time": _now()}
     report(bench.out, rows, a.budgets, a.seeds, a.methods, dense_acc, meta)
 

@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="latency target: choose the plan among N candidates that fit the budget (the knapsack's "
                         "plan, the uniform widths, their perturbations), each timed against the dense model; "
                         "those measured under the budget are scored by held-out accuracy after a short fine-tune "
-                        "(--search-iters), and the schedule then prunes to the chosen widths. 0: the knapsack's "
-                        "plan alone (default 0)")
+                        "(--search-iters), and the schedule then prunes to the chosen widths (as --floor-widths). "
+                        "0: the knapsack's plan alone, through the closed loop (default 24)")
     g.add_argument("--search-iters", type=int,
                    help="--search: SGD iterations each finalist is fine-tuned for before it is scored (default 30)")
     g.add_argument("--method", choices=METHODS,

@@ -66,7 +66,7 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     e2e, measured, history, seen, tried = table.e2e, [], [], {}, []
     values = plan_values(graph, cfg, batches, held_out)
     if cfg.search_candidates:
-        return _searched(graph, table, wanted_ratio, cfg, backend, iters, window, values, batches, held_out)
+        return _searched(graph, table, wanted_ratio, cfg, backend, iters, window, timing, values, batches, held_out)
     for i in range(max(iters, 1)):
         try:
             plan = build_plan(graph, table, target, cfg, e2e=e2e, values=values, warn_unpruned=i == 0)
@@ -102,10 +102,12 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
 
 
 def _searched(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, cfg: PlanConfig, backend: Backend,
-              iters: int, window: tuple[float, float], values, batches, held_out) -> CalibratedPlan:
+              iters: int, window: tuple[float, float], timing: PairConfig, values, batches,
+              held_out) -> CalibratedPlan:
     """The plan search (``pipeline.search``) with the measurement in it: candidates proposed by the
-    table around the window's middle, each timed against the dense model (:data:`LIGHT_TIMING`,
-    median of several), those measured under the window's top scored on held-out data. When none
+    table around the window's middle, each timed against the dense model (one pair of sessions of
+    ``timing``, at most :data:`LIGHT_TIMING`'s rounds and round length; the median of several),
+    those measured under the window's top scored on held-out data. When none
     is, the end-to-end term is corrected through the fastest candidate's measurement and the search
     runs again (at most ``iters`` searches). The term is then moved through the chosen plan's
     measurement, for the pruning steps."""
@@ -113,8 +115,11 @@ def _searched(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, cfg: 
     lo, hi = window
     aim = (lo + hi) / 2 * wanted_ratio * table.dense_ms
 
+    light = PairConfig(min(timing.rounds, LIGHT_TIMING.rounds), min(timing.min_round_s, LIGHT_TIMING.min_round_s),
+                       1, 1)
+
     def measure(m) -> float:
-        return measure_speedup(backend, model, m, input_shape, LIGHT_TIMING).ratio
+        return measure_speedup(backend, model, m, input_shape, light).ratio
 
     e2e, history = table.e2e, []
     for i in range(max(iters, 1)):

@@ -147,7 +147,8 @@ class RunConfig:
     deploy: DeployConfig = DeployConfig()
     budget: BudgetConfig = BudgetConfig()
     profile: ProfileConfig = ProfileConfig()
-    plan: PlanConfig = PlanConfig()
+    # a run plans by the search (pipeline.search; BENCHMARKS.md, "The plan search"): 24 candidates
+    plan: PlanConfig = PlanConfig(search_candidates=24)
     pretrain: TrainConfig = TrainConfig(epochs=3, lr=0.1)
     finetune: TrainConfig = TrainConfig(epochs=2, lr=0.02, warmup_iters=20)  # also warm-up and pruning phases
     schedule: ScheduleConfig = ScheduleConfig()

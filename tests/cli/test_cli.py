@@ -21,7 +21,8 @@ MINI = ["--no-progress", "--train-subset", "512", "--val-size", "256", "--test-s
         "--deploy-batch", "32", "--profile-step", "16", "--profile-round-s", "0.004",
         "--verify-rounds", "3", "--verify-round-s", "0.1", "--calibrate-iters", "2", "--calibrate-round-s", "0.05",
         "--fit-configs", "2",
-        "--warmup-epochs", "0.25", "--prune-steps", "2", "--prune-every", "3", "--robust-images", "8"]
+        "--warmup-epochs", "0.25", "--prune-steps", "2", "--prune-every", "3", "--robust-images", "8",
+        "--search", "0"]  # the plan search is exercised by mini_run alone (--search 3)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mini_run(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("runs") / "mini"
-    code = main(["run", *MINI, "--budget", "0.8", "--cache-dir", cache, "--out", str(out)])
+    code = main(["run", *MINI, "--search", "3", "--search-iters", "2", "--budget", "0.8", "--cache-dir", cache,
+                 "--out", str(out)])
     return code, out
 
 
@@ -53,6 +55,11 @@ def test_run_writes_a_complete_report(mini_run, capsys):
     assert r["compact"]["params"] < r["dense"]["params"] and r["compact"]["macs"] < r["dense"]["macs"]
     assert r["parity"]["top1_agreement"] >= 0.99
     assert r["plan"]["calibration"], "the planned widths were timed before training"
+    search = r["plan"]["search"]  # the plan search, end to end: timed candidates, one chosen
+    assert search["cost"]["candidates"] >= 2 and sum(bool(c.get("chosen")) for c in search["candidates"]) == 1
+    assert all(c["measured_ratios"] for c in search["candidates"])
+    assert r["training"]["searched"] and not r["training"]["emerging"]
+    assert "## Plan search" in (out / "report.md").read_text()
     for h in r["plan"]["calibration"]:
         assert h["measured_ratio"] > 0 and h["pair_ratios"] and h["e2e"]["slope"] > 0
     assert r["table"]["e2e"]["points"] == 4  # dense, smallest, 2 random (--fit-configs 2)
