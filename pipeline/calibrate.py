@@ -144,4 +144,7 @@ def _searched(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, cfg: 
         e2e = table.e2e.corrected([{"layers_ms": plan.layers_ms, "measured_ms": ratio * table.dense_ms}])
         if ratio <= hi * wanted_ratio:
             break
+    # the plan's prediction under the corrected term (its measurement), which the pruning steps aim at
+    plan = dataclasses.replace(plan, predicted_ms=e2e.predict(plan.layers_ms),
+                               e2e=e2e.to_dict() | {"points": len(e2e.points)})
     return CalibratedPlan(plan, wanted_ratio, ratio, history, table.with_e2e(e2e))

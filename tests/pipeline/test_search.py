@@ -187,3 +187,5 @@ def test_plan_to_budget_with_the_search_meets_the_window_on_a_wrong_table():
         pruned_copy(model, {g.name: len(g.keep) for g in cal.plan.groups}, RES), RES)
     assert probe_ms / table.dense_ms == pytest.approx(cal.measured_ratio)
     assert cal.table.e2e.predict(cal.plan.layers_ms) == pytest.approx(probe_ms, rel=1e-6)
+    # the plan's own prediction is the corrected table's: the pruning steps aim at it, floored at its widths
+    assert cal.plan.predicted_ms == pytest.approx(cal.table.e2e.predict(cal.plan.layers_ms))
