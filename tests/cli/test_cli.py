@@ -22,7 +22,9 @@ MINI = ["--no-progress", "--train-subset", "512", "--val-size", "256", "--test-s
         "--verify-rounds", "3", "--verify-round-s", "0.1", "--calibrate-iters", "2", "--calibrate-round-s", "0.05",
         "--fit-configs", "2",
         "--warmup-epochs", "0.25", "--prune-steps", "2", "--prune-every", "3", "--robust-images", "8",
-        "--search", "0"]  # the plan search is exercised by mini_run alone (--search 3)
+        "--search", "0"]  # the plan search is exercised by mini_run alone (SEARCHED)
+# mini_run's flags: every test that continues mini_run's directory passes the same plan settings
+SEARCHED = [*MINI, "--search", "3", "--search-iters", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mini_run(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("runs") / "mini"
-    code = main(["run", *MINI, "--search", "3", "--search-iters", "2", "--budget", "0.8", "--cache-dir", cache,
-                 "--out", str(out)])
+    code = main(["run", *SEARCHED, "--budget", "0.8", "--cache-dir", cache, "--out", str(out)])
     return code, out
 
 
@@ -131,7 +132,7 @@ def test_same_out_resumes_without_redoing_stages(mini_run, cache, tmp_path, caps
     shutil.copytree(out, copy)
     plan_before = (copy / "plan.json").read_text()
     weights_mtime = (copy / "model.pt").stat().st_mtime_ns
-    code = main(["export", *MINI, "--budget", "0.8", "--cache-dir", cache, "--out", str(copy)])
+    code = main(["export", *SEARCHED, "--budget", "0.8", "--cache-dir", cache, "--out", str(copy)])
     assert code in (0, 4)
     assert (copy / "plan.json").read_text() == plan_before
     assert (copy / "model.pt").stat().st_mtime_ns == weights_mtime  # not fine-tuned again
@@ -260,7 +261,7 @@ def test_failed_gates_still_write_the_report_and_exit_nonzero(mini_run, cache, t
     # gained accuracy gets a limit it passes, and the corruption gate is the one that fails)
     limit = max(drop - 0.01, 0.0) if drop > 0 else 0.5
     corr_limit = 0.5 if drop > 0 else 0.0
-    code = main(["export", *MINI, "--budget", "0.8", "--cache-dir", cache, "--out", str(copy),
+    code = main(["export", *SEARCHED, "--budget", "0.8", "--cache-dir", cache, "--out", str(copy),
                  "--max-accuracy-drop", str(limit), "--max-corruption-drop", str(corr_limit)])
     g = {x["name"]: x for x in json.loads((copy / "report.json").read_text())["gates"]}
     assert g["accuracy"]["ok"] == (drop <= limit) and g["corruption_accuracy"]["ok"] == (corrupted_drop <= corr_limit)
@@ -283,7 +284,7 @@ def test_dynamic_batch_export_and_bench_on_the_run(mini_run, cache, tmp_path, ca
     _, out = mini_run
     copy = tmp_path / "dyn"
     shutil.copytree(out, copy)
-    code = main(["export", *MINI, "--budget", "0.8", "--cache-dir", cache, "--out", str(copy), "--dynamic-batch"])
+    code = main(["export", *SEARCHED, "--budget", "0.8", "--cache-dir", cache, "--out", str(copy), "--dynamic-batch"])
     assert code in (0, 4)
     r = json.loads((copy / "report.json").read_text())
     assert r["onnx"]["compact"]["dynamic_batch"] and r["parity"]["batches"] == 9  # 8 full batches + 1 image
