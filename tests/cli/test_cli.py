@@ -305,7 +305,9 @@ def test_dynamic_batch_export_and_bench_on_the_run(mini_run, cache, tmp_path, ca
 @needs_fmnist
 def test_a_broken_export_fails_the_run_after_writing_the_report(tmp_path, cache, capsys):
     out = tmp_path / "broken"
-    code = main(["run", *MINI, "--model", "latprune.testing:broken_export_net", "--budget", "0.9",
+    # budget 1.0: this tiny model's reachable floor is 0.85-0.92 of dense depending on the machine's
+    # timing regime (0.9 was once refused before training, exit 2); the test is about parity
+    code = main(["run", *MINI, "--model", "latprune.testing:broken_export_net", "--budget", "1.0",
                  "--robust-images", "0", "--cache-dir", cache, "--out", str(out)])
     assert code == 3
     r = json.loads((out / "report.json").read_text())
