@@ -1,11 +1,11 @@
 """The accuracy-latency front: latprune's planners against torch-pruning at equal measured latency.
 
-    python benchmarks/front.py [--model resnet20] [--budgets 0.5 0.7] [--seeds 0 1 2]
+    python benchmarks/front.py [--model resnet20] [--weights FILE] [--budgets 0.5 0.7] [--seeds 0 1 2]
                                [--methods tp_uniform_r8 iterative_halp ...] [--epochs 2]
                                [--train-subset 0] [--out runs/bench-front] [--probe]
 
-Dense model: the bundled trained one where the package ships it (resnet20 on Fashion-MNIST), else
-``latprune``'s pre-training; latency table: the cached one for this machine (profiled if missing).
+Dense model: ``--weights``, else the bundled trained one where the package ships it (resnet20 on
+Fashion-MNIST), else ``latprune``'s pre-training; latency table: the cached one for this machine (profiled if missing).
 For each budget B:
 
 1. **Structures, one quiet pass before any training** (cached in OUT/structures-B.json). Latency
@@ -54,7 +54,6 @@ from latprune.latency_tables.plots import pyplot, save_png
 from latprune.latency_tables.predict import LatencyModel
 from latprune.latency_tables.table import EndToEnd, LatencyTable
 from latprune.models.graph import ModelGraph, output_channels
-from latprune.models.surgery import prune_groups_
 from latprune.models.widths import candidate_widths
 from latprune.pipeline import stages
 from latprune.pipeline.adasap import OptimizerConfig
@@ -62,8 +61,9 @@ from latprune.pipeline.baselines import match_latency, tp_pruned
 from latprune.pipeline.calibrate import LIGHT_TIMING, plan_to_budget
 from latprune.pipeline.config import RunConfig
 from latprune.pipeline.importance import group_importance
-from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_
+from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, plan_for_widths
 from latprune.pipeline.schedule import LatencyGoal, ScheduleConfig, TrainPruneConfig, train_and_prune_
+from latprune.pipeline.search import perturbed_widths
 from latprune.pipeline.train import TrainConfig, bn_recalibrated, evaluate, train
 
 SEARCH = PairConfig(rounds=5, min_round_s=0.2, repeats=1, max_repeats=2)
@@ -77,30 +77,25 @@ BASELINE = "tp_uniform_r8"
 
 
 def random_widths(graph: ModelGraph, table: LatencyTable, target_ms: float, round_to: int, seed: int) -> dict:
-    """Random widths on the grid, then random groups narrowed one step until the table predicts <= target."""
+    """Random widths on the grid, then narrowed and widened at random (``search.perturbed_widths``)
+    until the table predicts they spend ``target_ms``."""
     rng = np.random.default_rng(seed)
-    choices = {cg.name: candidate_widths(cg.size, round_to) for cg in graph.groups}
-    w = {n: int(rng.choice(ws)) for n, ws in choices.items()}
+    grid = {cg.name: candidate_widths(cg.size, round_to) for cg in graph.groups}
     predict = LatencyModel(table, graph.layer_widths(table.layer_keys)).predict
-    while predict(w) > target_ms:
-        shrinkable = [n for n in w if w[n] > choices[n][0]]
-        if not shrinkable:
-            break
-        n = shrinkable[int(rng.integers(len(shrinkable)))]
-        w[n] = int(choices[n][list(choices[n]).index(w[n]) - 1])
-    return w
+    return perturbed_widths({n: int(rng.choice(ws)) for n, ws in grid.items()}, grid, predict, target_ms, rng,
+                            moved=0.0)
 
 
-def magnitude_keep(graph: ModelGraph, widths: dict[str, int]) -> dict[str, list[int]]:
-    scores = group_importance(graph, "magnitude")
-    return {n: np.sort(np.argsort(-scores[n], kind="stable")[:k]).tolist() for n, k in widths.items()}
-
+def magnitude_plan(graph: ModelGraph, table: LatencyTable, widths: dict[str, int], target_ms: float) -> PruningPlan:
+    """``widths``, each group keeping its channels of largest magnitude."""
+    return plan_for_widths(graph, table, widths, group_importance(graph, "magnitude"), target_ms,
+                           PlanConfig(importance="magnitude"))
 
 
 class Bench:
     def __init__(self, a):
         self.a = a
-        self.cfg = RunConfig().with_overrides(model=a.model, out=f"{a.out}/base", progress=False,
+        self.cfg = RunConfig().with_overrides(model=a.model, weights=a.weights, out=f"{a.out}/base", progress=False,
                                               data={"train_subset": a.train_subset})
         self.inp, rd = stages.prepare(self.cfg)
         self.dense_art = stages.dense_stage(self.inp, rd)
@@ -180,10 +175,11 @@ class Bench:
             s["aim_ratio"] = aim
             s["e2e"] = plans["halp"].table.e2e.to_dict()
             return s
-        w = random_widths(g, plans["halp"].table, plans["halp"].plan.predicted_ms, 8, seed=int(budget * 1000))
-        r = measure_speedup(self.backend, self.dense, apply_keep(self.dense, magnitude_keep(g, w), self.shape),
-                            self.shape, self.cfg.budget.timing).ratio
-        s["random"] = {"widths": w, "measured_ratio": r}
+        target = plans["halp"].plan.predicted_ms
+        w = random_widths(g, plans["halp"].table, target, 8, seed=int(budget * 1000))
+        s["random"] = {"widths": w, "target_ms": target}
+        s["random"]["measured_ratio"] = measure_speedup(self.backend, self.dense, self.build("random", s),
+                                                        self.shape, self.cfg.budget.timing).ratio
         s["aim_ratio"] = aim
         s["e2e"] = plans["halp"].table.e2e.to_dict()
         return s
@@ -194,7 +190,9 @@ class Bench:
         if method.startswith("tp_"):
             return tp_pruned(self.dense, s[method]["pruning_ratio"], self.shape, 8, method == "tp_global_r8")
         if method == "random":
-            return apply_keep(self.dense, magnitude_keep(self.dense_art.graph, s["random"]["widths"]), self.shape)
+            plan = magnitude_plan(self.dense_art.graph, self.table, s["random"]["widths"],
+                                  s["random"].get("target_ms", float("nan")))  # older passes: not recorded
+            return apply_plan_(copy.deepcopy(self.dense), plan, self.shape)
         raise ValueError(method)
 
     # ---- 2. cells ----
@@ -248,11 +246,6 @@ class Bench:
         print(f"{budget} {method} seed {seed}: accuracy {row['accuracy']:.4f} (after pruning "
               f"{row['after_pruning']:.4f}), measured {sp.ratio:.3f}, {row['wall_s']:.0f} s", flush=True)
         return row
-
-
-def apply_keep(dense, keep: dict, shape) -> torch.nn.Module:
-    m = copy.deepcopy(dense).eval()
-    return prune_groups_(ModelGraph(m, shape), keep)
 
 
 def _now() -> str:
@@ -316,6 +309,8 @@ def report(out: Path, rows: list[dict], budgets, seeds, methods, dense_acc: floa
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="resnet20")
+    p.add_argument("--weights", default=None,
+                   help="the dense model's state dict (default: the bundled one, else latprune's pre-training)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -356,7 +351,8 @@ def main() -> None:
             write_json_atomic(bench.out / f"structures-{b}.json", structures[b])
     meta = {"command": "python benchmarks/front.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(a).items()
-        if k not in ("probe", "retime")), "dense": bench.dense_art.info, "finetune": dataclasses.asdict(bench.ft),
+        if k not in ("probe", "retime") and v is not None), "dense": bench.dense_art.info,
+            "finetune": dataclasses.asdict(bench.ft),
             "structures": structures, "environment": environment(), "time": _now()}
     report(bench.out, rows, a.budgets, a.seeds, a.methods, dense_acc, meta)
 

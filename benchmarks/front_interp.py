@@ -1,7 +1,7 @@
 """Equal latency by interpolation: a latprune plan against torch-pruning's accuracy-latency curve.
 
-    python benchmarks/front_interp.py [--out runs/bench-front-search] [--method oneshot_search]
-                                      [--budgets 0.6 0.7] [--rounds 6] [--extra-ratios 0.25]
+    python benchmarks/front_interp.py [--model resnet20] [--weights FILE] [--out runs/bench-front-search]
+                                      [--method oneshot_search] [--budgets 0.6 0.7] [--rounds 6] [--extra-ratios 0.25]
 
 With ``round_to=8`` torch-pruning's latency moves in steps, so its ratio bisection
 (``benchmarks/front.py``) cannot always land within +-3 % of latprune's plan. This script takes the
@@ -34,6 +34,8 @@ from latprune.pipeline.baselines import tp_pruned
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--weights", default=None, help="as front.py's --weights (the same dense model as its cells)")
     p.add_argument("--out", default="runs/bench-front-search")
     p.add_argument("--method", default="oneshot_search")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.6, 0.7])
@@ -42,7 +44,8 @@ def main() -> None:
                    help="torch-pruning uniform ratios to train too (OUT/cells/tp_uniform_r8-ratioR-SEED.json)")
     a = p.parse_args()
     out = Path(a.out)
-    bench = Bench(argparse.Namespace(model="resnet20", out=a.out, train_subset=0, epochs=2.0, methods=[a.method]))
+    bench = Bench(argparse.Namespace(model=a.model, weights=a.weights, out=a.out, train_subset=0, epochs=2.0,
+                                     methods=[a.method]))
     structures = {b: json.loads((out / f"structures-{b}.json").read_text()) for b in a.budgets}
     cells = [json.loads(f.read_text()) for f in sorted((out / "cells").glob("*.json"))]
     # accuracy of every torch-pruning uniform architecture, by pruning ratio and seed
@@ -93,7 +96,7 @@ def main() -> None:
               f"{np.mean(row['tp_interpolated']):.4f}; paired {row['mean']:+.4f} "
               f"({row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}), {len(seeds)} seeds")
     write_json_atomic(out / "interp.json", {"command": "python benchmarks/front_interp.py " + " ".join(
-        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(a).items()),
+        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(a).items() if v is not None),
         "times": times, "results": results, "environment": environment(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 

@@ -122,16 +122,19 @@ def _searched(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, cfg: 
         return measure_speedup(backend, model, m, input_shape, light).ratio
 
     e2e, history = table.e2e, []
+    def search(target: float, i: int) -> PruningPlan:
+        return search_plan(graph, table, target, cfg, values, batches, held_out, e2e=e2e, warn_unpruned=i == 0,
+                           measure=measure, accept_ratio=hi * wanted_ratio)
+
     for i in range(max(iters, 1)):
         target = aim
         try:
-            build_plan(graph, table, target, cfg, e2e=e2e, values=values, warn_unpruned=False)
-        except BudgetBelowFloor as e:
+            plan = search(target, i)
+        except BudgetBelowFloor as e:  # raised by the knapsack, before any candidate is built
             if i == 0 and e.floor_ms > wanted_ratio * table.dense_ms:
                 raise  # even the table says the budget cannot be reached
             target = e.floor_ms
-        plan = search_plan(graph, table, target, cfg, values, batches, held_out, e2e=e2e, warn_unpruned=i == 0,
-                           measure=measure, accept_ratio=hi * wanted_ratio)
+            plan = search(target, i)
         chosen = next(r for r in plan.search["candidates"] if r.get("chosen"))
         ratio = chosen["measured_ratio"]
         history.append({"iteration": i + 1, "search": plan.search["cost"], "target_ratio": target / table.dense_ms,

@@ -60,8 +60,8 @@ from latprune.pipeline.plan import (
 )
 from latprune.pipeline.train import Resume, TrainConfig, bn_recalibrated, evaluate, make_optimizer, sgd_step, train
 
-__all__ = ["TARGETS", "PHASES", "ScheduleConfig", "LatencyGoal", "ScheduleResult", "TrainPruneConfig", "prune_rule",
-           "finetune_rule", "measure_sharpness", "train_and_prune_", "step_time_ratio"]
+__all__ = ["TARGETS", "PHASES", "ScheduleConfig", "floors_at_plan", "LatencyGoal", "ScheduleResult", "TrainPruneConfig",
+           "prune_rule", "finetune_rule", "measure_sharpness", "train_and_prune_", "step_time_ratio"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,14 @@ class ScheduleConfig:
         if self.sharpness_rho < 0 or self.sharpness_steps < 1 or self.sharpness_batches < 1:
             raise BadInput("sharpness_rho must be >= 0, sharpness_steps and sharpness_batches >= 1")
 
+
+
+def floors_at_plan(sched: ScheduleConfig, final: PruningPlan | None) -> bool:
+    """Whether every removal keeps each group at least as wide as ``final`` (latency target only):
+    asked for (``width_floor``), or ``final`` was chosen by the plan search (``pipeline.search``:
+    its widths were measured under the budget and won on held-out data, so the steps go to them;
+    an emerging architecture would discard that choice)."""
+    return sched.target == "latency" and (sched.width_floor or bool(final is not None and final.search))
 
 @dataclasses.dataclass(frozen=True)
 class LatencyGoal:
@@ -470,7 +478,7 @@ class _Schedule:
             return build_param_plan(self.graph, self.table, self.plan_cfg, keep=keep,
                                     batches=self._scoring_batches, scores=scores), {"neurons": keep}, n
         target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
-        floor = {g.name: len(g.keep) for g in self.final.groups} if self.sched.width_floor else None
+        floor = {g.name: len(g.keep) for g in self.final.groups} if floors_at_plan(self.sched, self.final) else None
         plan = build_plan(self.graph, self.table, target, self.plan_cfg, self._scoring_batches,
                           min_widths=floor, scores=scores, held_out=self._held_out, warn_unpruned=False)
         return plan, {"latency_ms": target}, n

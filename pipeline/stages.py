@@ -57,7 +57,7 @@ from latprune.pipeline.data import Dataset, load_dataset
 from latprune.pipeline.diagnose import diagnose
 from latprune.pipeline.plan import PruningPlan, build_param_plan, count_params
 from latprune.pipeline.robustness import Robustness, corrupted_test_set, evaluate_robustness
-from latprune.pipeline.schedule import LatencyGoal, TrainPruneConfig, step_time_ratio, train_and_prune_
+from latprune.pipeline.schedule import LatencyGoal, TrainPruneConfig, floors_at_plan, step_time_ratio, train_and_prune_
 from latprune.pipeline.train import evaluate, pretrained
 
 __all__ = ["Inputs", "RunDir", "DenseModel", "CompactModel", "ExportResult", "Evaluation", "Diagnosis", "prepare",
@@ -353,17 +353,16 @@ def prune_stage(inp: Inputs, rd: RunDir, dense: DenseModel, cal: CalibratedPlan)
 
         goal = LatencyGoal(timer(cfg.budget.timing), cal.wanted_ratio, (cfg.budget.window_low, cfg.budget.window_high),
                            measure_step=timer(LIGHT_TIMING))
-    schedule = cfg.schedule
-    if cal.plan.search and not schedule.width_floor:  # the search chose the widths: the steps go to them
+    floored = floors_at_plan(cfg.schedule, cal.plan)
+    if floored and not cfg.schedule.width_floor:
         log.info("the plan search chose the widths: every removal keeps each group at least as wide as the plan")
-        schedule = dataclasses.replace(schedule, width_floor=True)
     with rd.timed("train_and_prune"):
         res = train_and_prune_(compact, inp.data, cal.table, cal.plan,
-                               TrainPruneConfig(cfg.plan, schedule, cfg.optimizer, cfg.finetune), inp.input_shape,
+                               TrainPruneConfig(cfg.plan, cfg.schedule, cfg.optimizer, cfg.finetune), inp.input_shape,
                                seed=cfg.seed, progress=cfg.progress, checkpoint=rd / "training.ckpt.pt", key=key,
                                goal=goal)
     info = {"method": cfg.optimizer.method, "target": cfg.schedule.target, "importance": cfg.plan.importance,
-            "emerging": not schedule.width_floor, "searched": bool(cal.plan.search), "step_time_ratio": probe["ratio"],
+            "emerging": not floored, "searched": bool(cal.plan.search), "step_time_ratio": probe["ratio"],
             "predicted_ms": res.final_predicted_ms, "prune_history": res.history, "corrections": res.corrections,
             "corrected_e2e": res.e2e, "phases": res.phases, "sharpness": res.sharpness, "resumed": res.resumed}
     if distributed.is_main():

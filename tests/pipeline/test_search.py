@@ -6,12 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from latprune.errors import BudgetBelowFloor
 from latprune.latency_tables.predict import LatencyModel
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import pruned_copy
 from latprune.models.widths import candidate_widths
 from latprune.pipeline.calibrate import plan_to_budget
 from latprune.pipeline.plan import PlanConfig, PlanValues, build_plan
+from latprune.pipeline.schedule import ScheduleConfig, floors_at_plan
 from latprune.pipeline.search import MEASURE_ROUNDS, perturbed_widths, search_plan, uniform_widths
 from latprune.pipeline.train import bn_recalibrated
 from latprune.testing import FakeBackend, fake_table, model_cost_ms, residual_net
@@ -189,3 +191,29 @@ def test_plan_to_budget_with_the_search_meets_the_window_on_a_wrong_table():
     assert cal.table.e2e.predict(cal.plan.layers_ms) == pytest.approx(probe_ms, rel=1e-6)
     # the plan's own prediction is the corrected table's: the pruning steps aim at it, floored at its widths
     assert cal.plan.predicted_ms == pytest.approx(cal.table.e2e.predict(cal.plan.layers_ms))
+
+
+def test_plan_to_budget_with_the_search_refuses_a_budget_below_the_tables_floor_before_any_candidate():
+    model = residual_net()
+    backend = FakeBackend()
+    table = fake_table(model, RES, step=2)
+    cfg = PlanConfig(round_to=2, importance="magnitude", search_candidates=8, search_finalists=2, search_iters=2)
+    with pytest.raises(BudgetBelowFloor):
+        plan_to_budget(ModelGraph(model, RES), table, 0.01, cfg, backend, window=(0.90, 0.97),
+                       batches=_random_batches(3, 0), held_out=_random_batches(2, 1))
+    assert backend.models_timed == 0  # refused by the table: no candidate was built or timed
+
+
+def test_a_searched_plan_floors_the_schedule_at_its_widths():
+    model, graph, batches, held_out = _setup()
+    _, values = _wrong_values(graph)
+    table = fake_table(model, SHAPE)
+    target = 0.8 * table.dense_ms
+    knapsack = build_plan(graph, table, target, PlanConfig(importance="sensitivity"), values=values)
+    searched = search_plan(graph, table, target, PlanConfig(importance="sensitivity", search_candidates=4,
+                                                            search_finalists=1, search_iters=0),
+                           values, batches, held_out)
+    assert not floors_at_plan(ScheduleConfig(), knapsack)  # the architecture emerges by default
+    assert floors_at_plan(ScheduleConfig(width_floor=True), knapsack)
+    assert floors_at_plan(ScheduleConfig(), searched)  # the search chose the widths: the steps go to them
+    assert not floors_at_plan(ScheduleConfig(target="params", param_ratio=0.5), searched)  # no latency plan
