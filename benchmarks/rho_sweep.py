@@ -47,7 +47,7 @@ def main() -> None:
         if norm is None:
             step, name = sgd_step, "sgd"
         else:
-            sc = OptimizerConfig(normalize=norm, rho_max=rho_max)
+            sc = OptimizerConfig(normalize=norm, rho_max=rho_max, score="magnitude")
             step, name = SharpnessStep(m, sc, neuron_partition(ModelGraph(m, (3, 32, 32)))), "adasap"
         t0 = time.perf_counter()
         r = train(m, data, cfg, step=step, progress=False)

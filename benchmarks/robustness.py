@@ -1,40 +1,58 @@
-"""The AdaSAP paper's Table 2 at small scale: clean and corrupted accuracy of pruned models.
+"""AdaSAP tested fairly (issue 12): clean and corrupted accuracy of pruned models, paired by seed.
 
-    python benchmarks/robustness.py [--budgets 0.5 0.3] [--methods sgd asam adasap] [--seeds 0 1 2]
-                                    [--train-subset 10000] [--finetune-epochs 2] [--robust-images 1000]
-                                    [--out runs/bench-robustness] [--json runs/bench-robustness/robustness.json]
+    python benchmarks/robustness.py [--budgets 0.5] [--methods sgd asam adasap sgd_matched]
+                                    [--seeds 0 1 2 3 4] [--train-subset 0] [--warmup-epochs 1]
+                                    [--finetune-epochs 2] [--prune-steps 10] [--prune-every 30]
+                                    [--robust-images 2000] [--out runs/bench-robustness-12] [--probe]
 
-Rows: the dense model, then SGD + HALP, ASAM + HALP and AdaSAP_L at each latency budget (a fraction
-of the dense ORT CPU latency), mean +- std over seeds. Columns: measured latency, speedup, params,
-clean accuracy (whole test set), and on the first ``--robust-images`` test images the clean
-accuracy, the corruption accuracy (mean of 15 CIFAR-10-C-style corruptions x 5 severities) and R_C.
+Rows: the dense model (the bundled ResNet-20 unless ``--weights``), then SGD + HALP, ASAM + HALP,
+AdaSAP_L and a compute-matched SGD + HALP (``sgd_matched``: as many gradient evaluations as
+AdaSAP, its extra steps in fine-tuning) at each latency budget. Columns: measured latency,
+params, test accuracy (whole test set), and on the first ``--robust-images`` test images the clean
+accuracy, the corruption accuracy over all 15 corruptions and over the informative ones (the dense
+model above 1.5 x chance, ``pipeline.robustness``), R_C, the validation accuracy right after the
+last removal, sharpness after warm-up and after the last removal, and the step-time ratio. Then
+per-seed paired differences against SGD + HALP: mean, bootstrap 95 % interval, sign count, and the
+smallest difference these seeds could detect (2.8 x the SD of the paired differences / sqrt(n):
+80 % power at a two-sided 5 % level, normal approximation).
 
-Paired by design: every cell starts from one dense checkpoint (pre-trained once, full training
-set, passed as ``--weights``), every method at a budget trains the same architecture (the budget's
-plan is made and timed once, then copied into each cell's run directory, where ``latprune run``
-reuses it as it reuses any finished stage), and seed s gives every method the same data order.
+Paired by design: every cell starts from one dense model; every method at a budget trains the
+same architecture (the budget's plan is made and timed once, copied into each cell's run
+directory, ``--floor-widths`` holds every removal at its widths and ``--correct-steps 0`` leaves no
+corrective removal to differ), along the same schedule (one learning-rate schedule over the three
+phases), and seed s gives every method the same data order. Only the optimizer differs.
 
-Hours of CPU: every cell is a ``latprune run`` in its own run directory and is skipped once its
-report exists; a killed cell resumes from its training checkpoint. Run it in the background and
-run it again after an interruption.
+Hours of CPU: every cell is a ``latprune run`` in its own run directory, skipped once its report
+exists; a killed cell resumes from its training checkpoint. ``--probe`` times 20 training
+iterations and prints the cell count and an ETA first. Run it in the background.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from front import paired_ci
 
+from latprune.io import write_json_atomic
 from latprune.latency_tables.device import environment
 from latprune.pipeline.config import RunConfig
 from latprune.pipeline.stages import dense_stage, prepare
+from latprune.pipeline.train import TrainConfig, train
 
-LABELS = {"sgd": "SGD + HALP", "sam": "SAM + HALP", "asam": "ASAM + HALP", "adasap": "AdaSAP_L"}
+LABELS = {"sgd": "SGD + HALP", "sam": "SAM + HALP", "asam": "ASAM + HALP", "adasap": "AdaSAP_L",
+          "sgd_matched": "SGD + HALP, compute-matched"}
+METHOD = {"sgd": "sgd", "sam": "sam", "asam": "asam", "adasap": "adasap", "sgd_matched": "sgd"}
+BASELINE = "sgd"
+TRAIN_IMAGES = 55_000  # Fashion-MNIST's training split less the 5,000 validation images
 
 
 def _latprune(*args: str, log: Path) -> int:
@@ -45,39 +63,39 @@ def _latprune(*args: str, log: Path) -> int:
                               stderr=subprocess.STDOUT).returncode
 
 
-def dense_weights(out: Path, common: list[str], log: Path) -> Path:
-    """Pre-train (or find in the cache) the dense model with the default full-data settings."""
-    d = out / "dense"
-    if not (d / "weights.json").exists():
-        code = _latprune("profile", "--no-progress", "--out", str(d), *common, log=log)
-        if code:
-            sys.exit(f"pre-training the dense model failed (exit {code}): see {log}")
-        cfg = RunConfig.from_dict(json.loads((d / "config.json").read_text()))
-        path = dense_stage(*prepare(cfg)).info["path"]
-        (d / "weights.json").write_text(json.dumps({"path": path}))
-    return Path(json.loads((d / "weights.json").read_text())["path"])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
-    p.add_argument("--methods", nargs="+", default=["sgd", "asam", "adasap"], choices=list(LABELS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--train-subset", type=int, default=10000)
-    p.add_argument("--finetune-epochs", type=float, default=2)
-    p.add_argument("--warmup-epochs", type=float, default=0.5)
-    p.add_argument("--robust-images", type=int, default=1000)
-    p.add_argument("--round-to", type=int, default=4, help="4 so that a 0.3 budget is reachable on ResNet-20")
-    p.add_argument("--out", default="runs/bench-robustness")
-    p.add_argument("--json", default=None)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5])
+    p.add_argument("--methods", nargs="+", default=["sgd", "asam", "adasap", "sgd_matched"], choices=list(LABELS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--weights", default=None, help="the dense model (default: the bundled ResNet-20)")
+    p.add_argument("--train-subset", type=int, default=0)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--finetune-epochs", type=float, default=2.0)
+    p.add_argument("--prune-steps", type=int, default=10)
+    p.add_argument("--prune-every", type=int, default=30)
+    p.add_argument("--robust-images", type=int, default=2000)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="more latprune run flags for every cell (e.g. --sam-every 2, --neuron-score magnitude)")
+    p.add_argument("--out", default="runs/bench-robustness-12")
+    p.add_argument("--probe", action="store_true", help="time 20 training iterations, print the ETA, exit")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    weights = dense_weights(out, [], log)
-    cell_args = ["--no-progress", "--weights", str(weights), "--train-subset", str(a.train_subset),
-                 "--finetune-epochs", str(a.finetune_epochs), "--warmup-epochs", str(a.warmup_epochs),
-                 "--robust-images", str(a.robust_images), "--round-to", str(a.round_to)]
+    per_epoch = math.ceil((a.train_subset or TRAIN_IMAGES) / 128)
+    prune_epochs = a.prune_steps * a.prune_every / per_epoch
+    cell_args = ["--no-progress", *(["--weights", a.weights] if a.weights else []), "--train-subset",
+                 str(a.train_subset), "--warmup-epochs", str(a.warmup_epochs), "--prune-steps", str(a.prune_steps),
+                 "--prune-every", str(a.prune_every), "--robust-images", str(a.robust_images), "--floor-widths",
+                 "--correct-steps", "0", *a.extra]
+    # AdaSAP evaluates two gradients a step in every phase: the matched SGD takes the difference in fine-tuning
+    matched_ft = 2 * a.finetune_epochs + a.warmup_epochs + prune_epochs
+    cells_todo = [(b, s, m) for b in a.budgets for s in a.seeds for m in a.methods
+                  if not (out / f"b{b}-{m}-s{s}" / "report.json").exists()]
+    if a.probe:
+        _probe(a, per_epoch, prune_epochs, matched_ft, cells_todo)
+        return
     cells, dense = [], None
     for b in a.budgets:
         base = out / f"plan-b{b}"
@@ -96,9 +114,10 @@ def main() -> None:
                             shutil.copy2(base / f, d / f)
                         keys = json.loads((base / "stages.json").read_text())
                         (d / "stages.json").write_text(json.dumps({"plan": keys["plan"]}))
+                    ft = matched_ft if m == "sgd_matched" else a.finetune_epochs
                     t0 = time.time()
-                    code = _latprune("run", "--budget", str(b), "--method", m, "--seed", str(s), "--out", str(d),
-                                     *cell_args, log=log)
+                    code = _latprune("run", "--budget", str(b), "--method", METHOD[m], "--seed", str(s), "--out",
+                                     str(d), "--finetune-epochs", str(ft), *cell_args, log=log)
                     print(f"cell b{b} {m} seed {s}: exit {code}, {time.time() - t0:.0f} s", flush=True)
                     if code not in (0, 4):
                         continue
@@ -106,27 +125,54 @@ def main() -> None:
                 cells.append({"budget": b, "method": m, "seed": s, **_cell(r)})
                 dense = dense or _dense(r)  # every cell starts from the same dense model
     rows = _aggregate(cells)
-    result = {"scale": vars(a), "weights": str(weights), "dense": dense, "rows": rows, "cells": cells,
-              "environment": environment()}
-    path = Path(a.json or out / "robustness.json")
-    path.write_text(json.dumps(result, indent=1))
-    _print(dense, rows)
-    print(f"wrote {path}")
+    paired = _paired(cells)
+    result = {"scale": vars(a), "dense": dense, "rows": rows, "paired": paired, "cells": cells,
+              "matched_finetune_epochs": matched_ft, "environment": environment(),
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json_atomic(out / "robustness.json", result)
+    _print(dense, rows, paired)
+    print(f"wrote {out / 'robustness.json'}")
+
+
+def _probe(a, per_epoch: int, prune_epochs: float, matched_ft: float, todo: list) -> None:
+    cfg = RunConfig().with_overrides(weights=a.weights, out=f"{a.out}/probe", progress=False)
+    inp, rd = prepare(cfg)
+    dense, data = dense_stage(inp, rd), inp.data
+    m = copy.deepcopy(dense.model)
+    t0 = time.perf_counter()
+    train(m, data, TrainConfig(epochs=20 / per_epoch), progress=False)
+    it_s = (time.perf_counter() - t0) / 20
+    iters = {mm: per_epoch * (a.warmup_epochs + a.finetune_epochs) + a.prune_steps * a.prune_every for mm in LABELS}
+    iters["sgd_matched"] = per_epoch * (a.warmup_epochs + matched_ft) + a.prune_steps * a.prune_every
+    cost = {"sgd": 1.0, "sgd_matched": 1.0, "asam": 2.0, "sam": 2.0, "adasap": 2.0}
+    # pruned models train faster after the removals; + the corruption evaluation and the final timing
+    secs = sum(0.75 * it_s * iters[m] * cost[m] + 120 for _, _, m in todo)
+    print(f"{len(todo)} cells to run; dense SGD {it_s:.3f} s/iteration; about {secs / 3600:.1f} h "
+          f"(plus one plan per budget)")
 
 
 def _cell(r: dict) -> dict:
-    rob, c = r["robustness"], r["compact"]
+    rob, c, t = r["robustness"], r["compact"], r["training"]
+    last = (t.get("prune_history") or [{}])[-1]
     return {"latency_ms": c["latency_ms"], "ratio": c["latency_ms"] / r["dense"]["latency_ms"],
             "speedup": r["speedup"], "met": r["budget"]["met"], "params": c["params"], "test_acc": c["accuracy"],
-            "clean_acc": rob["clean_acc"], "corruption_acc": rob["corruption_acc"], "R_C": rob["R_C"],
-            "per_corruption": rob["per_corruption"], "step_time_ratio": r["training"]["step_time_ratio"],
-            "sharpness": r["training"].get("sharpness"), "train_s": r["stage_seconds"].get("train_and_prune")}
+            "clean_acc": rob["clean_acc"], "corruption_acc": rob["corruption_acc"],
+            "informative_acc": rob["informative_acc"], "informative": rob["informative"], "R_C": rob["R_C"],
+            "per_corruption": rob["per_corruption"], "step_time_ratio": t["step_time_ratio"],
+            "after_pruning": last.get("val_accuracy_after_removal"),
+            "sharpness_pre": (t.get("sharpness") or {}).get("pre_pruning"),
+            "sharpness_post": (t.get("sharpness") or {}).get("post_pruning"),
+            "train_s": r["stage_seconds"].get("train_and_prune")}
 
 
 def _dense(r: dict) -> dict:
     rob = r["robustness"]["dense"]
     return {"latency_ms": r["dense"]["latency_ms"], "params": r["dense"]["params"], "test_acc": r["dense"]["accuracy"],
-            "clean_acc": rob["clean_acc"], "corruption_acc": rob["corruption_acc"], "R_C": rob["R_C"]}
+            "clean_acc": rob["clean_acc"], "corruption_acc": rob["corruption_acc"],
+            "informative_acc": rob["informative_acc"], "informative": rob["informative"], "R_C": rob["R_C"]}
+
+
+METRICS = ("test_acc", "clean_acc", "corruption_acc", "informative_acc", "after_pruning")
 
 
 def _aggregate(cells: list[dict]) -> list[dict]:
@@ -134,29 +180,52 @@ def _aggregate(cells: list[dict]) -> list[dict]:
     for key in sorted({(c["budget"], c["method"]) for c in cells}, key=lambda k: (-k[0], list(LABELS).index(k[1]))):
         cs = [c for c in cells if (c["budget"], c["method"]) == key]
         row = {"budget": key[0], "method": key[1], "seeds": len(cs), "met": sum(c["met"] for c in cs)}
-        for f in ("latency_ms", "ratio", "speedup", "params", "test_acc", "clean_acc", "corruption_acc", "R_C",
-                  "step_time_ratio"):
-            v = np.array([c[f] for c in cs], dtype=float)
-            row[f] = [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+        for f in ("latency_ms", "ratio", "params", "R_C", "step_time_ratio", "sharpness_pre", "sharpness_post",
+                  *METRICS):
+            v = np.array([np.nan if c[f] is None else c[f] for c in cs], dtype=float)
+            row[f] = [float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0]
         rows.append(row)
     return rows
 
 
-def _print(dense: dict | None, rows: list[dict]) -> None:
+def _paired(cells: list[dict]) -> list[dict]:
+    """Per budget, method and metric: the per-seed differences against SGD + HALP, their mean,
+    bootstrap 95 % interval, sign count and the smallest difference these seeds could detect."""
+    out = []
+    by = {(c["budget"], c["method"], c["seed"]): c for c in cells}
+    for b, m in sorted({(c["budget"], c["method"]) for c in cells if c["method"] != BASELINE}):
+        seeds = sorted(s for (bb, mm, s) in by if (bb, mm) == (b, m) and (b, BASELINE, s) in by)
+        if len(seeds) < 2:
+            continue
+        for f in METRICS:
+            d = np.array([by[(b, m, s)][f] - by[(b, BASELINE, s)][f] for s in seeds
+                          if by[(b, m, s)][f] is not None and by[(b, BASELINE, s)][f] is not None])
+            if len(d) < 2:
+                continue
+            ci = paired_ci(d)
+            out.append({"budget": b, "method": m, "metric": f, **ci, "positive": int((d > 0).sum()),
+                        "detectable": float(2.8 * d.std(ddof=1) / np.sqrt(len(d)))})
+    return out
+
+
+def _print(dense: dict | None, rows: list[dict], paired: list[dict]) -> None:
     def pm(x, nd=4):
         return f"{x[0]:.{nd}f} +- {x[1]:.{nd}f}"
 
-    print(f"{'budget':>6} {'method':<12} {'n':>2} {'met':>3} {'ms':>14} {'speedup':>14} {'params':>8} "
-          f"{'test acc':>16} {'clean acc':>16} {'corr acc':>16} {'R_C':>16} {'step x':>6}")
     if dense:
-        print(f"{'1.0':>6} {'dense':<12} {'':>2} {'':>3} {dense['latency_ms']:>14.3f} {'1.00':>14} "
-              f"{dense['params']:>8} "
-              f"{dense['test_acc']:>16.4f} {dense['clean_acc']:>16.4f} {dense['corruption_acc']:>16.4f} "
-              f"{dense['R_C']:>16.4f} {'':>6}")
+        print(f"dense: test {dense['test_acc']:.4f}, clean {dense['clean_acc']:.4f}, corruption "
+              f"{dense['corruption_acc']:.4f}, informative {dense['informative_acc']:.4f} "
+              f"({', '.join(dense['informative'])})")
+    print(f"{'budget':>6} {'method':<28} {'n':>2} {'ratio':>14} {'params':>8} {'test acc':>16} {'corr acc (15)':>16} "
+          f"{'corr acc (inf.)':>16} {'after pruning':>16} {'step x':>6}")
     for r in rows:
-        print(f"{r['budget']:>6} {LABELS[r['method']]:<12} {r['seeds']:>2} {r['met']:>3} {pm(r['latency_ms'], 3):>14} "
-              f"{pm(r['speedup'], 2):>14} {r['params'][0]:>8.0f} {pm(r['test_acc']):>16} {pm(r['clean_acc']):>16} "
-              f"{pm(r['corruption_acc']):>16} {pm(r['R_C']):>16} {r['step_time_ratio'][0]:>6.2f}")
+        print(f"{r['budget']:>6} {LABELS[r['method']]:<28} {r['seeds']:>2} {pm(r['ratio'], 3):>14} "
+              f"{r['params'][0]:>8.0f} {pm(r['test_acc']):>16} {pm(r['corruption_acc']):>16} "
+              f"{pm(r['informative_acc']):>16} {pm(r['after_pruning']):>16} {r['step_time_ratio'][0]:>6.2f}")
+    for q in paired:
+        print(f"{q['budget']} {LABELS[q['method']]} - {LABELS[BASELINE]}, {q['metric']}: {q['mean']:+.4f} "
+              f"({q['ci95'][0]:+.4f}, {q['ci95'][1]:+.4f}), {q['positive']}/{q['n']} seeds positive, "
+              f"detectable +-{q['detectable']:.4f}{' WIN' if q['win'] else ' LOSS' if q['loss'] else ''}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ AdaSAP (Adaptive Sharpness-Aware Pruning, ../shared/seeds/000_*.txt, section 3.1
   producer in the group (conv/linear rows, BN gamma_i and beta_i). Consumers' input slices belong
   to the consumers' own neurons, so neurons partition the prunable weights (eq. 1). Parameters in
   no neuron (the classifier, layers no group prunes) are perturbed with the uniform radius ``rho``.
-* each step scores neurons by L2 magnitude (or first-order Taylor |w . g|), takes s_min and s_max
-  over all neurons (eq. 2) and gives neuron i the radius
+* neurons are scored (``score``): by default (``planner``) with the pruner's own ranking key, the
+  channel's value under the plan's value function per millisecond its removal saves
+  (:func:`~latprune.pipeline.plan.value_per_ms`, set by the schedule through
+  :meth:`SharpnessStep.set_neuron_keys`), so the channels the knapsack would remove next get the
+  largest ball, which is the paper's point; or, as ablations, at each step by L2 magnitude or first-order Taylor
+  |w . g| of the neuron's weights. Then s_min and s_max over all neurons (eq. 2) give neuron i the radius
   rho_i = rho_max - (s_i - s_min) / (s_max - s_min) * (rho_max - rho_min): unimportant neurons get
   the larger ball (every rho_i = rho_max when s_max = s_min).
 * ASAM form (eq. 4): eps_i = rho_i * T_i^2 g_i / ||T_i g_i|| with T_i = |w_i| + eta on weights and
@@ -20,6 +24,8 @@ AdaSAP (Adaptive Sharpness-Aware Pruning, ../shared/seeds/000_*.txt, section 3.1
 
 Then the second forward/backward runs at w + eps with BatchNorm running statistics frozen (only the
 first pass updates them), w is restored and the base optimizer steps with the second gradients.
+``sam_every=K`` does this on every K-th iteration only, plain steps of the base optimizer between
+(a cost knob: about (K + 1) / K forward-backward passes per step instead of 2).
 Under DistributedDataParallel the first pass runs in ``no_sync``. On CUDA a GradScaler may be
 passed (fp16 autocast); that path needs a GPU and has not run here (its test is GPU-only).
 """
@@ -30,6 +36,7 @@ import dataclasses
 import math
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,7 +48,9 @@ __all__ = ["METHODS", "NEURON_SCORES", "OptimizerConfig", "NeuronGroup", "Neuron
            "uniform_perturbation", "neuron_radii", "adaptive_perturbation", "SharpnessStep"]
 
 METHODS = ("sgd", "sam", "asam", "adasap")
-NEURON_SCORES = ("magnitude", "taylor")  # AdaSAP's per-neuron scores for rho_i (computed each step)
+# AdaSAP's per-neuron scores for rho_i: the planner's ranking key (given from outside, refreshed by
+# the schedule), or the neuron's weights' magnitude or |w . g| (computed each step)
+NEURON_SCORES = ("planner", "magnitude", "taylor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +69,10 @@ class OptimizerConfig:
     form: str = "asam"  # adasap's ball: asam (scale-invariant) or sam
     eta: float = 0.01  # ASAM's T = |w| + eta
     normalize: str = "neuron"  # adasap: per-neuron norms (eq. 4) or one global norm
-    score: str = "magnitude"  # neuron score for rho_i: one of NEURON_SCORES
+    score: str = "planner"  # neuron score for rho_i: one of NEURON_SCORES
+    # the two-pass step on every K-th iteration (iterations 0, K, 2K, ... of a phase), one plain
+    # step of the base optimizer between: a cost knob (1: every step, the papers' rule)
+    sam_every: int = 1
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -77,6 +89,8 @@ class OptimizerConfig:
             raise BadInput(f"normalize must be neuron or global, got {self.normalize!r}")
         if self.score not in NEURON_SCORES:
             raise BadInput(f"neuron score must be one of {', '.join(NEURON_SCORES)}, got {self.score!r}")
+        if not (isinstance(self.sam_every, int) and self.sam_every >= 1):
+            raise BadInput(f"--sam-every must be a whole number of iterations >= 1, got {self.sam_every!r}")
 
 
 @dataclasses.dataclass
@@ -150,8 +164,25 @@ def uniform_perturbation(params: Iterable[nn.Parameter], rho: float, asam: bool,
 
 
 @torch.no_grad()
-def neuron_radii(neurons: Neurons, cfg: OptimizerConfig) -> list[torch.Tensor]:
-    """rho_i for every neuron of every group (eq. 2), from scores taken at this step."""
+def neuron_radii(neurons: Neurons, cfg: OptimizerConfig,
+                 keys: dict[str, np.ndarray] | None = None) -> list[torch.Tensor]:
+    """rho_i for every neuron of every group (eq. 2): from ``keys`` (per group name, one score per
+    neuron; +inf where removal buys nothing, counted as the largest finite score) with the
+    ``planner`` score, else from scores taken at this step."""
+    if cfg.score == "planner":
+        if keys is None:
+            raise ValueError("AdaSAP's planner score needs the planner's ranking key: call "
+                             "SharpnessStep.set_neuron_keys (train_and_prune_ does), or use score='magnitude'")
+        scores = []
+        for g in neurons.groups:
+            k = np.asarray(keys[g.name], dtype=np.float64)
+            if k.shape != (g.size,):
+                raise ValueError(f"planner key for {g.name} has {k.shape} scores for {g.size} neurons")
+            scores.append(torch.from_numpy(k.copy()))
+        finite = torch.cat(scores)[torch.isfinite(torch.cat(scores))] if scores else torch.zeros(0)
+        top = float(finite.max()) if finite.numel() else 0.0
+        scores = [torch.where(torch.isfinite(s), s, torch.full_like(s, top)) for s in scores]
+        return _radii(scores, cfg)
     scores = []
     for g in neurons.groups:
         s = torch.zeros(g.size, dtype=torch.float64)
@@ -162,6 +193,11 @@ def neuron_radii(neurons: Neurons, cfg: OptimizerConfig) -> list[torch.Tensor]:
             elif p.grad is not None:
                 s += (w * (p.grad if full else p.grad[rows]).double().reshape(g.size, -1)).sum(1)
         scores.append(s.sqrt() if cfg.score == "magnitude" else s.abs())
+    return _radii(scores, cfg)
+
+
+def _radii(scores: list[torch.Tensor], cfg: OptimizerConfig) -> list[torch.Tensor]:
+    """Eq. 2: rho_max for the lowest score, rho_min for the highest, linear between."""
     if not scores:
         return []
     allv = torch.cat(scores)
@@ -172,10 +208,10 @@ def neuron_radii(neurons: Neurons, cfg: OptimizerConfig) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def adaptive_perturbation(model: nn.Module, neurons: Neurons, cfg: OptimizerConfig,
-                          scaled: set[int]) -> dict[nn.Parameter, torch.Tensor]:
+def adaptive_perturbation(model: nn.Module, neurons: Neurons, cfg: OptimizerConfig, scaled: set[int],
+                          keys: dict[str, np.ndarray] | None = None) -> dict[nn.Parameter, torch.Tensor]:
     asam = cfg.form == "asam"
-    radii = neuron_radii(neurons, cfg)
+    radii = neuron_radii(neurons, cfg, keys)
     eps: dict[nn.Parameter, torch.Tensor] = {}
     per_group = []
     for g, rho in zip(neurons.groups, radii):
@@ -225,20 +261,35 @@ class SharpnessStep:
             raise ValueError("adasap needs the model's neuron partition (neuron_partition)")
         self.cfg, self.neurons, self.scaler = cfg, neurons, scaler
         self.scaled = _scale_param_ids(model)
+        self.keys: dict[str, np.ndarray] | None = None  # the planner's ranking key (score "planner")
+
+    @property
+    def needs_keys(self) -> bool:
+        return self.cfg.method == "adasap" and self.cfg.score == "planner"
+
+    def set_neuron_keys(self, keys: dict[str, np.ndarray]) -> None:
+        """The planner's ranking key per group (one score per neuron, lowest = pruned next), for
+        the ``planner`` score's radii until the next call."""
+        self.keys = keys
 
     def rebind(self, graph: ModelGraph) -> None:
-        """Follow the model after a removal replaced its parameters (``graph``: of the pruned model)."""
+        """Follow the model after a removal replaced its parameters (``graph``: of the pruned model).
+        The planner's key is for the old widths: it must be set again."""
         self.scaled = _scale_param_ids(graph.model)
+        self.keys = None
         if self.neurons is not None:
             self.neurons = neuron_partition(graph)
 
     def perturbation(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
         c = self.cfg
         if c.method == "adasap":
-            return adaptive_perturbation(model, self.neurons, c, self.scaled)
+            return adaptive_perturbation(model, self.neurons, c, self.scaled, self.keys)
         return uniform_perturbation(model.parameters(), c.rho, c.method == "asam", c.eta, self.scaled)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, observe=None) -> float:
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, observe=None,
+                 iteration: int = 0) -> float:
+        if iteration % self.cfg.sam_every:
+            return self._plain(model, x, y, optimizer, observe)
         optimizer.zero_grad(set_to_none=True)
         sync_off = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
         with sync_off:
@@ -268,12 +319,27 @@ class SharpnessStep:
             for p, w in saved:  # DDP each rank's e differs (first pass in no_sync), so ranks would drift
                 p.copy_(w)
         restore_bn_stats(bn_state)
+        self._step(optimizer)
+        return loss
+
+    def _plain(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, observe=None) -> float:
+        """One step of the base optimizer on the gradients at w (``sam_every`` > 1, between two-pass steps)."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = self._backward(model, x, y)
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # observe sees true gradients; scaler.step knows they are unscaled
+        if observe is not None:
+            observe()
+        self._step(optimizer)
+        return loss
+
+    def _step(self, optimizer) -> None:
+        """The base optimizer's update (through the GradScaler on fp16)."""
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
-        return loss
 
     def _backward(self, model, x, y) -> float:
         if self.scaler is not None:

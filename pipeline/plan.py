@@ -30,7 +30,7 @@ from latprune.pipeline.knapsack import BudgetUnreachable, GroupChoices, plan_wid
 from latprune.pipeline.sensitivity import SensitivityCost, sensitivity_values
 
 __all__ = ["PlanConfig", "GroupPlan", "PruningPlan", "PlanValues", "plan_values", "build_plan", "plan_for_widths",
-           "build_param_plan", "apply_plan_", "count_params"]
+           "build_param_plan", "apply_plan_", "count_params", "value_per_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,26 @@ def _scores(graph: ModelGraph, cfg: PlanConfig, batches, given: dict[str, np.nda
 def _touch_fn(lm: LatencyModel, layers: list[str]):
     slope = lm.e2e.slope
     return lambda kept: slope * lm.layers_ms(kept, layers)
+
+
+def value_per_ms(graph: ModelGraph, table: LatencyTable, scores: dict[str, np.ndarray], round_to: int,
+                 e2e: EndToEnd | None = None) -> dict[str, np.ndarray]:
+    """The knapsack's ranking key at the model's current widths: each channel's value (``scores``,
+    per channel of each group) divided by the latency the table says one channel of its group saves,
+    ``(L(now) - L(group one round_to step narrower)) / channels removed``. The knapsack removes
+    channels in increasing order of this key, so the lowest are the next to go. A group that cannot
+    narrow (at its narrowest grid width), or whose next step saves nothing (a flat stretch of the
+    staircase), gets +inf: removing its channels buys no latency."""
+    lm = LatencyModel(table, graph.layer_widths(table.layer_keys), e2e)
+    now = dict(lm.widths.group_size)
+    base = lm.predict(now)
+    out = {}
+    for name, size in now.items():
+        ws = candidate_widths(size, round_to)  # ends with ``size`` itself
+        saved = (base - lm.predict({**now, name: int(ws[-2])})) / (size - int(ws[-2])) if len(ws) > 1 else 0.0
+        v = np.asarray(scores[name], dtype=float)
+        out[name] = v / saved if saved > 0 else np.full_like(v, np.inf)
+    return out
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,8 +1,9 @@
 """Stage 5: the run's report, ``report.json`` (schema below), ``report.md`` and its plots.
 
-report.json, ``schema_version`` 4 (3: ``training.emerging``, ``training.corrections``,
+report.json, ``schema_version`` 5 (3: ``training.emerging``, ``training.corrections``,
 ``training.corrected_e2e`` and each removal's ``predicted_ratio`` / ``measured_ratio``; the default
-planner became the emerging ``halp`` schedule. 4: ``plan.search``, ``training.searched``).
+planner became the emerging ``halp`` schedule. 4: ``plan.search``, ``training.searched``. 5:
+``robustness.informative`` and ``informative_acc``; ``training.phases`` carry their ``lr_span``).
 Units: latencies in milliseconds per batch of ``runtime.batch`` images (medians of dense and
 compact timed interleaved in one process); accuracies are fractions in [0, 1]; sizes in bytes.
 Since the layered layout (issue 10) the importance criterion reads ``magnitude`` where older
@@ -70,8 +71,9 @@ schema-2 reports said ``l2`` (README, "Migration note").
   ``params_after``, ``finetuned``), "over budget, ..."); empty for a parameter target),
   ``corrected_e2e`` (the end-to-end term after a corrective removal, else null), ``resumed``.
 - ``robustness``: null with ``--robust-images 0``; else the compact model's ``clean_acc``,
-  ``corruption_acc`` (mean of 75), ``R_C``, ``per_corruption``, ``eval_images``, ``suite``, and
-  the same for ``dense``.
+  ``corruption_acc`` (mean of 75), ``R_C``, ``per_corruption``, ``eval_images``, ``suite``,
+  ``informative`` (the corruptions on which the dense model's accuracy is above 1.5 x chance;
+  added in schema 5) and ``informative_acc`` (the mean over them), and the same for ``dense``.
 - ``runtime``: ``name``, ``backend``, ``version``, ``provider``, ``threads``, ``batch``,
   ``input_shape``, ``device``, ``dtype``.
 - ``plan``: the knapsack's ``importance``, ``round_to``, ``table_target_ms``,
@@ -100,12 +102,13 @@ from latprune.latency_tables.table import LatencyTable
 from latprune.models.graph import output_channels
 from latprune.pipeline.calibrate import CalibratedPlan
 from latprune.pipeline.gates import budget_verdict, check_gates
+from latprune.pipeline.robustness import ABOVE_CHANCE
 from latprune.pipeline.stages import CompactModel, DenseModel, Diagnosis, Evaluation, ExportResult, Inputs, RunDir
 
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "render_markdown"]
 
-SCHEMA_VERSION = 4  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output. 3: emerging
-# schedule, per-removal measured latency, corrective checks. 4: the plan search
+SCHEMA_VERSION = 5  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output. 3: emerging
+# schedule, per-removal measured latency, corrective checks. 4: the plan search. 5: informative corruptions
 ROBUSTNESS_SUITE = "CIFAR-10-C-style (imagecorruptions-imaug: 15 corruptions x 5 severities)"
 
 
@@ -472,6 +475,8 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"| clean accuracy | {rob['dense']['clean_acc']:.4f} | {rob['clean_acc']:.4f} |",
                   f"| corruption accuracy (mean of 75) | {rob['dense']['corruption_acc']:.4f} | "
                   f"{rob['corruption_acc']:.4f} |",
+                  f"| corruption accuracy, the {len(rob['informative'])} informative (dense > {ABOVE_CHANCE:g} x "
+                  f"chance) | {rob['dense']['informative_acc']:.4f} | {rob['informative_acc']:.4f} |",
                   f"| R_C = corruption / clean | {rob['dense']['R_C']:.3f} | {rob['R_C']:.3f} |"]
         lines += [f"| {name} | {rob['dense']['per_corruption'][name]:.4f} | {acc:.4f} |"
                   for name, acc in rob["per_corruption"].items()]

@@ -9,6 +9,12 @@ first ``images`` test images (default 1,000: 75,000 corrupted images); the set i
 Metrics: clean accuracy on the same images, corruption accuracy (mean over corruptions and
 severities), R_C = corruption accuracy / clean accuracy, and accuracy per corruption (mean over
 severities). A collapsed model scores R_C near 1 (chance on both): read R_C beside both accuracies.
+
+Some corruptions leave every model at chance on some data (on Fashion-MNIST: fog, frost,
+brightness, snow and contrast), so they dilute any difference between models. The *informative*
+corruptions are those on which the **dense** model's accuracy, averaged over the five severities,
+is above :data:`ABOVE_CHANCE` x chance (1 / classes); ``informative_acc`` is the mean over those
+only. The list is decided once, by the dense model, and applied to every model compared with it.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from latprune.io import save_npy_atomic
 from latprune.pipeline.data import Dataset, Split
 from latprune.pipeline.train import evaluate
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "RobustnessConfig", "Robustness", "corrupted_test_set", "evaluate_robustness"]
+__all__ = ["CORRUPTIONS", "SEVERITIES", "ABOVE_CHANCE", "RobustnessConfig", "Robustness", "corrupted_test_set",
+           "informative_corruptions", "evaluate_robustness"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,7 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", 
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
                "jpeg_compression")
 SEVERITIES = (1, 2, 3, 4, 5)
+ABOVE_CHANCE = 1.5  # a corruption is informative when the dense model's accuracy on it exceeds 1.5 x chance
 _SEEDED = ("impulse_noise", "glass_blur")  # not driven by numpy's global generator
 
 
@@ -55,6 +63,9 @@ class Robustness:
     per_corruption: dict[str, float]
     per_severity: dict[int, float]
     eval_images: int
+    # the corruptions on which the dense model is above ABOVE_CHANCE x chance, and the mean over them
+    informative: list[str] = dataclasses.field(default_factory=list)
+    informative_acc: float = float("nan")
 
 
 def corrupted_test_set(data: Dataset, images: int, cache_dir: Path, seed: int = 0,
@@ -95,18 +106,31 @@ def corrupted_test_set(data: Dataset, images: int, cache_dir: Path, seed: int = 
     return clean, out
 
 
+def informative_corruptions(per_corruption: dict[str, float], num_classes: int) -> list[str]:
+    """The corruptions whose accuracy (the dense model's, mean over severities) is above
+    :data:`ABOVE_CHANCE` x chance, in :data:`CORRUPTIONS` order."""
+    return [c for c in CORRUPTIONS if c in per_corruption and per_corruption[c] > ABOVE_CHANCE / num_classes]
+
+
 @torch.no_grad()
 def evaluate_robustness(model: nn.Module, data: Dataset, clean: Split, corrupted: np.ndarray,
-                        batch_size: int = 500) -> Robustness:
+                        batch_size: int = 500, informative: list[str] | None = None) -> Robustness:
+    """``model`` on the clean subset and every corrupted copy. ``informative``: the dense model's
+    informative corruptions (:func:`informative_corruptions`); None when ``model`` is the dense
+    model itself (decided from its own accuracies)."""
     clean_acc = evaluate(model, data, clean, batch_size)
     acc = np.zeros(corrupted.shape[:2])
     for ci in range(corrupted.shape[0]):
         for si in range(corrupted.shape[1]):
             acc[ci, si] = evaluate(model, data, Split(corrupted[ci, si], clean.y), batch_size)
     c_acc = float(acc.mean())
+    per_corruption = {name: float(acc[i].mean()) for i, name in enumerate(CORRUPTIONS)}
+    if informative is None:
+        informative = informative_corruptions(per_corruption, data.num_classes)
     return Robustness(
         clean_acc=clean_acc, corruption_acc=c_acc, R_C=c_acc / clean_acc if clean_acc > 0 else 0.0,
-        per_corruption={name: float(acc[i].mean()) for i, name in enumerate(CORRUPTIONS)},
+        per_corruption=per_corruption,
         per_severity={int(s): float(acc[:, i].mean()) for i, s in enumerate(SEVERITIES)},
-        eval_images=len(clean),
+        eval_images=len(clean), informative=list(informative),
+        informative_acc=float(np.mean([per_corruption[c] for c in informative])) if informative else float("nan"),
     )

@@ -48,7 +48,7 @@ from latprune.models.surgery import Removal
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import Dataset
-from latprune.pipeline.importance import HalpValue, per_width, uses_halp
+from latprune.pipeline.importance import HalpValue, group_importance, per_width, uses_halp
 from latprune.pipeline.plan import (
     PlanConfig,
     PruningPlan,
@@ -57,8 +57,18 @@ from latprune.pipeline.plan import (
     build_plan,
     count_params,
     plan_values,
+    value_per_ms,
 )
-from latprune.pipeline.train import Resume, TrainConfig, bn_recalibrated, evaluate, make_optimizer, sgd_step, train
+from latprune.pipeline.train import (
+    LRSpan,
+    Resume,
+    TrainConfig,
+    bn_recalibrated,
+    evaluate,
+    make_optimizer,
+    sgd_step,
+    train,
+)
 
 __all__ = ["TARGETS", "PHASES", "ScheduleConfig", "floors_at_plan", "LatencyGoal", "ScheduleResult", "TrainPruneConfig",
            "prune_rule", "finetune_rule", "measure_sharpness", "train_and_prune_", "step_time_ratio"]
@@ -68,7 +78,9 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("latency", "params")
 PHASES = ("warmup", "pruning", "finetune", "correct")
-CHECKPOINT_VERSION = 2
+LR_SCHEDULES = ("one", "per-phase")
+KEY_REFRESH = 10  # iterations between refreshes of AdaSAP's planner score (and after every removal)
+CHECKPOINT_VERSION = 3  # 3: the optimizer state carried between phases (``carry``), AdaSAP's ``keys``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +109,11 @@ class ScheduleConfig:
     correct_steps: int = 2
     correct_iters: int = 60
     measure_steps: bool = True  # time the model after every removal too (the report's per-step latency)
+    # "one": warm-up, pruning and fine-tuning follow one learning-rate schedule (one warm-up, one
+    # cosine to zero at the end of fine-tuning) and carry the optimizer's momentum from phase to
+    # phase, as the AdaSAP paper trains; "per-phase": each phase its own warm-up and cosine from a
+    # fresh optimizer (latprune before issue 12). The corrective phase keeps its own short schedule.
+    lr_schedule: str = "one"
 
     def __post_init__(self):
         if self.warmup_epochs < 0:
@@ -118,6 +135,8 @@ class ScheduleConfig:
                            f"{self.correct_iters}")
         if self.recalibrate_batches < 0:
             raise BadInput(f"recalibrate_batches must be >= 0, got {self.recalibrate_batches}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise BadInput(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.sharpness_rho < 0 or self.sharpness_steps < 1 or self.sharpness_batches < 1:
             raise BadInput("sharpness_rho must be >= 0, sharpness_steps and sharpness_batches >= 1")
 
@@ -269,6 +288,9 @@ class _Schedule:
         self.p0: int | None = None  # parameters when pruning starts
         self.k: float | None = None  # params target: final kept fraction of neurons
         self.m: int | None = None  # params target: neurons when pruning starts
+        # lr_schedule "one": the optimizer state the next phase starts from (the last phase's, at its end)
+        self.carry: dict | None = None
+        self.keys: dict[str, np.ndarray] | None = None  # AdaSAP's planner score, as last refreshed
 
     @property
     def graph(self) -> ModelGraph:
@@ -278,10 +300,18 @@ class _Schedule:
         return self._graph
 
     @property
+    def _wants_keys(self) -> bool:
+        """AdaSAP with the planner's score: its radii follow the knapsack's ranking key."""
+        return self.sharp.method == "adasap" and self.sharp.score == "planner"
+
+    @property
     def value(self) -> HalpValue | None:
         """HALP's value over the current model's groups, fed by every training step of warm-up and
-        pruning (``observe``) and reset at every removal; None for criteria that do not rank by it."""
-        if not uses_halp(self.plan_cfg.importance):
+        pruning (``observe``) and reset at every removal; None for criteria that do not rank by it
+        (except a per-width value under AdaSAP's planner score: HALP's value stands in for its
+        missing per-channel score there)."""
+        imp = self.plan_cfg.importance
+        if not (uses_halp(imp) or (self._wants_keys and per_width(imp))):
             return None
         if self._value is None:
             self._value = HalpValue(self.graph)
@@ -302,9 +332,37 @@ class _Schedule:
         """(scores, minibatches) from the training gradients when enough were seen since the last
         removal (HALP: min(32, iterations between removals)); else (None, 0): a scoring pass."""
         v = self.value
-        if v is not None and v.batches >= min(32, self.sched.prune_every):
+        if uses_halp(self.plan_cfg.importance) and v is not None and v.batches >= min(32, self.sched.prune_every):
             return v.scores(), v.batches
         return None, 0
+
+    def _neuron_keys(self) -> dict[str, np.ndarray]:
+        """AdaSAP's planner score: every channel's value per millisecond its removal saves, at the
+        current widths (``plan.value_per_ms``; a parameter target ranks by the value alone). The
+        value: HALP's, accumulated from the training gradients since the last removal (also for a
+        per-width criterion, which has no per-channel score); the weights' magnitude for
+        ``magnitude``, and before the first minibatch is seen."""
+        v = self.value
+        scores = v.scores() if v is not None and v.batches else group_importance(self.graph, "magnitude")
+        if self.sched.target == "params":  # AdaSAP_P ranks neurons by value alone, not per millisecond
+            return scores
+        return value_per_ms(self.graph, self.table, scores, self.plan_cfg.round_to)
+
+    def _keyed(self, rule, resume) -> list:
+        """Give ``rule`` the planner's key now (the checkpoint's when resuming inside the phase) and
+        the callback that refreshes it every :data:`KEY_REFRESH` iterations and after a removal."""
+        if not (self._wants_keys and isinstance(rule, SharpnessStep)):
+            return []
+        if resume is None or self.keys is None:
+            self.keys = self._neuron_keys()
+        rule.set_neuron_keys(self.keys)
+
+        def refresh(it: int, m: nn.Module) -> None:
+            if rule.keys is None or it % KEY_REFRESH == 0:  # None: a removal rebound the rule
+                self.keys = self._neuron_keys()
+                rule.set_neuron_keys(self.keys)
+
+        return [refresh]
 
     # ---- checkpoints ----
     def _state(self, phase: str, resume: Resume | None) -> dict[str, Any]:
@@ -314,7 +372,8 @@ class _Schedule:
                 "layers": layer_shapes(self.model), "model": self.model.state_dict(),
                 "history": self.history, "phases": self.phases, "sharpness": self.sharpness,
                 "resumed": self.resumed, "l0": self.l0, "p0": self.p0, "k": self.k, "m": self.m,
-                "corrections": self.corrections, "corrected_e2e": self.corrected_e2e,
+                "corrections": self.corrections, "corrected_e2e": self.corrected_e2e, "carry": self.carry,
+                "keys": None if self.keys is None else {k: torch.from_numpy(v.copy()) for k, v in self.keys.items()},
                 "value": None if self._value is None else {
                     "sums": {k: torch.from_numpy(v.copy()) for k, v in self._value.sums.items()},
                     "batches": self._value.batches}}
@@ -339,10 +398,12 @@ class _Schedule:
         self._changed()
         self._value_state = ck.get("value")
         self.model.load_state_dict(ck["model"])
-        for a in ("history", "phases", "sharpness", "resumed", "l0", "p0", "k", "m", "corrections", "corrected_e2e"):
+        for a in ("history", "phases", "sharpness", "resumed", "l0", "p0", "k", "m", "corrections", "corrected_e2e",
+                  "carry"):
             setattr(self, a, ck[a])
         if self.corrected_e2e is not None:
             self.table = self.table.with_e2e(EndToEnd.from_dict(self.corrected_e2e))
+        self.keys = None if ck.get("keys") is None else {k: v.numpy().copy() for k, v in ck["keys"].items()}
         resume = Resume.from_dict(ck["train"]) if ck["train"] else None
         it = resume.iteration if resume else 0
         self.resumed.append({"phase": ck["phase"], "iteration": it})
@@ -364,18 +425,40 @@ class _Schedule:
         return ScheduleResult(self.history, predicted_latency(self.graph, self.table),
                               self.phases, self.sharpness, self.resumed, self.corrections, self.corrected_e2e)
 
+    @property
+    def _per_epoch(self) -> int:
+        return max(int(np.ceil(len(self.data.train) / self.ft.batch_size)), 1)
+
+    def _phase_iters(self) -> dict[str, int]:
+        """Iterations of warm-up, pruning and fine-tuning, as :func:`train` counts them."""
+        return {"warmup": max(int(round(self.sched.warmup_epochs * self._per_epoch)), 0),
+                "pruning": self.sched.prune_steps * self.sched.prune_every,
+                "finetune": max(int(round(self.ft.epochs * self._per_epoch)), 0)}
+
+    def _span(self, phase: str) -> LRSpan | None:
+        """Where ``phase`` sits in the one learning-rate schedule (None: its own schedule)."""
+        if self.sched.lr_schedule != "one":
+            return None
+        n = self._phase_iters()
+        order = list(n)
+        return LRSpan(sum(n[q] for q in order[: order.index(phase)]), sum(n.values()))
+
     def _train(self, phase: str, cfg: TrainConfig, seed: int, rule, resume, callbacks=(), observe=None,
-               save_phase: str | None = None) -> None:
+               save_phase: str | None = None, span: LRSpan | None = None) -> None:
         hooks = [lambda it: self.hook(phase, it)] if self.hook else []
         res = train(self.model, self.data, cfg, seed=seed, step=rule, callbacks=callbacks, progress=self.progress,
                     desc=phase, resume=resume, save=lambda m, r: self._save(save_phase or phase, r),
-                    save_every=self.sched.checkpoint_every, hooks=hooks, observe=observe)
-        self.phases[phase] = dataclasses.asdict(res)
+                    save_every=self.sched.checkpoint_every, hooks=hooks, observe=observe, span=span,
+                    optimizer_state=self.carry if span is not None else None)
+        if span is not None:
+            self.carry = res.optimizer_state
+        self.phases[phase] = res.summary() | ({"lr_span": dataclasses.asdict(span)} if span is not None else {})
 
     def _warmup(self, resume) -> None:
         rule = prune_rule(self.graph, self.sharp)
         self._train("warmup", dataclasses.replace(self.ft, epochs=self.sched.warmup_epochs), self.seed, rule, resume,
-                    observe=self._observe if self.value is not None else None)
+                    callbacks=self._keyed(rule, resume), observe=self._observe if self.value is not None else None,
+                    span=self._span("warmup"))
 
     def _probe_batches(self):
         n = self.sched.sharpness_batches * self.ft.batch_size
@@ -429,11 +512,9 @@ class _Schedule:
                      "" if acc is None else f", val accuracy {acc:.4f} right after the removal")
             return rec
 
-        iters = sched.prune_steps * sched.prune_every
-        per_epoch = max(int(np.ceil(len(self.data.train) / self.ft.batch_size)), 1)
-        cfg_b = dataclasses.replace(self.ft, epochs=iters / per_epoch)
-        self._train("pruning", cfg_b, self.seed + 1, rule, resume, callbacks=[prune_step],
-                    observe=self._observe if self.value is not None else None)
+        cfg_b = dataclasses.replace(self.ft, epochs=self._phase_iters()["pruning"] / self._per_epoch)
+        self._train("pruning", cfg_b, self.seed + 1, rule, resume, callbacks=[prune_step, *self._keyed(rule, resume)],
+                    observe=self._observe if self.value is not None else None, span=self._span("pruning"))
         if len(self.history) != sched.prune_steps:
             raise RuntimeError(f"pruning phase made {len(self.history)} of {sched.prune_steps} removals")
         self._probe("post_pruning")
@@ -485,7 +566,7 @@ class _Schedule:
 
     def _finetune(self, resume) -> None:
         ft_rule = finetune_rule(self.model, self.sharp)
-        self._train("finetune", self.ft, self.seed + 2, ft_rule, resume)
+        self._train("finetune", self.ft, self.seed + 2, ft_rule, resume, span=self._span("finetune"))
 
     def _correct(self, resume) -> None:
         """The closed loop after training: time the compact model; over the window, correct the
@@ -550,8 +631,7 @@ class _Schedule:
 
     def _correct_finetune(self, resume) -> None:
         n = len(self.corrections)
-        per_epoch = max(int(np.ceil(len(self.data.train) / self.ft.batch_size)), 1)
-        cfg = dataclasses.replace(self.ft, epochs=self.sched.correct_iters / per_epoch,
+        cfg = dataclasses.replace(self.ft, epochs=self.sched.correct_iters / self._per_epoch,
                                   warmup_iters=min(self.ft.warmup_iters, self.sched.correct_iters // 4))
         self._train(f"correct{n}", cfg, self.seed + 2 + n, finetune_rule(self.model, self.sharp), resume,
                     save_phase="correct")
@@ -565,16 +645,19 @@ def step_time_ratio(model: nn.Module, data: Dataset, sharp: OptimizerConfig, cfg
     if sharp.method == "sgd":
         return 1.0
     rng = np.random.default_rng(12345)
+    steps = -(-steps // sharp.sam_every) * sharp.sam_every  # whole periods of the two-pass alternation
     batches = [b for _, b in zip(range(steps), data.batches(data.train, cfg.batch_size, shuffle=True, rng=rng))]
     a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
     rule = prune_rule(ModelGraph(a, input_shape), sharp)
+    if isinstance(rule, SharpnessStep) and rule.needs_keys:  # the key's values do not change the step's cost
+        rule.set_neuron_keys({g.name: np.arange(g.size, dtype=float) for g in rule.neurons.groups})
     oa, ob = make_optimizer(a, cfg), make_optimizer(b, cfg)
     cpu_state = torch.get_rng_state()
     t_rule, t_sgd = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        for x, y in batches:
-            rule(a, x, y, oa)
+        for i, (x, y) in enumerate(batches):  # iterations 0..steps-1: sam_every's alternation included
+            rule(a, x, y, oa, iteration=i)
         t_rule.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for x, y in batches:

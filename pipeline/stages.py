@@ -436,7 +436,7 @@ def evaluate_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactM
         with rd.timed("robustness"):
             clean, corrupted = corrupted_test_set(data, cfg.robustness.images, inp.cache, cfg.seed, cfg.progress)
             dense_rob = evaluate_robustness(dense.model, data, clean, corrupted)
-            compact_rob = evaluate_robustness(compact.model, data, clean, corrupted)
+            compact_rob = evaluate_robustness(compact.model, data, clean, corrupted, informative=dense_rob.informative)
     return Evaluation(d_acc, c_acc, int(d_params), int(c_params), int(d_macs), int(c_macs), compact_rob, dense_rob)
 
 

@@ -27,8 +27,8 @@ from latprune.models.surgery import Removal, carry_momentum_
 from latprune.pipeline import distributed
 from latprune.pipeline.data import Dataset, Split
 
-__all__ = ["TrainConfig", "StepRule", "sgd_step", "TrainResult", "make_optimizer", "Resume", "train", "evaluate",
-           "held_out_metrics", "finetune_on_batches_", "bn_recalibrated", "pretrained"]
+__all__ = ["TrainConfig", "StepRule", "sgd_step", "TrainResult", "LRSpan", "make_optimizer", "Resume", "train",
+           "evaluate", "held_out_metrics", "finetune_on_batches_", "bn_recalibrated", "pretrained"]
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,14 @@ class StepRule(Protocol):
     """One optimisation step on one batch; returns the loss. SAM-style rules do two passes.
     ``observe``, when given, is called once with this minibatch's loss gradients in ``.grad`` at the
     weights before the update (for a two-pass rule, the first pass's): a value function can
-    accumulate from them at no extra cost (``pipeline.importance.HalpValue``)."""
+    accumulate from them at no extra cost (``pipeline.importance.HalpValue``). ``iteration``: the
+    step's index in its training run (a rule may alternate on it; resuming replays the same index)."""
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 observe: Callable[[], None] | None = None) -> float: ...
+                 observe: Callable[[], None] | None = None, iteration: int = 0) -> float: ...
 
 
-def sgd_step(model, x, y, optimizer, observe: Callable[[], None] | None = None) -> float:
+def sgd_step(model, x, y, optimizer, observe: Callable[[], None] | None = None, iteration: int = 0) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
@@ -82,6 +83,22 @@ class TrainResult:
     final_loss: float
     val_accuracy: float
     resumed_from: int = 0
+    # the optimizer's state at the end (momentum): what the next phase of one schedule starts from
+    optimizer_state: dict | None = dataclasses.field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        """The result without the optimizer state (for reports)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "optimizer_state"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LRSpan:
+    """One :func:`train` call as a stretch of a longer learning-rate schedule: its iterations are
+    ``offset``, ``offset + 1``, ... of ``total`` (one warm-up at the start of the whole, one cosine to
+    zero at its end), so consecutive phases share one schedule instead of each restarting it."""
+
+    offset: int
+    total: int
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -118,8 +135,14 @@ Saver = Callable[[nn.Module, Resume], None]  # writes a checkpoint of (model, wh
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step: StepRule = sgd_step,
           callbacks: Sequence[Callback] = (), progress: bool = True, desc: str = "train",
           resume: Resume | None = None, save: Saver | None = None, save_every: int = 0,
-          hooks: Sequence[Callable[[int], None]] = (), observe: Callable[[], None] | None = None) -> TrainResult:
+          hooks: Sequence[Callable[[int], None]] = (), observe: Callable[[], None] | None = None,
+          span: LRSpan | None = None, optimizer_state: dict | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` over ``data.train``; evaluate on ``data.val``.
+
+    The learning rate warms up over ``cfg.warmup_iters`` and follows a cosine to zero over this
+    call's iterations, or, with ``span``, over the longer schedule this call is a stretch of.
+    ``optimizer_state`` (a previous call's ``TrainResult.optimizer_state``, same parameters) starts
+    the optimizer where that call left it (momentum carried across phases).
 
     ``save`` is called every ``save_every`` iterations and after every removal a callback makes;
     ``resume`` continues from such a checkpoint, bit for bit: the data order is a function of
@@ -134,6 +157,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
     per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total = max(int(round(cfg.epochs * per_epoch)), 0)
     optimizer = make_optimizer(model, cfg)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     start = 0
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
@@ -141,7 +166,10 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
         start = resume.iteration
         log.info("resumed %s from iteration %d of %d", desc, start, total)
     wrapped = distributed.wrap(model)  # DDP under torchrun; the model itself otherwise
-    sched = _lr_lambda(total, cfg.warmup_iters)
+    offset, whole = (span.offset, span.total) if span is not None else (0, total)
+    if offset + total > whole:
+        raise ValueError(f"{desc}: iterations {offset}..{offset + total} run past the schedule's {whole}")
+    sched = _lr_lambda(whole, cfg.warmup_iters)
     it, loss = start, float("nan")
     bar = tqdm(total=total, initial=start, desc=desc, unit="it", disable=not progress or total == 0)
     model.train()
@@ -158,8 +186,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
                 continue  # a last batch too small to give every rank an image
             x, y = distributed.shard(x, y)
             for g in optimizer.param_groups:
-                g["lr"] = cfg.lr * sched(it)
-            loss = step(wrapped, x, y, optimizer) if observe is None else step(wrapped, x, y, optimizer, observe)
+                g["lr"] = cfg.lr * sched(offset + it)
+            loss = step(wrapped, x, y, optimizer, observe, it)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss} at iteration {it}: lower the learning rate")
             it += 1
@@ -183,7 +211,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
     bar.close()
     distributed.sync_buffers(model)
     acc = evaluate(model, data, data.val)
-    return TrainResult(it, loss, acc, start)
+    return TrainResult(it, loss, acc, start, optimizer.state_dict())
 
 
 def _momentum_by_name(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ def test_run_writes_a_complete_report(mini_run, capsys):
     code, out = mini_run
     assert code in (0, 4)  # 4: the report is written and says the budget was missed
     r = json.loads((out / "report.json").read_text())
-    assert r["schema_version"] == 4
+    assert r["schema_version"] == 5
     assert r["budget"]["met"] == (code == 0)
     assert r["budget"]["target_ms"] == pytest.approx(0.8 * r["dense"]["latency_ms"])
     assert r["speedup"] == pytest.approx(r["dense"]["latency_ms"] / r["compact"]["latency_ms"])

@@ -124,14 +124,17 @@ def test_missing_or_empty_data_path(tmp_path):
         load_dataset(DataConfig(name=str(tmp_path)))
 
 
-@pytest.mark.parametrize("flag,plan_imp,score", [("taylor", "halp", "taylor"),
-                                                  ("magnitude", "magnitude", "magnitude"),
-                                                  ("l2", "magnitude", "magnitude"), ("halp", "halp", "magnitude")])
-def test_importance_flag_sets_the_pruning_criterion_and_adasaps_neuron_score(flag, plan_imp, score):
+@pytest.mark.parametrize("flag,plan_imp,extra,score", [("taylor", "halp", [], "planner"),
+                                                        ("magnitude", "magnitude", [], "planner"),
+                                                        ("l2", "magnitude", ["--neuron-score", "magnitude"],
+                                                         "magnitude"),
+                                                        ("halp", "halp", ["--neuron-score", "taylor"], "taylor")])
+def test_importance_flag_sets_the_pruning_criterion_and_neuron_score_its_own(flag, plan_imp, extra, score):
+    """AdaSAP's neuron score is the planner's key whatever the criterion; --neuron-score picks an ablation."""
     from latprune.cli import _parser, config_from_args
 
     args = _parser().parse_args(["run", "--importance", flag, "--target", "params", "--param-ratio", "0.4",
-                                 "--method", "sam"])
+                                 "--method", "sam", *extra])
     if flag in ("l2", "taylor"):  # old names: accepted, with a deprecation warning
         with pytest.warns(DeprecationWarning, match=f"'{flag}' is deprecated"):
             cfg = config_from_args(args)

@@ -26,6 +26,9 @@ def _run(tmp, name, method, target, kill=(), importance="magnitude"):
     ("adasap", "latency", ("warmup", 1), "magnitude"),  # before any checkpoint: starts over
     ("sam", "latency", ("warmup", 3), "halp"),  # after a checkpoint that holds the value accumulated so far
     ("sgd", "latency", ("correct1", 3), "halp"),  # inside the fine-tuning after a corrective removal
+    # one iteration into fine-tuning: from the phase-boundary checkpoint, whose carried optimizer
+    # state (momentum) and place in the one learning-rate schedule must continue exactly
+    ("asam", "latency", ("finetune", 1), "magnitude"),
 ])
 def test_sigkilled_run_resumes_to_the_same_model(tmp_path, method, target, kill, importance):
     ref, _, ref_out = _run(tmp_path, "ref", method, target, importance=importance)

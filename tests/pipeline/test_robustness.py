@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from latprune.errors import BadInput
-from latprune.pipeline.robustness import CORRUPTIONS, RobustnessConfig, corrupted_test_set, evaluate_robustness
+from latprune.pipeline.robustness import (
+    CORRUPTIONS,
+    RobustnessConfig,
+    corrupted_test_set,
+    evaluate_robustness,
+    informative_corruptions,
+)
 from latprune.testing import tiny_dataset
 
 
@@ -53,6 +59,18 @@ def test_metrics_by_hand(tmp_path):
     assert r.per_corruption["fog"] == 0.0 and r.per_corruption["snow"] == 1.0
     assert r.corruption_acc == pytest.approx(14 / 15) and r.R_C == pytest.approx(14 / 15)
     assert r.eval_images == 6
+    # fog is at 0 for the dense model: not informative; the other 14 are (accuracy 1 > 1.5 x 0.1)
+    assert r.informative == [c for c in CORRUPTIONS if c != "fog"] and r.informative_acc == 1.0
+    # another model is judged on the dense model's list, not its own
+    arr[CORRUPTIONS.index("snow"), :, :, 0, 0, 0] = 200
+    other = evaluate_robustness(_Oracle(d), d, clean, arr, informative=r.informative)
+    assert other.informative == r.informative and other.informative_acc == pytest.approx(13 / 14)
+
+
+def test_informative_corruptions_are_those_above_one_and_a_half_times_chance():
+    per = {c: 0.1 for c in CORRUPTIONS} | {"fog": 0.151, "snow": 0.15, "frost": 0.9}
+    assert informative_corruptions(per, num_classes=10) == ["frost", "fog"]  # CORRUPTIONS order; 0.15 is not above
+    assert informative_corruptions(per, num_classes=2) == ["frost"]  # chance 0.5: above 0.75
 
 
 def test_negative_image_count_is_refused():

@@ -1,4 +1,6 @@
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -6,7 +8,7 @@ from torch import nn
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import Removal, carry_momentum_
 from latprune.pipeline.plan import GroupPlan, PruningPlan, apply_plan_
-from latprune.pipeline.train import TrainConfig, bn_recalibrated, evaluate, train
+from latprune.pipeline.train import LRSpan, TrainConfig, bn_recalibrated, evaluate, train
 from latprune.testing import residual_net, tiny_dataset
 
 SHAPE = (3, 16, 16)
@@ -165,3 +167,45 @@ def test_width_floor_is_for_latency_targets():
     assert not ScheduleConfig().width_floor  # the architecture emerges by default (issue 11)
     with pytest.raises(BadInput, match="--target params has no plan to floor at"):
         ScheduleConfig(target="params", param_ratio=0.5, width_floor=True)
+
+
+@pytest.mark.parametrize("lr_schedule", ["one", "per-phase"])
+def test_one_learning_rate_schedule_runs_across_warmup_pruning_and_finetuning(monkeypatch, lr_schedule):
+    """64 images in batches of 8: warm-up 2 iterations, pruning 3 x 2, fine-tuning 4; 12 in all."""
+    lrs, fresh = [], []
+    sgd_step_fn = torch.optim.SGD.step
+
+    def recording_step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        fresh.append(not any("momentum_buffer" in self.state.get(p, {}) for g in self.param_groups
+                             for p in g["params"]))
+        return sgd_step_fn(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
+    table = fake_table(model, SHAPE)
+    plan = build_plan(ModelGraph(model, SHAPE), table, 0.5 * table.dense_ms, MAG)
+    res = train_and_prune_(model, data, table, plan,
+                           TrainPruneConfig(plan=MAG, schedule=ScheduleConfig(
+                               warmup_epochs=0.25, prune_steps=3, prune_every=2, recalibrate_batches=0,
+                               sharpness_rho=0.0, lr_schedule=lr_schedule),
+                                            optimizer=OptimizerConfig(method="sgd"),
+                                            finetune=TrainConfig(epochs=0.5, batch_size=8, lr=0.1, warmup_iters=2)),
+                           SHAPE, progress=False)
+    assert len(lrs) == 12
+    if lr_schedule == "one":
+        # one warm-up (2 iterations), then one cosine to zero over the 10 that remain
+        want = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * i / 10)) for i in range(10)]
+        assert lrs == pytest.approx(want)
+        assert fresh == [True] + [False] * 11  # momentum carried across both phase boundaries
+        assert [res.phases[p]["lr_span"] for p in ("warmup", "pruning", "finetune")] == [
+            {"offset": 0, "total": 12}, {"offset": 2, "total": 12}, {"offset": 8, "total": 12}]
+    else:  # each phase its own warm-up and cosine, from a fresh optimizer
+        assert [i for i, f in enumerate(fresh) if f] == [0, 2, 8]
+        assert lrs[0] == lrs[2] == lrs[8] and "lr_span" not in res.phases["pruning"]
+
+
+def test_a_training_run_longer_than_its_span_is_refused():
+    model, data = residual_net(), tiny_dataset(64, SHAPE)
+    with pytest.raises(ValueError, match="past the schedule"):
+        train(model, data, TrainConfig(epochs=1.0, batch_size=8), span=LRSpan(offset=4, total=10), progress=False)
