@@ -141,13 +141,13 @@ class ScheduleConfig:
             raise BadInput("sharpness_rho must be >= 0, sharpness_steps and sharpness_batches >= 1")
 
 
-
 def floors_at_plan(sched: ScheduleConfig, final: PruningPlan | None) -> bool:
     """Whether every removal keeps each group at least as wide as ``final`` (latency target only):
     asked for (``width_floor``), or ``final`` was chosen by the plan search (``pipeline.search``:
     its widths were measured under the budget and won on held-out data, so the steps go to them;
     an emerging architecture would discard that choice)."""
     return sched.target == "latency" and (sched.width_floor or bool(final is not None and final.search))
+
 
 @dataclasses.dataclass(frozen=True)
 class LatencyGoal:
