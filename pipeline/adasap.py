@@ -92,6 +92,11 @@ class OptimizerConfig:
         if not (isinstance(self.sam_every, int) and self.sam_every >= 1):
             raise BadInput(f"--sam-every must be a whole number of iterations >= 1, got {self.sam_every!r}")
 
+    @property
+    def uses_planner_key(self) -> bool:
+        """AdaSAP with the planner's score: its radii need the knapsack's key from outside."""
+        return self.method == "adasap" and self.score == "planner"
+
 
 @dataclasses.dataclass
 class NeuronGroup:
@@ -179,7 +184,8 @@ def neuron_radii(neurons: Neurons, cfg: OptimizerConfig,
             if k.shape != (g.size,):
                 raise ValueError(f"planner key for {g.name} has {k.shape} scores for {g.size} neurons")
             scores.append(torch.from_numpy(k.copy()))
-        finite = torch.cat(scores)[torch.isfinite(torch.cat(scores))] if scores else torch.zeros(0)
+        allv = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+        finite = allv[torch.isfinite(allv)]
         top = float(finite.max()) if finite.numel() else 0.0
         scores = [torch.where(torch.isfinite(s), s, torch.full_like(s, top)) for s in scores]
         return _radii(scores, cfg)
@@ -263,10 +269,6 @@ class SharpnessStep:
         self.scaled = _scale_param_ids(model)
         self.keys: dict[str, np.ndarray] | None = None  # the planner's ranking key (score "planner")
 
-    @property
-    def needs_keys(self) -> bool:
-        return self.cfg.method == "adasap" and self.cfg.score == "planner"
-
     def set_neuron_keys(self, keys: dict[str, np.ndarray]) -> None:
         """The planner's ranking key per group (one score per neuron, lowest = pruned next), for
         the ``planner`` score's radii until the next call."""
@@ -326,7 +328,7 @@ class SharpnessStep:
         """One step of the base optimizer on the gradients at w (``sam_every`` > 1, between two-pass steps)."""
         optimizer.zero_grad(set_to_none=True)
         loss = self._backward(model, x, y)
-        if self.scaler is not None:
+        if self.scaler is not None:  # fp16 on CUDA: written to the GradScaler API, never run (no GPU here)
             self.scaler.unscale_(optimizer)  # observe sees true gradients; scaler.step knows they are unscaled
         if observe is not None:
             observe()

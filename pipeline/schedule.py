@@ -300,18 +300,13 @@ class _Schedule:
         return self._graph
 
     @property
-    def _wants_keys(self) -> bool:
-        """AdaSAP with the planner's score: its radii follow the knapsack's ranking key."""
-        return self.sharp.method == "adasap" and self.sharp.score == "planner"
-
-    @property
     def value(self) -> HalpValue | None:
         """HALP's value over the current model's groups, fed by every training step of warm-up and
         pruning (``observe``) and reset at every removal; None for criteria that do not rank by it
         (except a per-width value under AdaSAP's planner score: HALP's value stands in for its
         missing per-channel score there)."""
         imp = self.plan_cfg.importance
-        if not (uses_halp(imp) or (self._wants_keys and per_width(imp))):
+        if not (uses_halp(imp) or (self.sharp.uses_planner_key and per_width(imp))):
             return None
         if self._value is None:
             self._value = HalpValue(self.graph)
@@ -351,7 +346,7 @@ class _Schedule:
     def _keyed(self, rule, resume) -> list:
         """Give ``rule`` the planner's key now (the checkpoint's when resuming inside the phase) and
         the callback that refreshes it every :data:`KEY_REFRESH` iterations and after a removal."""
-        if not (self._wants_keys and isinstance(rule, SharpnessStep)):
+        if not (self.sharp.uses_planner_key and isinstance(rule, SharpnessStep)):
             return []
         if resume is None or self.keys is None:
             self.keys = self._neuron_keys()
@@ -649,7 +644,7 @@ def step_time_ratio(model: nn.Module, data: Dataset, sharp: OptimizerConfig, cfg
     batches = [b for _, b in zip(range(steps), data.batches(data.train, cfg.batch_size, shuffle=True, rng=rng))]
     a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
     rule = prune_rule(ModelGraph(a, input_shape), sharp)
-    if isinstance(rule, SharpnessStep) and rule.needs_keys:  # the key's values do not change the step's cost
+    if isinstance(rule, SharpnessStep) and sharp.uses_planner_key:  # the key's values do not change the step's cost
         rule.set_neuron_keys({g.name: np.arange(g.size, dtype=float) for g in rule.neurons.groups})
     oa, ob = make_optimizer(a, cfg), make_optimizer(b, cfg)
     cpu_state = torch.get_rng_state()
