@@ -1,66 +1,52 @@
-"""AdaSAP radius sweep, paper Table 7 style: loss and accuracy after a short adaptive run.
+"""AdaSAP's radius pilot (issue 12, item 4): per-neuron rho_max 0.1 against global rho_max 2.0.
 
-    python benchmarks/rho_sweep.py --weights DENSE.pt [--iters 120] [--lr 0.02] [--json OUT]
+    python benchmarks/rho_sweep.py [--grid neuron:0.1 neuron:0.2 global:2.0 global:1.0] [--seeds 0 1]
+                                   [--finetune-epochs 1] [--budgets 0.5] [--out runs/bench-robustness-12]
+                                   [--results benchmarks/results/rho-pilot-12] [--probe]
 
-Starts every configuration from the same pre-trained dense ResNet-20 (e.g. the cached checkpoint
-`~/.cache/latprune/checkpoints/dense-*.pt`) on the embedded Fashion-MNIST, trains ``--iters``
-iterations with the adaptive step, and reports the last training loss and validation accuracy.
+Eq. 4 of the AdaSAP paper normalises each neuron's perturbation by that neuron's own gradient norm;
+read literally, the total perturbation grows with the square root of the number of neurons (448 on
+ResNet-20), so the paper's rho_max 2.0 becomes rho_max 0.1 here (``--rho-norm neuron``, the
+default). The other reading divides by one global norm and keeps rho_max 2.0 (``--rho-norm global``).
+No official code says which the authors meant; this pilot measures both and a neighbour of each.
+
+Every arm is a ``latprune run --method adasap --rho-norm N --rho-max R`` cell of
+``robustness.py`` (same dense model, the budget's one plan timed once, ``--floor-widths``, the same
+schedule and seeds), so the only difference is the radius. Judged on what the radius should change:
+validation loss and accuracy right after the last removal (BatchNorm re-estimated, before
+fine-tuning), then clean and corruption accuracy after ``--finetune-epochs``; paired per seed
+against the first arm of ``--grid``. A pilot: two seeds and one epoch of fine-tuning by default.
+Cells resume like ``robustness.py``'s (summaries in ``--results``, kept in git).
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import time
-from pathlib import Path
+from robustness import Arm, cell_flags, finish, parser, probe, run_cells
 
-import torch
+from latprune.pipeline.adasap import RHO_NORMS
 
-from latprune.latency_tables.device import environment
-from latprune.models.cifar_resnet import resnet20
-from latprune.models.graph import ModelGraph
-from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep, neuron_partition
-from latprune.pipeline.data import DataConfig, load_dataset
-from latprune.pipeline.train import TrainConfig, evaluate, sgd_step, train
 
-GRID = [("neuron", 2.0), ("neuron", 0.5), ("neuron", 0.1), ("global", 2.0), ("global", 0.5)]
+def _arm(spec: str) -> tuple[str, Arm]:
+    norm, _, rho = spec.partition(":")
+    if norm not in RHO_NORMS or not rho:
+        raise SystemExit(f"--grid {spec}: write NORM:RHO_MAX with NORM one of {', '.join(RHO_NORMS)}, e.g. global:2.0")
+    rho_max = float(rho)
+    return f"adasap-{norm}-{rho_max:g}", Arm(f"AdaSAP, {norm} norm, rho_max {rho_max:g}", "adasap",
+                                               ("--rho-norm", norm, "--rho-max", f"{rho_max:g}"), cost=2.0)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--weights", required=True)
-    p.add_argument("--iters", type=int, default=120)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default="runs/rho_sweep.json")
+    p = parser(__doc__, "benchmarks/results/rho-pilot-12")
+    p.set_defaults(seeds=[0, 1], finetune_epochs=1.0)
+    p.add_argument("--grid", nargs="+", default=["neuron:0.1", "neuron:0.2", "global:2.0", "global:1.0"],
+                   help="NORM:RHO_MAX per arm; the first is the reference of the paired differences")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    data = load_dataset(DataConfig(val_size=2000))
-    base = resnet20()
-    base.load_state_dict(torch.load(a.weights, map_location="cpu", weights_only=True))
-    per_epoch = -(-len(data.train) // 128)
-    cfg = TrainConfig(epochs=a.iters / per_epoch, lr=a.lr, warmup_iters=10)
-    rows = [{"normalize": "-", "rho_max": 0.0, "method": "dense, no training", "loss": float("nan"),
-             "val_accuracy": evaluate(base, data, data.val), "seconds": 0.0}]
-    for norm, rho_max in [(None, None), *GRID]:
-        m = copy.deepcopy(base)
-        if norm is None:
-            step, name = sgd_step, "sgd"
-        else:
-            sc = OptimizerConfig(normalize=norm, rho_max=rho_max, score="magnitude")
-            step, name = SharpnessStep(m, sc, neuron_partition(ModelGraph(m, (3, 32, 32)))), "adasap"
-        t0 = time.perf_counter()
-        r = train(m, data, cfg, step=step, progress=False)
-        rows.append({"normalize": norm or "-", "rho_max": rho_max or 0.0, "method": name, "loss": r.final_loss,
-                     "val_accuracy": r.val_accuracy, "seconds": time.perf_counter() - t0})
-    print(f"{'method':>18} {'normalize':>9} {'rho_max':>7} {'loss':>6} {'val acc':>7} {'s':>4}")
-    for r in rows:
-        print(f"{r['method']:>18} {r['normalize']:>9} {r['rho_max']:>7} {r['loss']:>6.3f} "
-              f"{r['val_accuracy']:>7.4f} {r['seconds']:>4.0f}")
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"iters": a.iters, "lr": a.lr, "rows": rows, "environment": environment()},
-                                       indent=1))
-    print(a.json)
+    table = dict(_arm(g) for g in a.grid)
+    names = list(table)
+    if a.probe:
+        probe(a, table, names)
+        return
+    cells, dense = run_cells(a, table, names, cell_flags(a))
+    finish(a, table, cells, dense, names[0], "rho_pilot.json")
 
 
 if __name__ == "__main__":

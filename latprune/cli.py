@@ -15,7 +15,7 @@ from latprune.export.bench import BenchConfig, render, run_bench
 from latprune.latency_tables.runtimes import RUNTIMES, runtime_class
 from latprune.models.registry import available_models
 from latprune.pipeline import distributed
-from latprune.pipeline.adasap import METHODS, NEURON_SCORES
+from latprune.pipeline.adasap import METHODS, NEURON_SCORES, RHO_NORMS
 from latprune.pipeline.config import RunConfig, load_config
 from latprune.pipeline.importance import DEPRECATED_IMPORTANCE, canonical_importance, importance_names
 from latprune.pipeline.run import STOPS, run
@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rho", type=float, help="uniform SAM/ASAM radius (fine-tuning)")
     g.add_argument("--rho-min", type=float, help="AdaSAP's smallest per-neuron radius")
     g.add_argument("--rho-max", type=float, help="AdaSAP's largest per-neuron radius")
+    g.add_argument("--rho-norm", choices=RHO_NORMS,
+                   help="adasap: neuron (default): each neuron's perturbation normalised by its own gradient norm "
+                        "(eq. 4 read literally: the total grows with sqrt(neurons), hence rho_max 0.1); global: one "
+                        "norm over all neurons, the radii acting as weights (use a rho_max near 2.0)")
     g.add_argument("--neuron-score", choices=NEURON_SCORES,
                    help="adasap: what sets each neuron's radius (paper eq. 2, the lowest score gets --rho-max). "
                         "planner (default): the knapsack's own ranking key, the channel's value per millisecond "
@@ -247,7 +251,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                   "sharpness_rho": a.sharpness_rho},
         robustness={"images": a.robust_images},
         optimizer={"method": a.method, "rho": a.rho, "rho_min": a.rho_min, "rho_max": a.rho_max,
-                   "score": a.neuron_score, "sam_every": a.sam_every},
+                   "score": a.neuron_score, "sam_every": a.sam_every, "normalize": a.rho_norm},
         verify={"rounds": a.verify_rounds, "min_round_s": a.verify_round_s},
     )
 

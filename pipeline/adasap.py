@@ -44,10 +44,11 @@ from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
 from latprune.pipeline.importance import restore_bn_stats, save_bn_stats
 
-__all__ = ["METHODS", "NEURON_SCORES", "OptimizerConfig", "NeuronGroup", "Neurons", "neuron_partition",
+__all__ = ["METHODS", "RHO_NORMS", "NEURON_SCORES", "OptimizerConfig", "NeuronGroup", "Neurons", "neuron_partition",
            "uniform_perturbation", "neuron_radii", "adaptive_perturbation", "SharpnessStep"]
 
 METHODS = ("sgd", "sam", "asam", "adasap")
+RHO_NORMS = ("neuron", "global")  # AdaSAP: one norm per neuron (eq. 4 read literally) or one over all
 # AdaSAP's per-neuron scores for rho_i: the planner's ranking key (given from outside, refreshed by
 # the schedule), or the neuron's weights' magnitude or |w . g| (computed each step)
 NEURON_SCORES = ("planner", "magnitude", "taylor")
@@ -85,8 +86,8 @@ class OptimizerConfig:
             raise BadInput(f"rho_min ({self.rho_min}) > rho_max ({self.rho_max}): swap them or lower rho_min")
         if self.form not in ("asam", "sam"):
             raise BadInput(f"sharpness form must be asam or sam, got {self.form!r}")
-        if self.normalize not in ("neuron", "global"):
-            raise BadInput(f"normalize must be neuron or global, got {self.normalize!r}")
+        if self.normalize not in RHO_NORMS:
+            raise BadInput(f"normalize must be one of {', '.join(RHO_NORMS)}, got {self.normalize!r}")
         if self.score not in NEURON_SCORES:
             raise BadInput(f"neuron score must be one of {', '.join(NEURON_SCORES)}, got {self.score!r}")
         if not (isinstance(self.sam_every, int) and self.sam_every >= 1):

@@ -61,7 +61,8 @@ schema-2 reports said ``l2`` (README, "Migration note").
   after the removal on the deployment runtime; null when not measured),
   ``val_accuracy_after_removal`` (validation accuracy right after the removal, BatchNorm statistics
   re-estimated on ``schedule.recalibrate_batches`` training batches, before any further training;
-  null when 0; added by issue 11), ``value_minibatches`` (training minibatches the ``halp`` value
+  null when 0; added by issue 11), ``val_loss_after_removal`` (the mean validation cross-entropy
+  of the same model; added by issue 12), ``value_minibatches`` (training minibatches the ``halp`` value
   averaged over for this removal; 0 when the criterion scored on its own batches or needs none),
   ``neurons``, ``params``), ``phases``, ``sharpness`` (loss increase under a worst-case L2 ball of
   radius ``rho``: ``pre_pruning`` after warm-up, ``post_pruning`` after the last removal),

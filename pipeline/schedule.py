@@ -64,7 +64,7 @@ from latprune.pipeline.train import (
     Resume,
     TrainConfig,
     bn_recalibrated,
-    evaluate,
+    held_out_metrics,
     make_optimizer,
     sgd_step,
     train,
@@ -492,7 +492,7 @@ class _Schedule:
             if isinstance(rule, SharpnessStep):
                 rule.rebind(self.graph)  # the parameters were replaced
             n_params = count_params(m)
-            acc = distributed.on_main(lambda: self._accuracy_after_removal(m))
+            acc, loss = distributed.on_main(lambda: self._held_out_after_removal(m))
             measured = None
             if self.goal is not None and sched.measure_steps and sched.target == "latency":
                 measured = distributed.on_main(lambda: (self.goal.measure_step or self.goal.measure)(m))
@@ -501,7 +501,8 @@ class _Schedule:
                                  self.table.dense_ms, "measured_ratio": measured, "params": n_params,
                                  "neurons": sum(len(g.keep) for g in plan.groups),
                                  "widths": {g.name: len(g.keep) for g in plan.groups},
-                                 "val_accuracy_after_removal": acc, "value_minibatches": value_batches})
+                                 "val_accuracy_after_removal": acc, "val_loss_after_removal": loss,
+                                 "value_minibatches": value_batches})
             log.info("prune step %d/%d: target %s, predicted %.3f ms, %d params%s", r, sched.prune_steps,
                      ", ".join(f"{k} {v:.4g}" for k, v in target.items()), plan.predicted_ms, n_params,
                      "" if acc is None else f", val accuracy {acc:.4f} right after the removal")
@@ -514,15 +515,15 @@ class _Schedule:
             raise RuntimeError(f"pruning phase made {len(self.history)} of {sched.prune_steps} removals")
         self._probe("post_pruning")
 
-    def _accuracy_after_removal(self, m: nn.Module) -> float | None:
-        """Validation accuracy of the model just pruned, BatchNorm statistics re-estimated on fixed
-        training batches (on a copy: training, its RNG and resume are unaffected): the cheapest
-        check of what a value function removed."""
+    def _held_out_after_removal(self, m: nn.Module) -> tuple[float | None, float | None]:
+        """(validation accuracy, mean validation cross-entropy) of the model just pruned, BatchNorm
+        statistics re-estimated on fixed training batches (on a copy: training, its RNG and resume are
+        unaffected): the cheapest check of what a value function removed."""
         n = self.sched.recalibrate_batches
         if not n:
-            return None
+            return None, None
         batches = list(self.data.batches(self.data.train, self.ft.batch_size, limit=n * self.ft.batch_size))
-        return evaluate(bn_recalibrated(m, batches), self.data, self.data.val)
+        return held_out_metrics(bn_recalibrated(m, batches), self.data.batches(self.data.val, 500))
 
     @functools.cached_property
     def _scoring_batches(self):

@@ -270,9 +270,14 @@ def profile_stage(inp: Inputs, rd: RunDir, dense: DenseModel) -> LatencyTable:
     return table
 
 
-def _dense_identity(cfg: RunConfig) -> dict[str, Any]:
-    if cfg.weights:  # the seed and pre-training settings do not make this model
+def _dense_identity(cfg: RunConfig, dense: DenseModel) -> dict[str, Any]:
+    """What made the dense model, for stage keys: the run's seed and pre-training settings only when
+    it was pre-trained here (with ``--weights`` or the bundled weights, a run with another seed reuses
+    the plan: the budget's plan does not depend on the training seed)."""
+    if cfg.weights:
         return {"model": cfg.model, "weights": str(Path(cfg.weights).resolve()), "data": dataclasses.asdict(cfg.data)}
+    if dense.info.get("source") == "bundled":
+        return {"model": cfg.model, "bundled": dense.info["sha256"], "data": dataclasses.asdict(cfg.data)}
     return {"model": cfg.model, "weights": None, "bundled": cfg.bundled_weights,
             "pretrain": dataclasses.asdict(cfg.pretrain), "data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
 
@@ -289,7 +294,7 @@ def plan_stage(inp: Inputs, rd: RunDir, dense: DenseModel, table: LatencyTable) 
     else:
         wanted = cfg.budget.fraction
     key, done = rd.stage_key("plan", table=table.measurements(), wanted=wanted, plan=dataclasses.asdict(cfg.plan),
-                             budget=dataclasses.asdict(cfg.budget), dense=_dense_identity(cfg),
+                             budget=dataclasses.asdict(cfg.budget), dense=_dense_identity(cfg, dense),
                              target=[cfg.schedule.target, cfg.schedule.param_ratio])
     if done and (rd / "plan.json").exists():
         d = json.loads((rd / "calibration.json").read_text())
@@ -327,7 +332,8 @@ def prune_stage(inp: Inputs, rd: RunDir, dense: DenseModel, cal: CalibratedPlan)
     cfg = inp.cfg
     key, done = rd.stage_key("prune", target=cal.plan.to_dict(), plan=dataclasses.asdict(cfg.plan),
                              schedule=dataclasses.asdict(cfg.schedule), optimizer=dataclasses.asdict(cfg.optimizer),
-                             finetune=dataclasses.asdict(cfg.finetune), seed=cfg.seed, dense=_dense_identity(cfg))
+                             finetune=dataclasses.asdict(cfg.finetune), seed=cfg.seed,
+                             dense=_dense_identity(cfg, dense))
     if done and (rd / "arch.json").exists():
         compact = load_compact(rd.path)
         return CompactModel(compact, ModelGraph(compact, inp.input_shape),

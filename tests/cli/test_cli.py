@@ -141,6 +141,20 @@ def test_same_out_resumes_without_redoing_stages(mini_run, cache, tmp_path, caps
 
 @pytest.mark.slow
 @needs_fmnist
+def test_another_seed_reuses_the_budgets_plan(mini_run, cache, tmp_path, capsys):
+    """The plan depends on the dense model and the budget, not on the training seed: a benchmark
+    trains every seed from one timed plan (with the bundled weights, as with --weights)."""
+    _, out = mini_run
+    assert json.loads((out / "report.json").read_text())["dense"]["pretrain"]["source"] == "bundled"
+    copy = tmp_path / "seed1"
+    shutil.copytree(out, copy)
+    plan_mtime = (copy / "plan.json").stat().st_mtime_ns
+    assert main(["plan", *SEARCHED, "--budget", "0.8", "--seed", "1", "--cache-dir", cache, "--out", str(copy)]) == 0
+    assert (copy / "plan.json").stat().st_mtime_ns == plan_mtime  # reused, not searched and timed again
+
+
+@pytest.mark.slow
+@needs_fmnist
 def test_resume_flag_continues_a_run_with_its_own_config(mini_run, tmp_path, capsys):
     _, out = mini_run
     copy = tmp_path / "resumed"

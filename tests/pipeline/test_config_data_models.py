@@ -144,6 +144,16 @@ def test_importance_flag_sets_the_pruning_criterion_and_neuron_score_its_own(fla
     assert cfg.schedule.target == "params" and cfg.schedule.param_ratio == 0.4 and cfg.optimizer.method == "sam"
 
 
+@pytest.mark.parametrize("extra,norm", [([], "neuron"), (["--rho-norm", "global"], "global")])
+def test_rho_norm_flag_picks_adasaps_normalisation(extra, norm):
+    from latprune.cli import _parser, config_from_args
+
+    cfg = config_from_args(_parser().parse_args(["run", "--method", "adasap", "--rho-max", "2.0", *extra]))
+    assert cfg.optimizer.normalize == norm and cfg.optimizer.rho_max == 2.0
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["run", "--rho-norm", "layer"])
+
+
 def test_renamed_spellings_still_load_with_a_warning(tmp_path):
     """Config files and run directories written before the layout change keep working: the section
     ``sharpness`` is now ``optimizer`` and the importance ``l2`` is now ``magnitude``."""
