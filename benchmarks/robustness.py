@@ -94,9 +94,12 @@ class Arm:
     finetune_epochs: float | None = None  # None: --finetune-epochs
     cost: float = 1.0  # gradient evaluations per step, for the ETA
 
+    def finetune(self, a) -> float:
+        return a.finetune_epochs if self.finetune_epochs is None else self.finetune_epochs
+
 
 def arms(a) -> dict[str, Arm]:
-    per_epoch, prune_epochs = _epochs(a)
+    _, prune_epochs = _epochs(a)
     # AdaSAP evaluates two gradients a step in every phase: the matched SGD takes the difference in fine-tuning
     matched_ft = 2 * a.finetune_epochs + a.warmup_epochs + prune_epochs
     return {"sgd": Arm("SGD + HALP", "sgd"), "sam": Arm("SAM + HALP", "sam", cost=2.0),
@@ -137,7 +140,7 @@ def run_cells(a, table: dict[str, Arm], names: list[str], flags: list[str]) -> t
                         d.mkdir(parents=True, exist_ok=True)
                         for f in PLAN_FILES:
                             shutil.copy2(plan / f, d / f)
-                    ft = a.finetune_epochs if arm.finetune_epochs is None else arm.finetune_epochs
+                    ft = arm.finetune(a)
                     t0 = time.time()
                     code = _latprune("run", "--budget", str(b), "--method", arm.method, "--seed", str(s), "--out",
                                      str(d), "--finetune-epochs", str(ft), "--table", str(plan / "table.json"),
@@ -150,8 +153,8 @@ def run_cells(a, table: dict[str, Arm], names: list[str], flags: list[str]) -> t
                                              "finetune_epochs": ft, **_cell(r), "dense": _dense(r),
                                              "environment": r.get("environment"), "time": _now()})
                 c = json.loads(path.read_text())
-                dense = dense or c.pop("dense")  # every cell starts from the same dense model
-                c.pop("dense", None)
+                cell_dense = c.pop("dense")
+                dense = dense or cell_dense  # every cell starts from the same dense model
                 cells.append(c)
     return cells, dense
 
@@ -229,8 +232,7 @@ def probe(a, table: dict[str, Arm], names: list[str]) -> None:
     it_s = (time.perf_counter() - t0) / 20
 
     def iters(arm: Arm) -> float:
-        ft = a.finetune_epochs if arm.finetune_epochs is None else arm.finetune_epochs
-        return per_epoch * (a.warmup_epochs + ft) + a.prune_steps * a.prune_every
+        return per_epoch * (a.warmup_epochs + arm.finetune(a)) + a.prune_steps * a.prune_every
 
     # pruned models train faster after the removals; + the corruption evaluation and the final timing
     secs = sum(0.75 * it_s * iters(table[m]) * table[m].cost + 120 for _, _, m in todo)
