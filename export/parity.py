@@ -20,6 +20,7 @@ from torch import nn
 
 from latprune.errors import ParityError
 from latprune.latency_tables.runtimes.ort import ort_session
+from latprune.models.outputs import flatten_outputs
 
 __all__ = ["ATOL", "RTOL", "MIN_TOP1", "OutputParity", "Parity", "compare_outputs", "check_parity"]
 
@@ -119,9 +120,8 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, batches: torch.
     got, ref = [], []
     for x in batches:
         with torch.no_grad():
-            out = model(x)
-        out = list(out) if isinstance(out, (tuple, list)) else [out]
-        ref.append([o.numpy() for o in out])
+            out = flatten_outputs(model(x))
+        ref.append([o.numpy() for _, o in out])
         got.append(sess.run(None, {sess.get_inputs()[0].name: x.numpy()}))
     if len(ref[0]) != len(names):
         raise ParityError(f"the ONNX file has {len(names)} outputs, torch gives {len(ref[0])}: re-export the model")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from latprune.errors import BadInput
 from latprune.latency_tables.endtoend import PairConfig, fit_end_to_end
 from latprune.latency_tables.runtimes import Backend
 from latprune.latency_tables.table import EndToEnd, LatencyTable, LayerSignature, LayerTable
-from latprune.models.graph import ModelGraph
+from latprune.models.graph import IgnoredLayer, ModelGraph
 from latprune.models.widths import candidate_widths
 
 __all__ = ["ProfileConfig", "layer_signatures", "isolated_outliers", "profile_model", "check_layers"]
@@ -137,7 +138,12 @@ def isolated_outliers(med: np.ndarray, high: float = 1.25, low: float = 0.8) -> 
 
 
 def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: Backend,
-                  cfg: ProfileConfig = ProfileConfig(), progress: bool = True) -> LatencyTable:
+                  cfg: ProfileConfig = ProfileConfig(), progress: bool = True,
+                  ignored: Iterable[IgnoredLayer] = ()) -> LatencyTable:
+    """Every Conv2d and Linear layer of ``model`` timed alone on ``backend`` over a grid of widths
+    (``cfg.step``), the dense model end to end, and the end-to-end term fitted on pruned
+    configurations of the groups the planner may shrink (``ignored`` layers and the output layers
+    stay whole in them, as in every plan: ``models.graph.ModelGraph``)."""
     unmeasured: dict[str, str] = {}
     sigs = layer_signatures(model, input_shape, unmeasured)
     if not sigs:
@@ -205,7 +211,8 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
               "unmeasured": unmeasured},
     )
     # the smallest plan is always among the fit's points: it anchors the floor the knapsack sees
-    return table.with_e2e(fit_end_to_end(ModelGraph(model, input_shape), table, backend, cfg.fit_configs, cfg.step,
+    graph = ModelGraph(model, input_shape, ignored)
+    return table.with_e2e(fit_end_to_end(graph, table, backend, cfg.fit_configs, cfg.step,
                                          cfg.pair, progress=progress))
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "load", "load_dense", "RunConfig", "profile_model", "build_plan", "apply_plan_", "export_onnx",
-           "LatencyTable", "PruningPlan", "ModelGraph"]
+__all__ = ["LatencyPruner", "Verification", "export_model", "Deployment", "run", "load", "load_dense", "RunConfig",
+           "profile_model", "build_plan", "apply_plan_", "export_onnx", "LatencyTable", "PruningPlan", "ModelGraph"]
 
 _LAZY = {
+    "LatencyPruner": ("latprune.pipeline.pruner", "LatencyPruner"),
+    "Verification": ("latprune.pipeline.pruner", "Verification"),
+    "export_model": ("latprune.export.deploy", "export_model"),
+    "Deployment": ("latprune.export.deploy", "Deployment"),
     "run": ("latprune.pipeline.run", "run"),
     "load": ("latprune.models.arch", "load_compact"),
     "load_dense": ("latprune.models.arch", "load_dense"),

@@ -9,6 +9,8 @@ that cost summed over layers): the closed loop and the end-to-end fit are tested
 """
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import torch
 from torch import nn
@@ -20,9 +22,9 @@ from latprune.latency_tables.timing import Timing
 from latprune.models.widths import candidate_widths
 from latprune.pipeline.data import Dataset, Split
 
-__all__ = ["PlainNet", "ResidualNet", "DepthwiseNet", "ConcatNet", "BrokenExportNet", "plain_net", "residual_net",
-           "depthwise_net", "concat_net", "broken_export_net", "TINY_MODELS", "fake_cost_ms", "fake_table",
-           "model_cost_ms", "FakeBackend", "tiny_dataset"]
+__all__ = ["PlainNet", "ResidualNet", "DepthwiseNet", "ConcatNet", "BrokenExportNet", "TwoHeadNet", "plain_net",
+           "residual_net", "depthwise_net", "concat_net", "broken_export_net", "TINY_MODELS", "fake_cost_ms",
+           "fake_table", "model_cost_ms", "FakeBackend", "tiny_dataset"]
 
 
 def _cbr(c_in, c_out, k=3, s=1, groups=1):
@@ -88,6 +90,32 @@ class ConcatNet(nn.Module):
         x = self.stem(x)
         x = self.merge(torch.cat([self.left(x), self.right(x)], 1))
         return self.fc(x.mean((2, 3)))
+
+
+class TwoHeadNet(nn.Module):
+    """Multi-output: a residual trunk, a classifier and a dense-prediction head (a 1x1 conv map),
+    returned as a tuple, a dict (``as_dict``) or a namedtuple (``as_named``)."""
+
+    Out = collections.namedtuple("Out", ["logits", "boxes"])
+
+    def __init__(self, num_classes: int = 10, as_dict: bool = False, as_named: bool = False):
+        super().__init__()
+        self.as_dict, self.as_named = as_dict, as_named
+        self.stem = _cbr(3, 16)
+        self.a1, self.a2 = _cbr(16, 32), nn.Sequential(nn.Conv2d(32, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+        self.neck = _cbr(16, 24, s=2)
+        self.fc = nn.Linear(24, num_classes)
+        self.box = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.neck(torch.relu(x + self.a2(self.a1(x))))
+        logits, boxes = self.fc(x.mean((2, 3))), self.box(x).flatten(2).transpose(1, 2)
+        if self.as_dict:
+            return {"logits": logits, "boxes": boxes}
+        if self.as_named:
+            return self.Out(logits, boxes)
+        return logits, boxes
 
 
 def plain_net(num_classes: int = 10) -> nn.Module:

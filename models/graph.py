@@ -9,15 +9,20 @@ After a removal the model has changed: build a new graph of it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+import fnmatch
+from typing import Iterable, Union
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from latprune.errors import BadInput
 from latprune.models.widths import LayerWidths
 
-__all__ = ["ChannelGroup", "ModelGraph", "classifier_layers", "layer_dims", "output_channels"]
+__all__ = ["ChannelGroup", "ModelGraph", "IgnoredLayer", "classifier_layers", "output_layers", "resolve_ignored",
+           "layer_dims", "output_channels"]
+
+IgnoredLayer = Union[nn.Module, str]  # a module of the model, or its name (``fnmatch`` wildcards allowed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,55 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
     return [last] if last is not None else []
 
 
+def resolve_ignored(model: nn.Module, layers: Iterable[IgnoredLayer]) -> list[str]:
+    """Module names of ``model`` that ``layers`` (modules of it, names, or ``fnmatch`` patterns such as
+    ``"head.*"``) name, each with every module inside it (torch-pruning's ``ignored_layers`` rule: a
+    container is ignored whole). An entry that names nothing raises :class:`BadInput`."""
+    names = {m: n for n, m in model.named_modules()}
+    out: list[str] = []
+    for spec in layers:
+        if isinstance(spec, nn.Module):
+            if spec not in names:
+                raise BadInput(f"ignored layer {type(spec).__name__} is not a module of this model: pass "
+                               "a module of the model being pruned, or its name")
+            roots = [names[spec]]
+        elif isinstance(spec, str):
+            roots = [n for n in names.values() if n and fnmatch.fnmatchcase(n, spec)]
+            if not roots:
+                near = [n for n in names.values() if n and spec.split(".")[0] in n][:5]
+                raise BadInput(f"ignored layer {spec!r} names no module of this model"
+                               + (f" (modules with {spec.split('.')[0]!r}: {', '.join(near)})" if near else
+                                  ": see model.named_modules() for the names"))
+        else:
+            raise BadInput(f"ignored layers are modules or module names, got {type(spec).__name__}")
+        for r in roots:
+            out += [n for n in names.values() if n == r or n.startswith(r + ".")]
+    return sorted(set(out))
+
+
+def output_layers(dg: tp.DependencyGraph) -> list[nn.Module]:
+    """Conv2d and Linear layers whose output channels reach a model output without passing through
+    another Conv2d or Linear (through BatchNorm, activations, reshapes, concatenations, additions):
+    pruning their outputs would change what the model returns (a classifier, every head of a
+    detector or of a multi-output model). Found on ``dg``'s traced graph: a walk from the layer
+    along its consumers that ends at a node nothing consumes."""
+    found = []
+    for mod, node in dg.module2node.items():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if not n.outputs:
+                found.append(mod)
+                break
+            stack += [o for o in n.outputs if not isinstance(o.module, (nn.Conv2d, nn.Linear))]
+    return found
+
+
 def layer_dims(m: nn.Module) -> tuple[int, int] | None:
     """(inputs, outputs) of a Conv2d or Linear layer; None for any other module."""
     if isinstance(m, nn.Conv2d):
@@ -53,34 +107,52 @@ def output_channels(model: nn.Module) -> dict[str, int]:
 
 class ModelGraph:
     """torch-pruning's DependencyGraph of ``model`` as it is now, traced once on a zero batch of
-    ``input_shape``, and the channel groups the planner may shrink (the classifier's output and
-    ``ignored`` layers are never pruned)."""
+    ``input_shape``, and the channel groups the planner may shrink. Never pruned on their output
+    side: the layers that produce the model's outputs (:func:`output_layers`: the classifier, every
+    head), ``ignored`` ones (modules or names, :func:`resolve_ignored`), and groups through a grouped,
+    non-depthwise convolution (their widths would have to stay multiples of the group count, which
+    no plan, table fit or search models: ``whole`` says which and why). A model torch-pruning cannot
+    trace raises :class:`BadInput` naming torch-pruning's error."""
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], ignored: Iterable[nn.Module] = ()):
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], ignored: Iterable[IgnoredLayer] = ()):
         self.model, self.input_shape = model, tuple(input_shape)
+        ignored_names = resolve_ignored(model, ignored)
         was_training = model.training
         param = next(model.parameters(), None)
         example = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
         model.eval()
         try:
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        except Exception as e:  # the user's model inside a third-party tracer: every failure is about the model
+            raise BadInput(f"torch-pruning cannot trace {type(model).__name__} ({type(e).__name__}: {str(e)[:120]}), "
+                           "so its channels cannot be grouped: rewrite the operation it fails on (e.g. a "
+                           "reshape-based channel shuffle) or prune another architecture") from e
         finally:
             model.train(was_training)
         self.names = {m: n for n, m in model.named_modules()}
-        self.classifier = {self.names[m] for m in classifier_layers(model) if m in self.names}
-        ignored = list(ignored) + classifier_layers(model)
+        outputs = output_layers(self.dg)
+        self.classifier = {self.names[m] for m in outputs if m in self.names}
+        self.ignored = tuple(ignored_names)
+        mods = dict(model.named_modules())
+        ignored = [mods[n] for n in ignored_names] + outputs
         self._groups: dict[str, tuple[ChannelGroup, tp.Group]] = {}
+        self.whole: dict[str, str] = {}  # group -> why it is left whole although nobody ignored it
         for group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
             root = group[0].dep.target.module
-            producers, consumers = [], []
+            producers, consumers, grouped = [], [], []
             for item in group:
                 mod, handler = item.dep.target.module, item.dep.handler
                 if not isinstance(mod, (nn.Conv2d, nn.Linear)) or mod not in self.names:
                     continue
+                if isinstance(mod, nn.Conv2d) and 1 < mod.groups != mod.in_channels:  # grouped, not depthwise
+                    grouped.append(f"{self.names[mod]} (groups={mod.groups})")
                 if self.dg.is_out_channel_pruning_fn(handler):
                     producers.append(self.names[mod])
                 else:
                     consumers.append((self.names[mod], len(item.idxs)))
+            if grouped:  # widths must stay multiples of the group count: not modelled, so left whole
+                self.whole[self.names[root]] = "grouped convolution " + ", ".join(grouped)
+                continue
             cg = ChannelGroup(self.names[root], len(group[0].idxs), tuple(producers), tuple(consumers))
             self._groups[cg.name] = (cg, group)
 

@@ -2,7 +2,7 @@
 
 :func:`prune_groups_` mutates the model in place (trailing underscore): convs, BNs and linears are
 replaced by smaller ones; nothing is masked. It can record which channels each layer kept
-(:class:`Removal`), so optimizer state can follow the parameters (:func:`carry_momentum_`):
+(:class:`Removal`), so an optimizer can follow the parameters in place (:func:`follow_removal_`):
 torch-pruning replaces the Parameter objects, and a momentum buffer must be sliced on both its
 output and input dimensions, never reset. The graph it pruned through describes the model as it
 was: build a new :class:`~latprune.models.graph.ModelGraph` of the pruned model.
@@ -19,7 +19,7 @@ from torch import nn
 from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph, layer_dims
 
-__all__ = ["Removal", "prune_groups_", "pruned_copy", "carry_momentum_", "check_widths"]
+__all__ = ["Removal", "prune_groups_", "pruned_copy", "follow_removal_", "check_widths"]
 
 
 @dataclasses.dataclass
@@ -72,24 +72,47 @@ def pruned_copy(model: nn.Module, widths: dict[str, int], input_shape: tuple[int
     return prune_groups_(ModelGraph(probe, input_shape), {g: range(k) for g, k in widths.items()})
 
 
+def _sliced(buf: torch.Tensor, mod: str, shape: torch.Size, removal: Removal) -> torch.Tensor:
+    """``buf`` (state of a parameter of layer ``mod`` before the removal) cut to the kept channels
+    on dim 0 (outputs) and dim 1 (inputs), so that it has ``shape``."""
+    if buf.shape[0] != shape[0] and mod in removal.out_keep:
+        buf = buf.index_select(0, removal.out_keep[mod].to(buf.device))
+    if buf.dim() > 1 and buf.shape[1] != shape[1] and mod in removal.in_keep:
+        buf = buf.index_select(1, removal.in_keep[mod].to(buf.device))
+    return buf
+
+
 @torch.no_grad()
-def carry_momentum_(optimizer: torch.optim.Optimizer, old: dict[str, torch.Tensor], model: nn.Module,
+def follow_removal_(optimizer: torch.optim.Optimizer, before: dict[str, nn.Parameter], model: nn.Module,
                     removal: Removal) -> None:
-    """Give ``optimizer`` (built on the pruned model) the momentum buffers ``old`` held, by parameter
-    name, sliced to the kept channels on dim 0 (outputs) and dim 1 (inputs)."""
-    for pname, p in model.named_parameters():
-        buf = old.get(pname)
-        if buf is None:
-            continue
-        mod = pname.rsplit(".", 1)[0]
-        if buf.shape[0] != p.shape[0] and mod in removal.out_keep:
-            buf = buf.index_select(0, removal.out_keep[mod].to(buf.device))
-        if buf.dim() > 1 and buf.shape[1] != p.shape[1] and mod in removal.in_keep:
-            buf = buf.index_select(1, removal.in_keep[mod].to(buf.device))
-        if buf.shape != p.shape:
-            raise RuntimeError(f"momentum of {pname} is {tuple(buf.shape)} after slicing, "
-                               f"parameter is {tuple(p.shape)}")
-        optimizer.state[p]["momentum_buffer"] = buf.clone()
+    """Make ``optimizer`` follow a removal, in place: every parameter it held (``before``: the
+    model's ``named_parameters()`` taken just before :func:`prune_groups_` replaced them) is swapped
+    for the model's new parameter of the same name, in the same group and position, and every state
+    tensor shaped like the old parameter (SGD's momentum, Adam's moments) is sliced to the kept
+    channels; scalar state (Adam's step) is kept. The optimizer object, its parameter groups, learning
+    rates and anything holding it (an LR scheduler, a ``GradScaler``) carry on unchanged."""
+    name_of = {id(p): n for n, p in before.items()}
+    now = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        for i, old in enumerate(group["params"]):
+            name = name_of.get(id(old))
+            new = now.get(name) if name is not None else None
+            if new is None or new is old:
+                continue
+            group["params"][i] = new
+            state = optimizer.state.pop(old, None)
+            if not state:
+                continue
+            mod = name.rsplit(".", 1)[0]
+            moved = {}
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == old.shape and v.dim() > 0:
+                    v = _sliced(v, mod, new.shape, removal).clone()
+                    if v.shape != new.shape:
+                        raise RuntimeError(f"optimizer state {k!r} of {name} is {tuple(v.shape)} after slicing, "
+                                           f"the parameter is {tuple(new.shape)}")
+                moved[k] = v
+            optimizer.state[new] = moved
 
 
 def check_widths(model: nn.Module, layer_channels: dict[str, Sequence[int]]) -> None:

@@ -191,6 +191,8 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
             unpruned[cg.name] = f"{cg.size} channels, not more than --round-to {cfg.round_to}"
     for name, why in unpruned.items():
         log.log(logging.WARNING if warn_unpruned else logging.DEBUG, "group %s stays unpruned: %s", name, why)
+    for name, why in graph.whole.items():  # not a group of the graph at all: reported, never planned
+        log.log(logging.WARNING if warn_unpruned else logging.DEBUG, "group %s is left whole: %s", name, why)
     values = values or plan_values(graph, cfg, batches, held_out, scores)
     scores = values.scores
     lw = graph.layer_widths(table.layer_keys)
@@ -242,7 +244,7 @@ def plan_for_widths(graph: ModelGraph, table: LatencyTable, widths: dict[str, in
         layers_ms=lm.layers_ms(widths), e2e=lm.e2e.to_dict() | {"points": len(lm.e2e.points)}, groups=plans,
         layer_channels={lay: list(lw.widths(lay, widths)) for lay in lw.dense},
         iterations=iterations, history=history or [], importance=cfg.importance, round_to=cfg.round_to,
-        unpruned=unpruned or {}, value_cost=value_cost or {},
+        unpruned={**graph.whole, **(unpruned or {})}, value_cost=value_cost or {},
     )
 
 

@@ -152,7 +152,7 @@ def search_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: P
     t0 = time.perf_counter()
     lm = LatencyModel(table, graph.layer_widths(table.layer_keys), e2e)
     grid = {cg.name: candidate_widths(cg.size, cfg.round_to) for cg in graph.groups}
-    for name in base.unpruned:  # groups the knapsack may not narrow stay whole here too
+    for name in base.unpruned.keys() & grid.keys():  # groups the knapsack may not narrow stay whole here too
         grid[name] = grid[name][-1:]
     scales = MEASURED_SCALES if measure is not None else (1.0,)
     per_scale = int(np.ceil(cfg.search_candidates / len(scales)))

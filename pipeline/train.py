@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latprune.io import cache_key, save_torch_atomic
-from latprune.models.surgery import Removal, carry_momentum_
+from latprune.models.surgery import Removal, follow_removal_
 from latprune.pipeline import distributed
 from latprune.pipeline.data import Dataset, Split
 
@@ -195,11 +195,10 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             removed = False
             for cb in callbacks:
-                momentum = _momentum_by_name(model, optimizer)
+                before = dict(model.named_parameters())
                 removal = cb(it, model)
                 if removal is not None:  # parameters were replaced: follow them
-                    optimizer = make_optimizer(model, cfg)
-                    carry_momentum_(optimizer, momentum, model, removal)
+                    follow_removal_(optimizer, before, model, removal)
                     wrapped = distributed.wrap(model)
                     removed = True
             if (save is not None and distributed.is_main() and it < total
@@ -212,11 +211,6 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, step
     distributed.sync_buffers(model)
     acc = evaluate(model, data, data.val)
     return TrainResult(it, loss, acc, start, optimizer.state_dict())
-
-
-def _momentum_by_name(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
-    return {n: optimizer.state[p]["momentum_buffer"] for n, p in model.named_parameters()
-            if "momentum_buffer" in optimizer.state.get(p, {})}
 
 
 @torch.no_grad()

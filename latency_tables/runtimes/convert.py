@@ -10,15 +10,18 @@ import onnx
 import torch
 from torch import nn
 
+from latprune.models.outputs import OUTPUT, output_names
+
 __all__ = ["OPSET", "INPUT", "OUTPUT", "onnx_bytes", "input_dims", "onnx_batch"]
 
 OPSET = 17
-INPUT, OUTPUT = "input", "logits"
+INPUT = "input"
 
 
 def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSET,
                metadata: dict[str, str] | None = None, dynamic_batch: bool = False) -> bytes:
     """Serialise ``model`` (eval mode) to ONNX and run the full checker (shape inference included).
+    Its outputs are named as ``models.outputs.flatten_outputs`` names them (``logits`` for one tensor).
 
     Uses the TorchScript exporter (``dynamo=False``): ~0.02 s for a small model against 0.7-2.6 s
     for the dynamo exporter, and always a single file with the weights inside.
@@ -26,13 +29,14 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSE
     was_training = model.training
     model.eval()
     buf = io.BytesIO()
-    axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic_batch else None
+    names = output_names(model, tuple(input_shape[1:]))
+    axes = {n: {0: "batch"} for n in (INPUT, *names)} if dynamic_batch else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
-                model, (torch.zeros(input_shape),), buf, input_names=[INPUT], output_names=[OUTPUT],
+                model, (torch.zeros(input_shape),), buf, input_names=[INPUT], output_names=names,
                 opset_version=opset, dynamo=False, do_constant_folding=True, dynamic_axes=axes,
             )
     finally:

@@ -3,9 +3,11 @@ import copy
 import pytest
 import torch
 
+from latprune.latency_tables.profile import ProfileConfig, profile_model
+from latprune.latency_tables.runtimes.convert import onnx_bytes
 from latprune.models.graph import ModelGraph
 from latprune.pipeline.plan import GroupPlan, PlanConfig, PruningPlan, apply_plan_, build_plan
-from latprune.testing import TINY_MODELS, fake_table, residual_net
+from latprune.testing import TINY_MODELS, FakeBackend, fake_table, residual_net
 
 MAG8 = PlanConfig(round_to=8, importance="magnitude")  # needs no data batches
 
@@ -108,3 +110,34 @@ def test_budget_below_floor_says_what_is_reachable():
     table = fake_table(model, SHAPE)
     with pytest.raises(BadInput, match=r"smallest reachable latency .* raise --budget"):
         build_plan(ModelGraph(model, SHAPE), table, 0.01 * table.dense_ms, PlanConfig(importance="magnitude"))
+
+
+class GroupedNet(torch.nn.Module):
+    """A ResNeXt-style block: a grouped (not depthwise) 3x3 conv between two 1x1 convs."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.reduce = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(32))
+        self.expand = nn.Sequential(nn.Conv2d(32, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.fc(self.expand(torch.relu(self.grouped(self.reduce(self.stem(x))))).mean((2, 3)))
+
+
+def test_groups_through_a_grouped_conv_are_left_whole_in_every_stage():
+    model = GroupedNet()
+    graph = ModelGraph(model, SHAPE)
+    assert set(graph.whole) == {"reduce.0", "grouped.0"} and "groups=4" in graph.whole["grouped.0"]
+    assert set(graph.sizes()) == {"stem.0", "expand.0"}
+    # the end-to-end fit's random configurations only draw the groups the graph offers
+    table = profile_model(model, SHAPE, FakeBackend(), ProfileConfig(step=8, fit_configs=6), progress=False)
+    plan = build_plan(graph, table, 0.6 * table.dense_ms, PlanConfig(importance="magnitude"))
+    assert plan.unpruned["grouped.0"].startswith("grouped convolution")
+    apply_plan_(model, plan, SHAPE)
+    assert model.grouped[0].in_channels == model.grouped[0].out_channels == 32
+    assert model(torch.zeros(2, *SHAPE)).shape == (2, 10)
+    assert onnx_bytes(model, (1, *SHAPE))  # the export that used to fail on a cut group count

@@ -2,11 +2,12 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from latprune.models.graph import ModelGraph
-from latprune.models.surgery import Removal, carry_momentum_
+from latprune.models.surgery import Removal, follow_removal_
 from latprune.pipeline.plan import GroupPlan, PruningPlan, apply_plan_
 from latprune.pipeline.train import LRSpan, TrainConfig, bn_recalibrated, evaluate, train
 from latprune.testing import residual_net, tiny_dataset
@@ -24,19 +25,25 @@ def _plan(model):
     return PruningPlan(1.0, 1.0, 1.0, 1.0, {}, groups, {}, 1, [], "magnitude", 8)
 
 
-def test_momentum_follows_the_kept_channels_on_both_dimensions():
-    model = residual_net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(2):
+def _stepped(model, opt, n=2):
+    for _ in range(n):
         opt.zero_grad()
         nn.functional.cross_entropy(model(torch.randn(4, *SHAPE)), torch.randint(0, 10, (4,))).backward()
         opt.step()
+
+
+def test_momentum_follows_the_kept_channels_on_both_dimensions_in_place():
+    model = residual_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _stepped(model, opt)
     old = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    before = dict(model.named_parameters())
     rec = Removal()
     apply_plan_(model, _plan(model), SHAPE, record=rec)
-    new = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    carry_momentum_(new, old, model, rec)
-    buf = {n: new.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
+    follow_removal_(opt, before, model, rec)
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+    assert not any(p in opt.state for p in before.values() if p not in set(model.parameters()))
+    buf = {n: opt.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         assert buf[n].shape == p.shape, n
     s, b = torch.tensor(KEEP_STEM), torch.tensor(KEEP_B1)
@@ -46,6 +53,31 @@ def test_momentum_follows_the_kept_channels_on_both_dimensions():
     torch.testing.assert_close(buf["b1.0.weight"], old["b1.0.weight"][b][:, s])
     torch.testing.assert_close(buf["b2.0.weight"], old["b2.0.weight"][:, b])
     torch.testing.assert_close(buf["fc.weight"], old["fc.weight"])  # proj group untouched
+    _stepped(model, opt, 1)  # the same optimizer object trains the pruned model
+
+
+def test_adam_moments_and_an_lr_scheduler_follow_a_removal():
+    model = residual_net()
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.ndim > 1], "lr": 1e-3},
+                             {"params": [p for p in model.parameters() if p.ndim <= 1], "lr": 2e-3}])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _stepped(model, opt)
+    sched.step()
+    old = {n: (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone(), opt.state[p]["step"].clone())
+           for n, p in model.named_parameters()}
+    before = dict(model.named_parameters())
+    rec = Removal()
+    apply_plan_(model, _plan(model), SHAPE, record=rec)
+    follow_removal_(opt, before, model, rec)
+    s = torch.tensor(KEEP_STEM)
+    st = opt.state[model.stem[0].weight]
+    torch.testing.assert_close(st["exp_avg"], old["stem.0.weight"][0][s])
+    torch.testing.assert_close(st["exp_avg_sq"], old["stem.0.weight"][1][s])
+    assert float(st["step"]) == float(old["stem.0.weight"][2]) == 2.0  # scalar state kept as it was
+    assert len(opt.param_groups[1]["params"]) == sum(1 for p in model.parameters() if p.ndim <= 1)
+    _stepped(model, opt, 1)
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.5e-4, 5e-4])  # the scheduler still drives it
 
 
 def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
@@ -53,14 +85,14 @@ def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
 
     model, data = residual_net(), tiny_dataset(64, SHAPE)
     seen = {}
-    real = tr.carry_momentum_
+    real = tr.follow_removal_
 
-    def spy(opt, old, m, rec):
-        real(opt, old, m, rec)
+    def spy(opt, before, m, rec):
+        real(opt, before, m, rec)
         seen["carried"] = sum(1 for p in m.parameters() if "momentum_buffer" in opt.state[p])
         seen["params"] = sum(1 for _ in m.parameters())
 
-    monkeypatch.setattr(tr, "carry_momentum_", spy)
+    monkeypatch.setattr(tr, "follow_removal_", spy)
 
     def prune_at_3(it, m):
         if it != 3:
@@ -77,7 +109,6 @@ def test_training_continues_through_a_removal_with_momentum_kept(monkeypatch):
     assert 0.0 <= evaluate(model, data, data.test) <= 1.0
 
 
-import pytest  # noqa: E402
 
 from latprune.errors import BadInput  # noqa: E402
 from latprune.latency_tables.endtoend import predicted_latency  # noqa: E402

@@ -1,0 +1,59 @@
+"""A model's outputs as a flat, named list: one tensor, or a tuple, list, namedtuple or dict of them
+(nested). The names are what the ONNX file calls its outputs, what parity compares one by one and
+what the metadata contract lists; the order is the one the ONNX exporter flattens outputs in
+(sequences in order, dicts in insertion order).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from latprune.errors import BadInput
+
+__all__ = ["OUTPUT", "flatten_outputs", "output_names", "output_shapes"]
+
+OUTPUT = "logits"  # the name of a model's single output
+
+
+def flatten_outputs(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """``[(name, tensor), ...]``: a single tensor is ``logits``; a tuple or list's items ``output0``,
+    ``output1``, ...; a namedtuple's and a dict's by their fields and keys, nested ones joined by
+    ``.``. Anything else (None, a number, a string) is refused: it cannot be an ONNX output."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix or OUTPUT, out)]
+    if isinstance(out, dict):
+        items = [(str(k), v) for k, v in out.items()]
+    elif isinstance(out, tuple) and hasattr(out, "_fields"):
+        items = list(zip(out._fields, out))
+    elif isinstance(out, (tuple, list)):
+        items = [(f"output{i}", v) for i, v in enumerate(out)]
+    else:
+        raise BadInput(f"model output {prefix or '(top level)'} is a {type(out).__name__}: outputs must be tensors, "
+                       "or tuples, lists, namedtuples or dicts of tensors")
+    flat = []
+    for k, v in items:
+        flat += flatten_outputs(v, f"{prefix}.{k}" if prefix else k)
+    return flat
+
+
+@torch.no_grad()
+def _run(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, torch.Tensor]]:
+    was_training = model.training
+    param = next(model.parameters(), None)
+    model.eval()
+    try:
+        return flatten_outputs(model(torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")))
+    finally:
+        model.train(was_training)
+
+
+def output_names(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """The names of ``model``'s outputs (eval mode, one zero image of ``input_shape``)."""
+    return [n for n, _ in _run(model, input_shape)]
+
+
+def output_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Each output's shape for one zero image of ``input_shape`` (eval mode), by name."""
+    return {n: tuple(t.shape) for n, t in _run(model, input_shape)}

@@ -1,0 +1,312 @@
+"""The Python API for a user's own training loop: :class:`LatencyPruner`, shaped like torch-pruning's
+``MetaPruner`` with a latency budget instead of a pruning ratio.
+
+    pruner = latprune.LatencyPruner(model, example_inputs, budget=0.5, runtime="ort", steps=10, every=30)
+    for it, (x, y) in enumerate(loader):             # the user's loop, loss and optimizer
+        loss = criterion(model(x), y); loss.backward()
+        pruner.observe()                             # HALP's value from this minibatch's gradients
+        optimizer.step(); optimizer.zero_grad()
+        if pruner.due(it):
+            pruner.step(optimizer)                   # physical removal; the optimizer follows in place
+    result = pruner.verify(optimizer)                # measured latency against the budget (closed loop)
+
+What each call does is what ``latprune run``'s schedule does (``pipeline.schedule``, AdaSAP_L's
+latency target): the latency table of the model on the deployment runtime (profiled, or given),
+HALP's value accumulated from the training gradients since the last removal (``importance="halp"``),
+step r of R re-solving the latency knapsack over torch-pruning's coupled groups at
+L_r = L_0 (L_T / L_0)^(r/R), with L_T = ``budget`` x the dense model's predicted latency, and
+removing the channels physically. :meth:`LatencyPruner.verify` then times the compact model against
+the dense one, interleaved on the runtime, and over the accepted window corrects the table's
+end-to-end term from that measurement and removes more (the closed loop); fine-tune and verify again.
+
+Models as users have them: any ``nn.Module`` taking one image batch; outputs a tensor, a tuple,
+list, namedtuple or dict of tensors. The layers producing the outputs are never pruned on their
+output side (``models.graph.output_layers``: a classifier, every head); ``ignored_layers`` (modules,
+names, ``fnmatch`` patterns) are left whole too. Bad input raises
+:class:`~latprune.errors.BadInput` naming the fix, before the model is touched.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from latprune.errors import BadInput, BudgetBelowFloor
+from latprune.latency_tables.endtoend import PairConfig, measure_speedup, model_layers_ms, predicted_latency
+from latprune.latency_tables.profile import ProfileConfig, profile_model
+from latprune.latency_tables.runtimes import Backend, get_backend
+from latprune.latency_tables.table import LatencyTable
+from latprune.models.graph import IgnoredLayer, ModelGraph
+from latprune.models.outputs import output_shapes
+from latprune.models.surgery import Removal, follow_removal_, pruned_copy
+from latprune.pipeline.importance import HalpValue, group_importance, needs_batches, per_width, uses_halp
+from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan, count_params
+
+__all__ = ["Verification", "LatencyPruner"]
+
+log = logging.getLogger(__name__)
+
+MIN_OBSERVED = 1  # minibatches of gradients a halp step needs at least (HALP averages min(32, every))
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """What :meth:`LatencyPruner.verify` measured: the compact model timed against the dense one,
+    interleaved on the deployment runtime (``ratio`` = compact / dense), beside the budget.
+
+    ``action``: ``accepted`` (within the window), ``under budget`` (below it: faster than asked),
+    ``removed`` (over it: the closed loop removed more channels; fine-tune, then verify again) or
+    ``over budget`` (over it, and nothing more could be removed, or ``correct=False``)."""
+
+    measured_ratio: float
+    ratio_ci95: tuple[float, float]
+    predicted_ratio: float
+    budget: float
+    accepted_up_to: float
+    dense_ms: float
+    compact_ms: float
+    params: int
+    action: str
+
+    @property
+    def met(self) -> bool:
+        return self.measured_ratio <= self.accepted_up_to
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"met": self.met}
+
+
+class LatencyPruner:
+    """Prune ``model`` in place to ``budget`` x its measured latency, from inside the user's loop.
+
+    Args:
+        model: the trained dense model (any ``nn.Module`` taking one image batch); pruned in place.
+        example_inputs: one batch ``(N, C, H, W)`` as deployed: N is the deployment batch the
+            latency is measured at, (C, H, W) the input the table is profiled for.
+        budget: the compact model's latency as a fraction of the dense model's, in (0, 1).
+        table: a :class:`LatencyTable` or the path of one (``latprune profile``) for this model and
+            runtime; None profiles the model now (minutes for a ResNet; see ``profile``).
+        runtime: a runtime name (``latprune.latency_tables.runtime_names()``: ``ort``, ...) or a
+            :class:`Backend` instance.
+        threads: the runtime's threads (a runtime name only).
+        ignored_layers: modules, module names or ``fnmatch`` patterns (``"head.*"``) never pruned
+            on their output side; a container is ignored whole.
+        steps: removals R; the last one lands on the budget's predicted latency.
+        every: iterations between removals (:meth:`due`).
+        importance: ``halp`` (HALP's value from the gradients :meth:`observe` sees; the default) or
+            ``magnitude`` (weights only, no :meth:`observe` needed).
+        round_to: channel multiple every pruned group keeps (8: what the kernels reward).
+        profile: how a table is profiled when ``table`` is None.
+        timing: how :meth:`verify` times the two models.
+        window: the closed loop accepts a measured ratio up to ``window[1] x budget`` and aims at
+            the window's middle when it removes more.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float, *,
+                 table: LatencyTable | str | os.PathLike | None = None, runtime: str | Backend = "ort",
+                 threads: int = 2, ignored_layers: Iterable[IgnoredLayer] = (), steps: int = 10, every: int = 30,
+                 importance: str = "halp", round_to: int = 8, profile: ProfileConfig = ProfileConfig(),
+                 timing: PairConfig = PairConfig(), window: tuple[float, float] = (0.90, 0.97)):
+        if not isinstance(model, nn.Module):
+            raise BadInput(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
+            raise BadInput(f"budget is a fraction of the dense latency in (0, 1), e.g. 0.5, got {budget!r}")
+        if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
+            got = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs)
+            raise BadInput(f"example_inputs must be one image batch tensor (N, C, H, W), got {got}")
+        if steps < 1 or every < 1:
+            raise BadInput(f"steps and every must be >= 1, got {steps}, {every}")
+        if not 0 < window[0] <= window[1]:
+            raise BadInput(f"window must be (low, high) with 0 < low <= high, got {window}")
+        self.plan_cfg = PlanConfig(round_to=round_to, importance=importance)
+        if per_width(self.plan_cfg.importance):
+            raise BadInput(f"importance {importance!r} measures per-width losses on held-out data, which this API "
+                           "does not have: use 'halp' or 'magnitude'")
+        self.model, self.budget, self.steps, self.every = model, float(budget), int(steps), int(every)
+        self.input_shape = tuple(int(d) for d in example_inputs.shape[1:])
+        self.ignored_layers = list(ignored_layers)
+        self.timing, self.window = timing, (float(window[0]), float(window[1]))
+        self._outputs = _outputs_of(model, example_inputs)
+        self.graph = ModelGraph(model, self.input_shape, self.ignored_layers)  # names the bad ignored layer
+        if not self.graph.groups:
+            raise BadInput("no channel group of this model can be pruned (every layer is ignored or produces an "
+                           "output): ignore fewer layers")
+        self.backend = runtime if isinstance(runtime, Backend) else get_backend(runtime, threads,
+                                                                                int(example_inputs.shape[0]))
+        self.table = self._table(table, profile)
+        self._check_outputs_kept()
+        self.dense_predicted_ms = predicted_latency(self.graph, self.table)
+        self.target_ms = self.budget * self.dense_predicted_ms
+        self._check_reachable()
+        self.dense = copy.deepcopy(model).cpu().eval()  # what verify() times the compact model against
+        self.value = HalpValue(self.graph) if uses_halp(self.plan_cfg.importance) else None
+        self.history: list[dict[str, Any]] = []
+        self.verifications: list[Verification] = []
+
+    # ---- set-up checks (nothing here changes the model) ----
+    def _table(self, table, profile: ProfileConfig) -> LatencyTable:
+        if table is None:
+            log.info("profiling %s on %s (no table given)", type(self.model).__name__, self.backend.name)
+            return profile_model(self.model, self.input_shape, self.backend, profile, progress=False,
+                                 ignored=self.graph.ignored)
+        if not isinstance(table, LatencyTable):
+            table = LatencyTable.load(table)
+        table.check_compatible(self.backend.fingerprint(self.input_shape))
+        missing = [p for g in self.graph.groups for p in g.producers
+                   if p not in table.layer_keys and p not in table.unmeasured]
+        if missing:
+            raise BadInput(f"the latency table has no entry for layers {missing[:3]}: profile this model "
+                           "(latprune profile, or table=None)")
+        return table
+
+    def _check_outputs_kept(self) -> None:
+        """Pruning any group must leave every output's shape as it is (a head left whole); a model
+        where it does not is refused here, naming the group, before anything is removed."""
+        cut = {g.name: max(g.size - self.plan_cfg.round_to, 1) for g in self.graph.groups}
+        if _shapes_after(self.model, cut, self.input_shape) == self._outputs:
+            return
+        for name, width in cut.items():
+            after = _shapes_after(self.model, {name: width}, self.input_shape)
+            if after != self._outputs:
+                changed = next(k for k in self._outputs if after.get(k) != self._outputs[k])
+                raise BadInput(f"pruning group {name} changes output {changed!r} from {self._outputs[changed]} to "
+                               f"{after.get(changed)}: add the layer producing it to ignored_layers")
+
+    def _check_reachable(self) -> None:
+        try:
+            weights_only = dataclasses.replace(self.plan_cfg, importance="magnitude")
+            build_plan(self.graph, self.table, self.target_ms, weights_only, warn_unpruned=False)
+        except BudgetBelowFloor as e:
+            raise BadInput(f"budget {self.budget:g} is below the smallest latency this model reaches "
+                           f"({e.floor_ms / self.dense_predicted_ms:.3f} of dense, predicted): raise the budget or "
+                           "ignore fewer layers") from None
+
+    # ---- the loop ----
+    @property
+    def removals(self) -> int:
+        return len(self.history)
+
+    @property
+    def done(self) -> bool:
+        """All ``steps`` removals made."""
+        return self.removals >= self.steps
+
+    def observe(self) -> None:
+        """Add this minibatch's gradients (in ``.grad``, after ``loss.backward()`` and before
+        ``optimizer.zero_grad()``) to HALP's value. A no-op for ``importance="magnitude"``."""
+        if self.value is None or self.done:
+            return
+        if not any(p.grad is not None for p in self.model.parameters()):
+            raise BadInput("observe() found no gradients: call it after loss.backward() and before "
+                           "optimizer.zero_grad()")
+        self.value.observe()
+
+    def due(self, iteration: int) -> bool:
+        """Whether a removal is due after (0-based) ``iteration``: every ``every`` iterations until
+        ``steps`` removals are made."""
+        return not self.done and (int(iteration) + 1) % self.every == 0
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """Make the next removal: re-solve the knapsack at this step's latency target with the value
+        observed since the last removal and remove the channels it drops, physically. ``optimizer``
+        (any ``torch.optim`` optimizer over the model's parameters) follows in place: its parameter
+        groups point at the new parameters and its state is sliced (``models.surgery.follow_removal_``),
+        so a scheduler or ``GradScaler`` holding it carries on. A model wrapped in
+        DistributedDataParallel must be wrapped again afterwards (its buckets hold the old parameters).
+        Returns this step's record (also in :attr:`history`)."""
+        if self.done:
+            raise BadInput(f"all {self.steps} removals are made: check pruner.due(it) or pruner.done before step()")
+        r = self.removals + 1
+        target = self.dense_predicted_ms * (self.target_ms / self.dense_predicted_ms) ** (r / self.steps)
+        plan = build_plan(self.graph, self.table, target, self.plan_cfg, scores=self._scores(), warn_unpruned=False)
+        self._remove(plan, optimizer)
+        rec = {"step": r, "target_ms": target, "predicted_ms": plan.predicted_ms,
+               "predicted_ratio": plan.predicted_ms / self.dense_predicted_ms, "params": count_params(self.model),
+               "widths": {g.name: len(g.keep) for g in plan.groups}}
+        self.history.append(rec)
+        log.info("removal %d/%d: predicted %.3f of dense, %d parameters", r, self.steps, rec["predicted_ratio"],
+                 rec["params"])
+        return rec
+
+    def verify(self, optimizer: torch.optim.Optimizer | None = None, correct: bool = True) -> Verification:
+        """Time the model against the dense one on the runtime (interleaved, ``timing``). Over the
+        accepted window and with ``correct``, close the loop: the table's end-to-end term is corrected
+        from this measurement, the knapsack re-solved on the current model at the window's middle and
+        the channels removed (``optimizer`` follows); fine-tune and call ``verify`` again."""
+        was_training = self.model.training
+        compact = copy.deepcopy(self.model).cpu().eval()
+        self.model.train(was_training)
+        speed = measure_speedup(self.backend, self.dense, compact, self.input_shape, self.timing)
+        lo, hi = self.window
+        layers_ms = model_layers_ms(self.graph, self.table)
+        predicted = self.table.e2e.predict(layers_ms) / self.dense_predicted_ms
+        params = count_params(self.model)  # of the model measured (a correction below removes more)
+        if speed.ratio <= hi * self.budget:
+            action = "under budget" if speed.ratio < lo * self.budget else "accepted"
+        elif not correct:
+            action = "over budget"
+        else:
+            action = self._correct(speed.ratio, layers_ms, optimizer)
+        v = Verification(speed.ratio, tuple(1 / x for x in reversed(speed.speedup_ci95)), predicted, self.budget,
+                         hi * self.budget, speed.dense["median_ms"], speed.compact_ms, params, action)
+        self.verifications.append(v)
+        log.info("verify: measured %.3f of dense (budget %.3f, accepted up to %.3f): %s", v.measured_ratio,
+                 self.budget, v.accepted_up_to, action)
+        return v
+
+    # ---- internals ----
+    def _scores(self) -> dict[str, np.ndarray]:
+        if self.value is not None:
+            if self.value.batches < MIN_OBSERVED:
+                raise BadInput("no gradients observed since the last removal: call pruner.observe() after each "
+                               "loss.backward() (or use importance='magnitude')")
+            return self.value.scores()
+        if needs_batches(self.plan_cfg.importance):
+            raise BadInput(f"importance {self.plan_cfg.importance!r} needs data: use 'halp' with observe()")
+        return group_importance(self.graph, self.plan_cfg.importance)
+
+    def _remove(self, plan: PruningPlan, optimizer: torch.optim.Optimizer | None) -> None:
+        before, rec = dict(self.model.named_parameters()), Removal()
+        apply_plan_(self.model, plan, self.input_shape, record=rec, graph=self.graph)
+        if optimizer is not None:
+            follow_removal_(optimizer, before, self.model, rec)
+        self.graph = ModelGraph(self.model, self.input_shape, self.ignored_layers)
+        self.value = HalpValue(self.graph) if self.value is not None else None
+
+    def _correct(self, ratio: float, layers_ms: float, optimizer) -> str:
+        points = [{"layers_ms": layers_ms, "measured_ms": ratio * self.table.dense_ms}]
+        table = self.table.with_e2e(self.table.e2e.corrected(points))
+        aim = sum(self.window) / 2 * self.budget * self.dense_predicted_ms
+        scores = self.value.scores() if self.value is not None and self.value.batches else \
+            group_importance(self.graph, "magnitude")
+        try:
+            plan = build_plan(self.graph, table, aim, self.plan_cfg, scores=scores, warn_unpruned=False)
+        except BudgetBelowFloor:
+            return "over budget"
+        if all(len(g.keep) == g.size for g in plan.groups):
+            return "over budget"
+        self.table = table
+        self._remove(plan, optimizer)
+        return "removed"
+
+
+def _outputs_of(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Every output's shape for ``example_inputs``; a model that cannot run on them is bad input."""
+    try:
+        return output_shapes(model, tuple(example_inputs.shape[1:]))
+    except BadInput:
+        raise
+    except Exception as e:  # the user's forward on the user's example: its failure is about that input
+        raise BadInput(f"model(example_inputs) fails ({type(e).__name__}: {str(e)[:120]}): pass one batch of the "
+                       "images the model takes, shaped (N, C, H, W)") from e
+
+
+def _shapes_after(model: nn.Module, widths: dict[str, int], input_shape: tuple[int, ...]) -> dict[str, tuple]:
+    probe = pruned_copy(model, widths, input_shape)
+    return output_shapes(probe, input_shape)
