@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -44,8 +44,9 @@ from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
 from latprune.pipeline.importance import restore_bn_stats, save_bn_stats
 
-__all__ = ["METHODS", "RHO_NORMS", "NEURON_SCORES", "OptimizerConfig", "NeuronGroup", "Neurons", "neuron_partition",
-           "uniform_perturbation", "neuron_radii", "adaptive_perturbation", "SharpnessStep"]
+__all__ = ["LossFn", "cross_entropy_loss", "METHODS", "RHO_NORMS", "NEURON_SCORES", "OptimizerConfig", "NeuronGroup",
+           "Neurons", "neuron_partition", "uniform_perturbation", "neuron_radii", "adaptive_perturbation",
+           "SharpnessStep"]
 
 METHODS = ("sgd", "sam", "asam", "adasap")
 RHO_NORMS = ("neuron", "global")  # AdaSAP: one norm per neuron (eq. 4 read literally) or one over all
@@ -257,16 +258,25 @@ def adaptive_perturbation(model: nn.Module, neurons: Neurons, cfg: OptimizerConf
     return eps
 
 
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x, y) -> scalar loss
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
 class SharpnessStep:
-    """A :class:`~latprune.pipeline.train.StepRule` for SAM, ASAM and AdaSAP (two passes per step)."""
+    """A :class:`~latprune.pipeline.train.StepRule` for SAM, ASAM and AdaSAP (two passes per step).
+    ``loss_fn(model, x, y)`` is the loss both passes take (a classifier's cross-entropy by default;
+    a user's own loss, e.g. a detector's, through the Python API)."""
 
     def __init__(self, model: nn.Module, cfg: OptimizerConfig, neurons: Neurons | None = None,
-                 scaler=None):
+                 scaler=None, loss_fn: LossFn = cross_entropy_loss):
         if cfg.method == "sgd":
             raise ValueError("SharpnessStep is for sam, asam and adasap; use sgd_step for sgd")
         if cfg.method == "adasap" and neurons is None:
             raise ValueError("adasap needs the model's neuron partition (neuron_partition)")
-        self.cfg, self.neurons, self.scaler = cfg, neurons, scaler
+        self.cfg, self.neurons, self.scaler, self.loss_fn = cfg, neurons, scaler, loss_fn
         self.scaled = _scale_param_ids(model)
         self.keys: dict[str, np.ndarray] | None = None  # the planner's ranking key (score "planner")
 
@@ -347,9 +357,9 @@ class SharpnessStep:
     def _backward(self, model, x, y) -> float:
         if self.scaler is not None:
             with torch.autocast("cuda", dtype=torch.float16):
-                loss = nn.functional.cross_entropy(model(x), y)
+                loss = self.loss_fn(model, x, y)
             self.scaler.scale(loss).backward()
         else:
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = self.loss_fn(model, x, y)
             loss.backward()
         return float(loss.detach())

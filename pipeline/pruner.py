@@ -45,10 +45,12 @@ from latprune.latency_tables.table import LatencyTable
 from latprune.models.graph import IgnoredLayer, ModelGraph
 from latprune.models.outputs import output_shapes
 from latprune.models.surgery import Removal, follow_removal_, pruned_copy
+from latprune.pipeline.adasap import LossFn, OptimizerConfig, SharpnessStep, cross_entropy_loss, neuron_partition
 from latprune.pipeline.importance import HalpValue, group_importance, needs_batches, per_width, uses_halp
 from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan, count_params
+from latprune.pipeline.schedule import KEY_REFRESH, planner_key
 
-__all__ = ["Verification", "LatencyPruner"]
+__all__ = ["Verification", "LatencyPruner", "AdaSAP"]
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +296,63 @@ class LatencyPruner:
         self.table = table
         self._remove(plan, optimizer)
         return "removed"
+
+
+class AdaSAP:
+    """AdaSAP's step rule (the paper's Algorithm 2, ``pipeline.adasap``) for a user's loop around a
+    :class:`LatencyPruner`: while removals remain, each neuron is perturbed within its own radius,
+    rho_max for the channels the pruner's knapsack would remove next (their value per millisecond
+    saved, refreshed every :data:`~latprune.pipeline.schedule.KEY_REFRESH` steps and after every
+    removal) down to rho_min for the ones it keeps longest; once the pruner is done, uniform ASAM
+    (the paper's robustness-encouraging fine-tuning). Each call is one optimisation step:
+
+        adasap = latprune.AdaSAP(pruner)
+        for it, (x, y) in enumerate(loader):
+            loss = adasap.step(x, y, optimizer)     # two passes, observes for the pruner, optimizer.step()
+            if pruner.due(it):
+                pruner.step(optimizer)
+
+    Args:
+        pruner: the :class:`LatencyPruner` whose model and plan the radii follow.
+        rho_max, rho_min: the per-neuron radii (the default 0.1 with per-neuron normalisation:
+            README, "AdaSAP radii").
+        rho_norm: ``neuron`` (eq. 4 per neuron) or ``global`` (one norm over all neurons).
+        rho: ASAM's uniform radius for fine-tuning and for parameters outside any neuron.
+        sam_every: the two-pass step every K-th call, a plain step of the optimizer between.
+        loss_fn: ``loss_fn(model, x, y) -> loss``; cross-entropy on the model's output by default
+            (a multi-output model needs its own).
+    """
+
+    def __init__(self, pruner: LatencyPruner, *, rho_max: float = 0.1, rho_min: float = 0.01,
+                 rho_norm: str = "neuron", rho: float = 0.5, sam_every: int = 1,
+                 loss_fn: LossFn = cross_entropy_loss):
+        self.pruner, self.loss_fn = pruner, loss_fn
+        self.cfg = OptimizerConfig(method="adasap", rho=rho, rho_min=rho_min, rho_max=rho_max, normalize=rho_norm,
+                                   sam_every=sam_every)
+        self._rule = SharpnessStep(pruner.model, self.cfg, neuron_partition(pruner.graph), loss_fn=loss_fn)
+        self._graph = pruner.graph
+        self._finetune: SharpnessStep | None = None
+        self.iteration = 0
+
+    def step(self, x: torch.Tensor, y: Any, optimizer: torch.optim.Optimizer) -> float:
+        """One step on batch ``(x, y)``: gradients (both passes), ``pruner.observe()`` on the first
+        pass's, ``optimizer.step()``. Do not call ``observe`` yourself as well. Returns the loss."""
+        p = self.pruner
+        if p.done:
+            if self._finetune is None:
+                self._finetune = SharpnessStep(p.model, dataclasses.replace(self.cfg, method="asam"),
+                                               loss_fn=self.loss_fn)
+            rule, observe = self._finetune, None
+        else:
+            if p.graph is not self._graph:  # a removal replaced the parameters
+                self._rule.rebind(p.graph)
+                self._graph = p.graph
+            if self._rule.keys is None or self.iteration % KEY_REFRESH == 0:
+                self._rule.set_neuron_keys(planner_key(p.graph, p.table, p.value, p.plan_cfg.round_to))
+            rule, observe = self._rule, p.observe
+        loss = rule(p.model, x, y, optimizer, observe, self.iteration)
+        self.iteration += 1
+        return loss
 
 
 def _outputs_of(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tuple[int, ...]]:

@@ -70,8 +70,9 @@ from latprune.pipeline.train import (
     train,
 )
 
-__all__ = ["TARGETS", "PHASES", "ScheduleConfig", "floors_at_plan", "LatencyGoal", "ScheduleResult", "TrainPruneConfig",
-           "prune_rule", "finetune_rule", "measure_sharpness", "train_and_prune_", "step_time_ratio"]
+__all__ = ["TARGETS", "PHASES", "KEY_REFRESH", "ScheduleConfig", "planner_key", "floors_at_plan", "LatencyGoal",
+           "ScheduleResult", "TrainPruneConfig", "prune_rule", "finetune_rule", "measure_sharpness",
+           "train_and_prune_", "step_time_ratio"]
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,18 @@ class ScheduleResult:
     resumed: list[dict[str, Any]]  # where each resume picked up (phase, iteration)
     corrections: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the corrective phase's checks
     e2e: dict[str, Any] | None = None  # the end-to-end term after the corrective phase (None: unchanged)
+
+
+def planner_key(graph: ModelGraph, table: LatencyTable, value: HalpValue | None, round_to: int,
+                per_ms: bool = True) -> dict[str, np.ndarray]:
+    """AdaSAP's neuron score (issue 12): every channel's value per millisecond its removal saves, at
+    the current widths (``plan.value_per_ms``), so the channels the knapsack removes next get
+    rho_max; ``per_ms=False`` (a parameter target, AdaSAP_P) ranks by the value alone. The value:
+    HALP's, accumulated from the training gradients since the last removal (also for a per-width
+    criterion, which has no per-channel score); the weights' magnitude for ``magnitude``, and before
+    the first minibatch is seen."""
+    scores = value.scores() if value is not None and value.batches else group_importance(graph, "magnitude")
+    return value_per_ms(graph, table, scores, round_to) if per_ms else scores
 
 
 def prune_rule(graph: ModelGraph, sharp: OptimizerConfig) -> Any:
@@ -332,16 +345,8 @@ class _Schedule:
         return None, 0
 
     def _neuron_keys(self) -> dict[str, np.ndarray]:
-        """AdaSAP's planner score: every channel's value per millisecond its removal saves, at the
-        current widths (``plan.value_per_ms``; a parameter target ranks by the value alone). The
-        value: HALP's, accumulated from the training gradients since the last removal (also for a
-        per-width criterion, which has no per-channel score); the weights' magnitude for
-        ``magnitude``, and before the first minibatch is seen."""
-        v = self.value
-        scores = v.scores() if v is not None and v.batches else group_importance(self.graph, "magnitude")
-        if self.sched.target == "params":  # AdaSAP_P ranks neurons by value alone, not per millisecond
-            return scores
-        return value_per_ms(self.graph, self.table, scores, self.plan_cfg.round_to)
+        return planner_key(self.graph, self.table, self.value, self.plan_cfg.round_to,
+                           per_ms=self.sched.target == "latency")
 
     def _keyed(self, rule, resume) -> list:
         """Give ``rule`` the planner's key now (the checkpoint's when resuming inside the phase) and

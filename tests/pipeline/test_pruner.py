@@ -214,3 +214,40 @@ def test_export_model_refuses_a_file_that_computes_something_else(tmp_path):
 def test_the_public_surface_is_all():
     for name in latprune.__all__:
         assert getattr(latprune, name) is not None
+
+
+def test_adasap_drives_a_user_loop_observing_once_per_step_then_fine_tunes_with_asam():
+    model = residual_net()
+    pruner = _pruner(model, 0.6, steps=2, every=3)
+    adasap = latprune.AdaSAP(pruner, rho_max=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for it in range(9):
+        x, y = torch.randn(8, *SHAPE, generator=g), torch.randint(0, 10, (8,), generator=g)
+        loss = adasap.step(x, y, opt)
+        assert math.isfinite(loss)
+        if pruner.due(it):
+            assert pruner.value.batches == 3  # one observation per two-pass step, not two
+            assert set(adasap._rule.keys) == set(pruner.graph.sizes())  # radii follow the planner's key
+            pruner.step(opt)
+    assert pruner.done and adasap._finetune is not None and adasap._finetune.cfg.method == "asam"
+    assert model_cost_ms(model, SHAPE) <= 0.6 * model_cost_ms(residual_net(), SHAPE) + 1e-9
+
+
+def test_adasap_takes_the_users_loss_for_a_multi_output_model():
+    model = TwoHeadNet(as_dict=True)
+    pruner = _pruner(model, 0.7, steps=1, every=2)
+    seen = []
+
+    def loss_fn(m, x, y):
+        out = m(x)
+        seen.append(sorted(out))
+        return nn.functional.cross_entropy(out["logits"], y) + out["boxes"].pow(2).mean()
+
+    adasap = latprune.AdaSAP(pruner, loss_fn=loss_fn)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for it in range(3):
+        adasap.step(torch.randn(4, *SHAPE), torch.randint(0, 10, (4,)), opt)
+        if pruner.due(it):
+            pruner.step(opt)
+    assert pruner.done and seen[0] == ["boxes", "logits"] and len(seen) == 6  # two passes per step
