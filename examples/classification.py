@@ -22,6 +22,7 @@ p.add_argument("--budget", type=float, default=0.5)
 p.add_argument("--iterations", type=int, default=600)  # the first half prunes, the second fine-tunes
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--profile-step", type=int, default=8)  # the latency table's channel grid
+p.add_argument("--fit-configs", type=int, default=8)  # pruned models the table's end-to-end term is fitted on
 p.add_argument("--out", default="deploy")
 a = p.parse_args()
 
@@ -29,8 +30,9 @@ data = load_dataset(DataConfig("fashion-mnist"))
 model = ModelSpec("resnet20", data.num_classes).build()
 model.load_state_dict(torch.load(bundled_weights("resnet20", "fashion-mnist", 10), weights_only=True))
 example = torch.zeros(32, *data.input_shape)  # the deployment batch
+table = ProfileConfig(a.profile_step, fit_configs=a.fit_configs)  # how the latency table is measured
 pruner = latprune.LatencyPruner(model, example, budget=a.budget, runtime="ort", steps=a.steps,
-                                every=max(a.iterations // (2 * a.steps), 1), profile=ProfileConfig(step=a.profile_step))
+                                every=max(a.iterations // (2 * a.steps), 1), profile=table)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, a.iterations)
 rng = np.random.default_rng(0)

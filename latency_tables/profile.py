@@ -24,7 +24,8 @@ from latprune.latency_tables.table import EndToEnd, LatencyTable, LayerSignature
 from latprune.models.graph import IgnoredLayer, ModelGraph
 from latprune.models.widths import candidate_widths
 
-__all__ = ["ProfileConfig", "layer_signatures", "isolated_outliers", "profile_model", "check_layers"]
+__all__ = ["ProfileConfig", "layer_signatures", "isolated_outliers", "fixed_axes", "check_axes", "profile_model",
+           "check_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +138,49 @@ def isolated_outliers(med: np.ndarray, high: float = 1.25, low: float = 0.8) -> 
     return out
 
 
+def fixed_axes(graph: ModelGraph, layers) -> dict[str, list[str]]:
+    """For each of ``layers`` (table layers of ``graph.model``), the channel axes no plan on this graph
+    can change: ``out`` when no prunable group prunes its outputs, ``in`` when none feeds its inputs
+    (a depthwise layer's input follows its output). The profiler measures such an axis at its dense
+    width only; a plan on a graph that could change it needs a new table."""
+    lw = graph.layer_widths(layers)
+    out = {}
+    for name in lw.dense:
+        axes = [a for a, free in (("in", name in lw.in_groups or (name in lw.depthwise and name in lw.out_group)),
+                                  ("out", name in lw.out_group)) if not free]
+        if axes:
+            out[name] = axes
+    return out
+
+
+def check_axes(graph: ModelGraph, table: LatencyTable) -> None:
+    """Refuse a table that measured an axis at one width where a plan on ``graph`` can change it
+    (the table was profiled with more layers ignored than this graph ignores)."""
+    fixed = table.meta.get("fixed_axes") or {}
+    if not fixed:
+        return
+    now = fixed_axes(graph, [n for n in table.layer_keys if n in dict(graph.model.named_modules())])
+    wrong = sorted(n for n, axes in fixed.items() if set(axes) - set(now.get(n, ())))
+    if wrong:
+        raise BadInput(f"the latency table measured layer {wrong[0]} (and {len(wrong) - 1} more) at its dense width "
+                       f"only (profiled with ignored layers {table.meta.get('ignored', [])}), but this plan may change "
+                       "it: profile again with the same ignored layers as the plan")
+
+
 def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: Backend,
                   cfg: ProfileConfig = ProfileConfig(), progress: bool = True,
                   ignored: Iterable[IgnoredLayer] = ()) -> LatencyTable:
     """Every Conv2d and Linear layer of ``model`` timed alone on ``backend`` over a grid of widths
     (``cfg.step``), the dense model end to end, and the end-to-end term fitted on pruned
     configurations of the groups the planner may shrink (``ignored`` layers and the output layers
-    stay whole in them, as in every plan: ``models.graph.ModelGraph``)."""
+    stay whole in them, as in every plan: ``models.graph.ModelGraph``). An axis no plan can change
+    (:func:`fixed_axes`) is measured at its dense width only."""
+    graph = ModelGraph(model, input_shape, ignored)  # an untraceable model fails here, before any timing
     unmeasured: dict[str, str] = {}
     sigs = layer_signatures(model, input_shape, unmeasured)
     if not sigs:
         raise BadInput("the model has no Conv2d or Linear layer the profiler can measure: nothing to prune")
+    fixed = fixed_axes(graph, sigs)
     for name, why in unmeasured.items():
         log.warning("layer %s is not profiled (%s): it stays unpruned", name, why)
     narrow = sorted(n for n, s in sigs.items() if s.kind != "linear" and max(s.c_in, s.c_out) <= cfg.step
@@ -161,10 +194,15 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
     unique: dict[str, LayerSignature] = {}
     for s in sigs.values():
         unique.setdefault(s.key, s)
+    # an axis no plan can change (no prunable group reaches it, in any layer of the signature) is
+    # measured at its dense width only
+    varies = {key: ({"in", "out"} - set.intersection(*[set(fixed.get(n, ())) for n, t in sigs.items() if t.key == key]))
+              for key in unique}
     grids, plan = {}, []
     for key, s in unique.items():
-        ci = [s.c_in] if s.kind == "dwconv" else candidate_widths(s.c_in, cfg.step).tolist()
-        co = candidate_widths(s.c_out, cfg.step).tolist()
+        ci = ([s.c_in] if s.kind == "dwconv" or "in" not in varies[key] else
+              candidate_widths(s.c_in, cfg.step).tolist())
+        co = candidate_widths(s.c_out, cfg.step).tolist() if "out" in varies[key] else [s.c_out]
         shape = (len(ci), len(co))
         grids[key] = (ci, co, np.zeros(shape), np.zeros(shape), np.zeros(shape, int))
         plan += [(key, i, o) for i in range(len(ci)) for o in range(len(co))]
@@ -208,10 +246,9 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
         e2e=EndToEnd.fit([{"label": "dense", "layers_ms": covered, "measured_ms": dense.median_ms}]),
         meta={"profile": dataclasses.asdict(cfg), "dense": dense.summary(), "entries": len(plan),
               "remeasured_outliers": len(spikes),
-              "unmeasured": unmeasured},
+              "unmeasured": unmeasured, "fixed_axes": fixed, "ignored": list(graph.ignored)},
     )
     # the smallest plan is always among the fit's points: it anchors the floor the knapsack sees
-    graph = ModelGraph(model, input_shape, ignored)
     return table.with_e2e(fit_end_to_end(graph, table, backend, cfg.fit_configs, cfg.step,
                                          cfg.pair, progress=progress))
 

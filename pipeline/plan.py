@@ -21,6 +21,7 @@ from torch import nn
 from latprune.errors import BadInput, BudgetBelowFloor
 from latprune.io import write_json_atomic
 from latprune.latency_tables.predict import LatencyModel
+from latprune.latency_tables.profile import check_axes
 from latprune.latency_tables.table import EndToEnd, LatencyTable
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import Removal, check_widths, prune_groups_
@@ -182,6 +183,7 @@ def build_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: Pl
     stale = [lay for cg in groups for lay in cg.producers if lay not in table.layer_keys and lay not in unmeasured]
     if stale:
         raise BadInput(f"latency table has no entry for layers {stale[:3]}: re-profile this model")
+    check_axes(graph, table)
     unpruned = {}
     for cg in groups:
         why = [f"{lay}: {unmeasured[lay]}" for lay in cg.producers if lay in unmeasured]

@@ -3,7 +3,7 @@ latency is a known function of the widths (``latprune.testing.FakeBackend``)."""
 import numpy as np
 import pytest
 
-from latprune.errors import BudgetBelowFloor
+from latprune.errors import BadInput, BudgetBelowFloor
 from latprune.latency_tables.endtoend import (
     PairConfig,
     fit_end_to_end,
@@ -148,5 +148,19 @@ def test_a_spiked_table_entry_is_measured_again():
     table = profile_model(model, SHAPE, SpikyBackend(spike_at=(8, 8)), cfg, progress=False)
     exact = fake_table(model, SHAPE, step=8)
     assert 1 <= table.meta["remeasured_outliers"] <= 3  # the spike, and at most its lower neighbours
-    for k, t in table.layers.items():
-        np.testing.assert_allclose(t.median_ms, exact.layers[k].median_ms)
+    for k, t in table.layers.items():  # on the table's grid (an axis no plan can change has one point)
+        want = [[exact.layers[k].lookup(i, o) for o in t.c_out_grid] for i in t.c_in_grid]
+        np.testing.assert_allclose(t.median_ms, want)
+
+
+def test_axes_no_plan_can_change_are_measured_once_and_a_wider_plan_is_refused():
+    model = residual_net()
+    full = profile_model(model, SHAPE, FakeBackend(), ProfileConfig(step=8, fit_configs=1), progress=False)
+    lean = profile_model(model, SHAPE, FakeBackend(), ProfileConfig(step=8, fit_configs=1), progress=False,
+                         ignored=["b1"])
+    assert lean.meta["fixed_axes"]["b1.0"] == ["out"] and lean.meta["fixed_axes"]["b2.0"] == ["in"]
+    assert "fc" in lean.meta["fixed_axes"] and "out" in lean.meta["fixed_axes"]["fc"]  # the classifier's outputs
+    assert lean.meta["entries"] < full.meta["entries"]
+    build_plan(ModelGraph(model, SHAPE, ["b1"]), lean, 0.7 * lean.dense_ms, PlanConfig(importance="magnitude"))
+    with pytest.raises(BadInput, match="profile again with the same ignored layers"):
+        build_plan(ModelGraph(model, SHAPE), lean, 0.7 * lean.dense_ms, PlanConfig(importance="magnitude"))
