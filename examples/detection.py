@@ -33,6 +33,7 @@ p.add_argument("--finetune-epochs", type=float, default=3)  # after the last rem
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--every", type=int, default=30)
 p.add_argument("--deploy-batch", type=int, default=8)
+p.add_argument("--threads", type=int, default=2)  # ONNX Runtime's threads for the latency table and verify
 p.add_argument("--profile-step", type=int, default=64)  # MobileNetV3 at step 8 would be 23,164 table entries
 p.add_argument("--fit-configs", type=int, default=8)  # pruned models the table's end-to-end term is fitted on
 p.add_argument("--seed", type=int, default=0)
@@ -82,8 +83,8 @@ print(f"dense: mAP@0.5 {dense_map['map_50']:.4f}, mAP@[.5:.95] {dense_map['map_5
 
 model, example = RawHeads(ssd), torch.zeros(a.deploy_batch, 3, a.canvas, a.canvas)
 table = ProfileConfig(a.profile_step, fit_configs=a.fit_configs)  # how the latency table is measured
-pruner = latprune.LatencyPruner(model, example, budget=a.budget, runtime="ort", ignored_layers=["ssd.head"],
-                                steps=a.steps, every=a.every, profile=table)
+pruner = latprune.LatencyPruner(model, example, budget=a.budget, runtime="ort", threads=a.threads,
+                                ignored_layers=["ssd.head"], steps=a.steps, every=a.every, profile=table)
 n = a.steps * a.every + int(a.finetune_epochs * math.ceil(a.train / 32))
 opt, sched = sgd(n, lr=0.01)
 ssd.train()
