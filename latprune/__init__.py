@@ -11,13 +11,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["LatencyPruner", "AdaSAP", "Verification", "export_model", "Deployment", "run", "load", "load_dense",
-           "RunConfig", "profile_model", "build_plan", "apply_plan_", "export_onnx", "LatencyTable", "PruningPlan",
-           "ModelGraph"]
+__all__ = ["LatencyPruner", "AdaSAP", "prune", "PruneResult", "Verification", "export_model", "Deployment", "run",
+           "load", "load_dense", "RunConfig", "profile_model", "build_plan", "apply_plan_", "export_onnx",
+           "LatencyTable", "PruningPlan", "ModelGraph"]
 
 _LAZY = {
     "LatencyPruner": ("latprune.pipeline.pruner", "LatencyPruner"),
     "AdaSAP": ("latprune.pipeline.pruner", "AdaSAP"),
+    "prune": ("latprune.pipeline.pruner", "prune"),
+    "PruneResult": ("latprune.pipeline.pruner", "PruneResult"),
     "Verification": ("latprune.pipeline.pruner", "Verification"),
     "export_model": ("latprune.export.deploy", "export_model"),
     "Deployment": ("latprune.export.deploy", "Deployment"),

@@ -31,7 +31,7 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from latprune.pipeline.importance import HalpValue, group_importance, needs_batc
 from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan, count_params
 from latprune.pipeline.schedule import KEY_REFRESH, planner_key
 
-__all__ = ["Verification", "LatencyPruner", "AdaSAP"]
+__all__ = ["Verification", "LatencyPruner", "AdaSAP", "PruneResult", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +353,66 @@ class AdaSAP:
         loss = rule(p.model, x, y, optimizer, observe, self.iteration)
         self.iteration += 1
         return loss
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """What :func:`prune` did: the last verification, every removal, ``eval_fn`` before and after."""
+
+    verification: Verification
+    verifications: list[Verification]
+    history: list[dict[str, Any]]
+    before: Any
+    after: Any
+    dense_params: int
+    params: int
+
+
+def prune(model: nn.Module, example_inputs: torch.Tensor, budget: float, *, train_fn: Callable[[nn.Module], Any],
+          eval_fn: Callable[[nn.Module], Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
+          lr: float = 0.01, steps: int = 10, every: int = 30, finetune: int = 300, corrections: int = 2,
+          **pruner_kw: Any) -> PruneResult:
+    """Prune ``model`` in place to ``budget`` in one call, for those who pass callbacks rather than
+    write the loop: :class:`LatencyPruner`'s removals, then fine-tuning, then the closed loop.
+
+    Args:
+        model, example_inputs, budget: as :class:`LatencyPruner`.
+        train_fn: ``train_fn(model) -> loss``: the loss (a scalar tensor, not yet backpropagated) of
+            the next training minibatch; called once per iteration, the model in train mode.
+        eval_fn: ``eval_fn(model) -> anything`` (e.g. validation accuracy), called before pruning
+            and at the end; None skips it.
+        optimizer: over ``model``'s parameters; default SGD (``lr``, momentum 0.9, weight decay 5e-4).
+            It follows every removal in place.
+        steps, every: removals and the iterations between them (``steps x every`` iterations).
+        finetune: iterations after the last removal, and after each corrective removal.
+        corrections: corrective removals :meth:`LatencyPruner.verify` may make at most.
+        **pruner_kw: the other arguments of :class:`LatencyPruner` (``table``, ``runtime``,
+            ``ignored_layers``, ``importance``, ``round_to``, ...).
+
+    Returns:
+        :class:`PruneResult`.
+    """
+    pruner = LatencyPruner(model, example_inputs, budget, steps=steps, every=every, **pruner_kw)
+    before = eval_fn(model) if eval_fn is not None else None
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+    def run(iterations: int) -> None:
+        model.train()
+        for it in range(iterations):
+            train_fn(model).backward()
+            pruner.observe()
+            opt.step()
+            opt.zero_grad()
+            if pruner.due(it):
+                pruner.step(opt)
+
+    run(steps * every + finetune)
+    v = pruner.verify(opt)
+    while v.action == "removed" and len(pruner.verifications) <= corrections:
+        run(finetune)
+        v = pruner.verify(opt)
+    return PruneResult(v, list(pruner.verifications), pruner.history, before,
+                       eval_fn(model) if eval_fn is not None else None, count_params(pruner.dense), count_params(model))
 
 
 def _outputs_of(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tuple[int, ...]]:

@@ -251,3 +251,26 @@ def test_adasap_takes_the_users_loss_for_a_multi_output_model():
         if pruner.due(it):
             pruner.step(opt)
     assert pruner.done and seen[0] == ["boxes", "logits"] and len(seen) == 6  # two passes per step
+
+
+def test_prune_in_one_call_with_callbacks():
+    model = residual_net()
+    dense_cost = model_cost_ms(model, SHAPE)
+    g = torch.Generator().manual_seed(0)
+    calls = {"train": 0, "eval": 0}
+
+    def train_fn(m):
+        calls["train"] += 1
+        assert m.training
+        x, y = torch.randn(8, *SHAPE, generator=g), torch.randint(0, 10, (8,), generator=g)
+        return nn.functional.cross_entropy(m(x), y)
+
+    def eval_fn(m):
+        calls["eval"] += 1
+        return sum(p.numel() for p in m.parameters())
+
+    res = latprune.prune(model, torch.zeros(2, *SHAPE), 0.6, train_fn=train_fn, eval_fn=eval_fn, steps=2, every=2,
+                         finetune=3, table=fake_table(model, SHAPE, batch=2), runtime=FakeBackend(batch=2), timing=FAST)
+    assert calls == {"train": 2 * 2 + 3, "eval": 2} and len(res.history) == 2
+    assert res.before == res.dense_params > res.after == res.params
+    assert res.verification.met and model_cost_ms(model, SHAPE) <= 0.6 * dense_cost + 1e-9
