@@ -73,8 +73,9 @@ def layer_signatures(model: nn.Module, input_shape: tuple[int, int, int],
     """Signature of every Conv2d and Linear layer, with the input size seen in a forward pass.
 
     Layers the profiler cannot measure (grouped but not depthwise convs, 1-D/3-D and transposed
-    convs, linears on more than 2-D input) go into ``unmeasured`` with the reason; the planner
-    leaves the groups they produce unpruned.
+    convs, linears on more than 2-D input) and layers the eval-mode forward never runs (training-only
+    auxiliary heads) go into ``unmeasured`` with the reason; the planner leaves the groups they
+    produce unpruned.
     """
     sigs: dict[str, LayerSignature] = {}
     hooks = []
@@ -117,6 +118,9 @@ def layer_signatures(model: nn.Module, input_shape: tuple[int, int, int],
         model.train(was_training)
         for h in hooks:
             h.remove()
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) and name not in sigs and name not in unmeasured:
+            unmeasured[name] = "not run at inference (a training-only branch, e.g. auxiliary logits): costs no latency"
     return sigs
 
 

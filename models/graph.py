@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from latprune.errors import BadInput
+from latprune.models.outputs import has_aux_outputs
 from latprune.models.widths import LayerWidths
 
 __all__ = ["ChannelGroup", "ModelGraph", "IgnoredLayer", "classifier_layers", "output_layers", "resolve_ignored",
@@ -119,16 +120,27 @@ class ModelGraph:
         ignored_names = resolve_ignored(model, ignored)
         was_training = model.training
         param = next(model.parameters(), None)
-        example = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
-        model.eval()
+        # a model with training-only auxiliary heads is traced in training mode (two images: BatchNorm
+        # needs more than one value per channel), its BatchNorm statistics restored afterwards
+        aux = has_aux_outputs(model)
+        example = torch.zeros(2 if aux else 1, *input_shape, device=param.device if param is not None else "cpu")
+        model.train(aux)
+        bn = [(b, b.detach().clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None] if aux else []
         try:
-            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            # torch-pruning puts the model in eval mode before its forward: a training-mode one goes through forward_fn
+            forward = (lambda m, x: m.train()(x)) if aux else None
+            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward,
+                                                            verbose=False)
         except Exception as e:  # the user's model inside a third-party tracer: every failure is about the model
             raise BadInput(f"torch-pruning cannot trace {type(model).__name__} ({type(e).__name__}: {str(e)[:120]}), "
                            "so its channels cannot be grouped: rewrite the operation it fails on (e.g. a "
                            "reshape-based channel shuffle) or prune another architecture") from e
         finally:
             model.train(was_training)
+            with torch.no_grad():
+                for buf, saved in bn:
+                    buf.copy_(saved)
         self.names = {m: n for n, m in model.named_modules()}
         outputs = output_layers(self.dg)
         self.classifier = {self.names[m] for m in outputs if m in self.names}

@@ -12,9 +12,12 @@ from torch import nn
 
 from latprune.errors import BadInput
 
-__all__ = ["OUTPUT", "flatten_outputs", "output_names", "output_shapes"]
+__all__ = ["OUTPUT", "AUX_WEIGHT", "flatten_outputs", "output_names", "output_shapes", "classification_loss",
+           "has_aux_outputs"]
 
 OUTPUT = "logits"  # the name of a model's single output
+# an auxiliary classifier's loss weight (PyTorch's fine-tuning tutorial for Inception v3: loss1 + 0.4 * loss2)
+AUX_WEIGHT = 0.4
 
 
 def flatten_outputs(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -57,3 +60,28 @@ def output_names(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
 def output_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """Each output's shape for one zero image of ``input_shape`` (eval mode), by name."""
     return {n: tuple(t.shape) for n, t in _run(model, input_shape)}
+
+
+def classification_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier's output: one logits tensor, or, in training mode, the main
+    logits first and auxiliary logits after them (torchvision's GoogLeNet and Inception3 return a
+    namedtuple ``(logits, aux...)``), each auxiliary term weighted :data:`AUX_WEIGHT`."""
+    if isinstance(out, torch.Tensor):
+        return nn.functional.cross_entropy(out, y)
+    flat = flatten_outputs(out)
+    (name, main), aux = flat[0], flat[1:]
+    loss = nn.functional.cross_entropy(main, y)
+    for n, t in aux:
+        if t.shape != main.shape:
+            raise BadInput(f"the model returns {name} {tuple(main.shape)} and {n} {tuple(t.shape)}: latprune trains "
+                           "classifiers whose extra outputs are auxiliary logits; train this model in your own loop "
+                           "with latprune.LatencyPruner")
+        loss = loss + AUX_WEIGHT * nn.functional.cross_entropy(t, y)
+    return loss
+
+
+def has_aux_outputs(model: nn.Module) -> bool:
+    """Whether the model computes auxiliary classifiers in training mode only (torchvision's
+    ``aux_logits`` convention: GoogLeNet, Inception3): its graph must be traced in training mode, or
+    pruning would not see the layers that feed them."""
+    return bool(getattr(model, "aux_logits", False))

@@ -34,8 +34,10 @@ def prune_groups_(graph: ModelGraph, keep: dict[str, Sequence[int]], record: Rem
     """Keep only channels ``keep[group]`` (indices in the root layer's order) of each named group of
     ``graph.model``; fill ``record`` with what every touched layer kept. Returns the model."""
     dg, names = graph.dg, graph.names
-    removed: dict[tuple[str, bool], set[int]] = {}
-    sizes: dict[tuple[str, bool], int] = {}
+    # per (layer, output side): the original indices of the channels it has now. Groups are removed one
+    # after another and each sees the layer as the previous ones left it (a concat's consumer is cut
+    # by every group feeding it), so indices are mapped back before they are recorded.
+    alive: dict[tuple[str, bool], list[int]] = {}
     for name, kept in keep.items():
         try:
             cg, group = graph.group(name)
@@ -53,14 +55,15 @@ def prune_groups_(graph: ModelGraph, keep: dict[str, Sequence[int]], record: Rem
             if mod in names and record is not None:
                 out = dg.is_out_channel_pruning_fn(item.dep.handler)
                 key = (names[mod], out)
-                pruner = dg.get_pruner_of_module(mod)
-                sizes[key] = (pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod))
-                removed.setdefault(key, set()).update(int(getattr(i, "idx", i)) for i in item.idxs)
+                if key not in alive:
+                    pruner = dg.get_pruner_of_module(mod)
+                    alive[key] = list(range(pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod)))
+                gone = {int(getattr(i, "idx", i)) for i in item.idxs}
+                alive[key] = [orig for now, orig in enumerate(alive[key]) if now not in gone]
         sub.prune()
     if record is not None:
-        for (name, out), gone in removed.items():
-            kept_idx = torch.tensor(sorted(set(range(sizes[(name, out)])) - gone), dtype=torch.long)
-            (record.out_keep if out else record.in_keep)[name] = kept_idx
+        for (name, out), kept in alive.items():
+            (record.out_keep if out else record.in_keep)[name] = torch.tensor(kept, dtype=torch.long)
     return graph.model
 
 

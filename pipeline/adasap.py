@@ -42,6 +42,7 @@ from torch import nn
 
 from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
+from latprune.models.outputs import classification_loss
 from latprune.pipeline.importance import restore_bn_stats, save_bn_stats
 
 __all__ = ["LossFn", "cross_entropy_loss", "METHODS", "RHO_NORMS", "NEURON_SCORES", "OptimizerConfig", "NeuronGroup",
@@ -262,7 +263,8 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (mod
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(x), y)
+    """A classifier's loss (auxiliary logits included: ``models.outputs.classification_loss``)."""
+    return classification_loss(model(x), y)
 
 
 class SharpnessStep:

@@ -36,6 +36,7 @@ from torch import nn
 
 from latprune.errors import BadInput
 from latprune.models.graph import ModelGraph
+from latprune.models.outputs import classification_loss
 
 __all__ = ["DEPRECATED_IMPORTANCE", "Scorer", "register_importance", "tp_criterion", "importance_names",
            "canonical_importance", "needs_batches", "per_width", "uses_halp", "group_importance", "HalpValue",
@@ -74,7 +75,7 @@ def tp_criterion(factory: Callable[[], Any], gradients: bool = False) -> Scorer:
         imp = factory()
         with _gradients(graph.model, batches if gradients else None) as run:
             for x, y in run:
-                nn.functional.cross_entropy(graph.model(x), y).backward()
+                classification_loss(graph.model(x), y).backward()
             with torch.no_grad():
                 return {cg.name: imp(g).detach().cpu().double().numpy() for cg, g in graph.tp_groups()}
 
@@ -162,7 +163,7 @@ def _halp(graph: ModelGraph, batches) -> dict[str, np.ndarray]:
     with _gradients(graph.model, batches) as run:
         for x, y in run:
             graph.model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(graph.model(x), y).backward()
+            classification_loss(graph.model(x), y).backward()
             value.observe()
     return value.scores()
 

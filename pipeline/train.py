@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latprune.io import cache_key, save_torch_atomic
+from latprune.models.outputs import classification_loss
 from latprune.models.surgery import Removal, follow_removal_
 from latprune.pipeline import distributed
 from latprune.pipeline.data import Dataset, Split
@@ -66,7 +67,7 @@ class StepRule(Protocol):
 
 def sgd_step(model, x, y, optimizer, observe: Callable[[], None] | None = None, iteration: int = 0) -> float:
     optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(x), y)
+    loss = classification_loss(model(x), y)
     loss.backward()
     if observe is not None:
         observe()

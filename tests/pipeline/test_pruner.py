@@ -11,8 +11,10 @@ from torch import nn
 import latprune
 from latprune.errors import BadInput, ParityError
 from latprune.latency_tables.endtoend import PairConfig
+from latprune.latency_tables.profile import ProfileConfig, profile_model
 from latprune.models.graph import ModelGraph, resolve_ignored
-from latprune.models.outputs import flatten_outputs
+from latprune.models.outputs import classification_loss, flatten_outputs
+from latprune.pipeline.train import sgd_step
 from latprune.testing import (
     FakeBackend,
     TwoHeadNet,
@@ -274,3 +276,25 @@ def test_prune_in_one_call_with_callbacks():
     assert calls == {"train": 2 * 2 + 3, "eval": 2} and len(res.history) == 2
     assert res.before == res.dense_params > res.after == res.params
     assert res.verification.met and model_cost_ms(model, SHAPE) <= 0.6 * dense_cost + 1e-9
+
+
+def test_auxiliary_logits_train_with_their_loss_and_the_layers_feeding_them_follow_removals():
+    import torchvision  # heavy: imported by the tests that build its models
+
+    shape = (3, 64, 64)
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=True)
+    table = profile_model(model, shape, FakeBackend(batch=2), ProfileConfig(step=64, fit_configs=1), progress=False)
+    assert table.unmeasured["aux1.fc1"].startswith("not run at inference")  # no deployment latency
+    pruner = latprune.LatencyPruner(model, torch.zeros(2, *shape), 0.8, table=table, runtime=FakeBackend(batch=2),
+                                    steps=1, every=1, timing=FAST)
+    assert {"fc", "aux1.fc2", "aux2.fc2"} <= pruner.graph.classifier  # traced in training mode: every head
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(4, *shape), torch.randint(0, 10, (4,))
+    model.train()
+    classification_loss(model(x), y).backward()  # main + 0.4 x each auxiliary cross-entropy
+    pruner.observe()
+    opt.step()
+    pruner.step(opt)
+    assert model.inception4a.branch1.conv.out_channels < 192 or model.inception4b.branch1.conv.out_channels < 160
+    sgd_step(model, x, y, opt)  # the CLI's step rule trains the pruned model, auxiliary heads included
+    assert model.eval()(x[:2]).shape == (2, 10)

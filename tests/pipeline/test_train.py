@@ -10,7 +10,7 @@ from latprune.models.graph import ModelGraph
 from latprune.models.surgery import Removal, follow_removal_
 from latprune.pipeline.plan import GroupPlan, PruningPlan, apply_plan_
 from latprune.pipeline.train import LRSpan, TrainConfig, bn_recalibrated, evaluate, train
-from latprune.testing import residual_net, tiny_dataset
+from latprune.testing import concat_net, residual_net, tiny_dataset
 
 SHAPE = (3, 16, 16)
 KEEP_STEM = [0, 2, 3, 5, 8, 9, 12, 15]
@@ -240,3 +240,19 @@ def test_a_training_run_longer_than_its_span_is_refused():
     model, data = residual_net(), tiny_dataset(64, SHAPE)
     with pytest.raises(ValueError, match="past the schedule"):
         train(model, data, TrainConfig(epochs=1.0, batch_size=8), span=LRSpan(offset=4, total=10), progress=False)
+
+
+def test_a_concat_consumer_cut_by_two_groups_keeps_the_right_momentum_columns():
+    model = concat_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _stepped(model, opt)
+    old = opt.state[model.merge[0].weight]["momentum_buffer"].clone()
+    sizes = ModelGraph(model, SHAPE).sizes()
+    keep = {"left.0": [1, 3, 5, 7, 9, 11, 13, 15], "right.0": list(range(8, 24))}
+    plan = PruningPlan(1.0, 1.0, 1.0, 1.0, {}, [GroupPlan(g, n, keep.get(g, list(range(n)))) for g, n in sizes.items()],
+                       {}, 1, [], "magnitude", 8)
+    before, rec = dict(model.named_parameters()), Removal()
+    apply_plan_(model, plan, SHAPE, record=rec)
+    follow_removal_(opt, before, model, rec)
+    cols = torch.tensor(keep["left.0"] + [16 + i for i in keep["right.0"]])  # the concat: left's 16, then right's 24
+    torch.testing.assert_close(opt.state[model.merge[0].weight]["momentum_buffer"], old[:, cols])
