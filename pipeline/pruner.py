@@ -139,10 +139,10 @@ class LatencyPruner:
         if not self.graph.groups:
             raise BadInput("no channel group of this model can be pruned (every layer is ignored or produces an "
                            "output): ignore fewer layers")
+        self._check_outputs_kept()  # before a table is profiled: seconds, where profiling takes minutes
         self.backend = runtime if isinstance(runtime, Backend) else get_backend(runtime, threads,
                                                                                 int(example_inputs.shape[0]))
         self.table = self._table(table, profile)
-        self._check_outputs_kept()
         self.dense_predicted_ms = predicted_latency(self.graph, self.table)
         self.target_ms = self.budget * self.dense_predicted_ms
         self._check_reachable()
