@@ -104,10 +104,12 @@ while result.action == "removed" and len(pruner.verifications) <= 2:  # the clos
 compact_map = mean_ap(ssd, test)
 dep = latprune.export_model(model, example, a.out, dense=pruner.dense)
 summary = {"dense_map": dense_map, "compact_map": compact_map, "verify": result.to_dict(), "removals": pruner.history,
+           "verifications": [v.to_dict() for v in pruner.verifications],  # a corrective removal before the last
            "parity_ok": dep.parity.ok, "files": str(dep.report), "args": vars(a), "seconds": time.time() - t0,
            "dense_train_s": train_s, "dense_params": sum(q.numel() for q in pruner.dense.parameters()),
            "compact_params": sum(q.numel() for q in model.parameters())}
-print(f"compact: mAP@0.5 {compact_map['map_50']:.4f}, mAP@[.5:.95] {compact_map['map_50_95']:.4f}; "
-      f"latency {result.measured_ratio:.3f} of dense (budget {a.budget}, {result.action}); files in {a.out}")
+print(f"compact: mAP@0.5 {compact_map['map_50']:.4f}, mAP@[.5:.95] {compact_map['map_50_95']:.4f}; latency "
+      + " -> ".join(f"{v.measured_ratio:.3f} ({v.action})" for v in pruner.verifications)
+      + f" of dense (budget {a.budget}); files in {a.out}")
 if a.json:
     write_json_atomic(a.json, summary)
