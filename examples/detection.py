@@ -31,6 +31,8 @@ p.add_argument("--test", type=int, default=500)
 p.add_argument("--epochs", type=int, default=15)  # dense training
 p.add_argument("--finetune-epochs", type=float, default=3)  # after the last removal
 p.add_argument("--steps", type=int, default=10)
+p.add_argument("--round-to", type=int, default=64)  # kept widths: multiples of the table's grid, nothing interpolated
+p.add_argument("--corrections", type=int, default=2)  # corrective removals the closed loop may make
 p.add_argument("--every", type=int, default=30)
 p.add_argument("--deploy-batch", type=int, default=8)
 p.add_argument("--threads", type=int, default=2)  # ONNX Runtime's threads for the latency table and verify
@@ -84,7 +86,8 @@ print(f"dense: mAP@0.5 {dense_map['map_50']:.4f}, mAP@[.5:.95] {dense_map['map_5
 model, example = RawHeads(ssd), torch.zeros(a.deploy_batch, 3, a.canvas, a.canvas)
 table = ProfileConfig(a.profile_step, fit_configs=a.fit_configs)  # how the latency table is measured
 pruner = latprune.LatencyPruner(model, example, budget=a.budget, runtime="ort", threads=a.threads,
-                                ignored_layers=["ssd.head"], steps=a.steps, every=a.every, profile=table)
+                                ignored_layers=["ssd.head"], steps=a.steps, every=a.every, round_to=a.round_to,
+                                profile=table)
 n = a.steps * a.every + int(a.finetune_epochs * math.ceil(a.train / 32))
 opt, sched = sgd(n, lr=0.01)
 ssd.train()
@@ -95,12 +98,14 @@ for it, (x, t) in zip(range(n), batches()):
     if pruner.due(it):
         pruner.step(opt)  # backbone and neck channels removed; the heads keep their outputs
 result = pruner.verify(opt)
-while result.action == "removed" and len(pruner.verifications) <= 2:  # the closed loop cut more: fine-tune, re-time
+for check in range(a.corrections):  # the closed loop cut more: fine-tune one epoch, time again
+    if result.action != "removed":
+        break
     opt, sched = sgd(math.ceil(a.train / 32), lr=0.01)
     for x, t in train.batches(32, True, rng):
         detection_loss(ssd, x, t).backward()
         opt.step(), opt.zero_grad(), sched.step()
-    result = pruner.verify(opt)
+    result = pruner.verify(opt, correct=check + 1 < a.corrections)  # the last check removes nothing untrained
 compact_map = mean_ap(ssd, test)
 dep = latprune.export_model(model, example, a.out, dense=pruner.dense)
 summary = {"dense_map": dense_map, "compact_map": compact_map, "verify": result.to_dict(), "removals": pruner.history,

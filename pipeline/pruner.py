@@ -407,10 +407,12 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, budget: float, *, trai
                 pruner.step(opt)
 
     run(steps * every + finetune)
-    v = pruner.verify(opt)
-    while v.action == "removed" and len(pruner.verifications) <= corrections:
+    v = pruner.verify(opt, correct=corrections > 0)
+    for check in range(corrections):
+        if v.action != "removed":
+            break
         run(finetune)
-        v = pruner.verify(opt)
+        v = pruner.verify(opt, correct=check + 1 < corrections)  # the last check removes nothing untrained
     return PruneResult(v, list(pruner.verifications), pruner.history, before,
                        eval_fn(model) if eval_fn is not None else None, count_params(pruner.dense), count_params(model))
 

@@ -298,3 +298,20 @@ def test_auxiliary_logits_train_with_their_loss_and_the_layers_feeding_them_foll
     assert model.inception4a.branch1.conv.out_channels < 192 or model.inception4b.branch1.conv.out_channels < 160
     sgd_step(model, x, y, opt)  # the CLI's step rule trains the pruned model, auxiliary heads included
     assert model.eval()(x[:2]).shape == (2, 10)
+
+
+def test_prune_never_ends_on_an_untrained_corrective_removal():
+    model = residual_net()
+    cost = model_cost_ms(model, SHAPE)
+    g = torch.Generator().manual_seed(0)
+
+    def train_fn(m):
+        x, y = torch.randn(8, *SHAPE, generator=g), torch.randint(0, 10, (8,), generator=g)
+        return nn.functional.cross_entropy(m(x), y)
+
+    # the runtime's fixed cost the table does not know keeps every check over budget
+    res = latprune.prune(model, torch.zeros(2, *SHAPE), 0.6, train_fn=train_fn, steps=2, every=2, finetune=2,
+                         corrections=1, table=fake_table(model, SHAPE, batch=2), timing=FAST,
+                         runtime=FakeBackend(intercept_ms=2.0 * cost, batch=2))
+    assert [v.action for v in res.verifications][0] == "removed" and len(res.verifications) == 2
+    assert res.verification.action != "removed"  # the last check only measures
