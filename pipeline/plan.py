@@ -31,7 +31,7 @@ from latprune.pipeline.knapsack import BudgetUnreachable, GroupChoices, plan_wid
 from latprune.pipeline.sensitivity import SensitivityCost, sensitivity_values
 
 __all__ = ["PlanConfig", "GroupPlan", "PruningPlan", "PlanValues", "plan_values", "build_plan", "plan_for_widths",
-           "build_param_plan", "apply_plan_", "count_params", "value_per_ms"]
+           "build_param_plan", "narrower_plan", "apply_plan_", "count_params", "value_per_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +342,18 @@ def build_param_plan(graph: ModelGraph, table: LatencyTable, cfg: PlanConfig, ke
         layer_channels={lay: list(lw.widths(lay, kept)) for lay in lw.dense},
         iterations=1, history=[{"kept_neurons": keep, "neurons": total}], importance=cfg.importance, round_to=1,
     )
+
+
+def narrower_plan(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: PlanConfig,
+                  **plan_kw: Any) -> PruningPlan | None:
+    """The closed loop's corrective plan: :func:`build_plan` for ``target_ms`` on the current model
+    (the narrowest reachable one when ``target_ms`` is below the floor), or None when that plan
+    removes nothing. ``plan_kw``: the value (``scores=`` or ``values=``) and what else ``build_plan`` takes."""
+    try:
+        plan = build_plan(graph, table, target_ms, cfg, warn_unpruned=False, **plan_kw)
+    except BudgetBelowFloor as e:
+        plan = build_plan(graph, table, e.floor_ms, cfg, warn_unpruned=False, **plan_kw)
+    return plan if any(len(g.keep) < g.size for g in plan.groups) else None
 
 
 def apply_plan_(model: nn.Module, plan: PruningPlan, input_shape: tuple[int, int, int], record: Removal | None = None,

@@ -47,7 +47,7 @@ from latprune.models.outputs import output_shapes
 from latprune.models.surgery import Removal, follow_removal_, pruned_copy
 from latprune.pipeline.adasap import LossFn, OptimizerConfig, SharpnessStep, cross_entropy_loss, neuron_partition
 from latprune.pipeline.importance import HalpValue, group_importance, needs_batches, per_width, uses_halp
-from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan, count_params
+from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan, count_params, narrower_plan
 from latprune.pipeline.schedule import KEY_REFRESH, planner_key
 
 __all__ = ["Verification", "LatencyPruner", "AdaSAP", "PruneResult", "prune"]
@@ -150,6 +150,7 @@ class LatencyPruner:
         self.value = HalpValue(self.graph) if uses_halp(self.plan_cfg.importance) else None
         self.history: list[dict[str, Any]] = []
         self.verifications: list[Verification] = []
+        self._e2e0, self._measured = self.table.e2e, []  # the closed loop corrects this term from these
 
     # ---- set-up checks (nothing here changes the model) ----
     def _table(self, table, profile: ProfileConfig) -> LatencyTable:
@@ -282,16 +283,16 @@ class LatencyPruner:
         self.value = HalpValue(self.graph) if self.value is not None else None
 
     def _correct(self, ratio: float, layers_ms: float, optimizer) -> str:
-        points = [{"layers_ms": layers_ms, "measured_ms": ratio * self.table.dense_ms}]
-        table = self.table.with_e2e(self.table.e2e.corrected(points))
-        aim = sum(self.window) / 2 * self.budget * self.dense_predicted_ms
+        """As ``latprune run``'s corrective phase (``pipeline.schedule``): the end-to-end term the
+        schedule planned with, corrected from every measurement so far, a plan at the window's middle
+        on the measured scale, its channels removed."""
+        self._measured.append({"layers_ms": layers_ms, "measured_ms": ratio * self.table.dense_ms})
+        table = self.table.with_e2e(self._e2e0.corrected(self._measured))
+        aim = sum(self.window) / 2 * self.budget * self.table.dense_ms
         scores = self.value.scores() if self.value is not None and self.value.batches else \
             group_importance(self.graph, "magnitude")
-        try:
-            plan = build_plan(self.graph, table, aim, self.plan_cfg, scores=scores, warn_unpruned=False)
-        except BudgetBelowFloor:
-            return "over budget"
-        if all(len(g.keep) == g.size for g in plan.groups):
+        plan = narrower_plan(self.graph, table, aim, self.plan_cfg, scores=scores)
+        if plan is None:
             return "over budget"
         self.table = table
         self._remove(plan, optimizer)

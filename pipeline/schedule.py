@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from latprune.errors import BadInput, BudgetBelowFloor
+from latprune.errors import BadInput
 from latprune.io import save_torch_atomic
 from latprune.latency_tables.endtoend import model_layers_ms, predicted_latency
 from latprune.latency_tables.table import EndToEnd, LatencyTable
@@ -56,6 +56,7 @@ from latprune.pipeline.plan import (
     build_param_plan,
     build_plan,
     count_params,
+    narrower_plan,
     plan_values,
     value_per_ms,
 )
@@ -624,11 +625,7 @@ class _Schedule:
         """A plan for ``target_ms`` on the current model that removes something; None when none does."""
         scores, _ = self._accumulated_scores()
         values = plan_values(self.graph, self.plan_cfg, self._scoring_batches, self._held_out, scores)
-        try:
-            plan = build_plan(self.graph, table, target_ms, self.plan_cfg, values=values, warn_unpruned=False)
-        except BudgetBelowFloor as e:
-            plan = build_plan(self.graph, table, e.floor_ms, self.plan_cfg, values=values, warn_unpruned=False)
-        return plan if any(len(g.keep) < g.size for g in plan.groups) else None
+        return narrower_plan(self.graph, table, target_ms, self.plan_cfg, values=values)
 
     def _correct_finetune(self, resume) -> None:
         n = len(self.corrections)
