@@ -26,7 +26,7 @@ from latprune.export.parity import ATOL, MIN_TOP1, RTOL, Parity, check_parity
 from latprune.io import write_json_atomic
 from latprune.latency_tables.device import latprune_version
 from latprune.latency_tables.runtimes.convert import OPSET
-from latprune.models.outputs import output_shapes
+from latprune.models.outputs import input_shape_of, output_shapes
 
 __all__ = ["Deployment", "export_model"]
 
@@ -74,9 +74,7 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor, out_dir: str | 
     Returns:
         :class:`Deployment`: the artifacts, parity per output, the shrink check, the outputs' shapes.
     """
-    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
-        got = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs)
-        raise BadInput(f"example_inputs must be one image batch tensor (N, C, H, W), got {got}")
+    input_shape_of(example_inputs)
     if any(p.device.type != "cpu" for p in model.parameters()):  # exported and compared on the CPU
         model = copy.deepcopy(model).cpu()
     if dense is not None and any(p.device.type != "cpu" for p in dense.parameters()):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["LatencyPruner", "AdaSAP", "prune", "PruneResult", "Verification", "export_model", "Deployment", "run",
+__all__ = ["LatencyPruner", "AdaSAP", "prune", "PruneResult", "Verification", "rewrap_ddp", "export_model",
+           "Deployment", "run",
            "load", "load_dense", "RunConfig", "profile_model", "build_plan", "apply_plan_", "export_onnx",
            "LatencyTable", "PruningPlan", "ModelGraph"]
 
@@ -21,6 +22,7 @@ _LAZY = {
     "prune": ("latprune.pipeline.pruner", "prune"),
     "PruneResult": ("latprune.pipeline.pruner", "PruneResult"),
     "Verification": ("latprune.pipeline.pruner", "Verification"),
+    "rewrap_ddp": ("latprune.pipeline.distributed", "rewrap_ddp"),
     "export_model": ("latprune.export.deploy", "export_model"),
     "Deployment": ("latprune.export.deploy", "Deployment"),
     "run": ("latprune.pipeline.run", "run"),

@@ -21,7 +21,7 @@ from latprune.models.outputs import has_aux_outputs
 from latprune.models.widths import LayerWidths
 
 __all__ = ["ChannelGroup", "ModelGraph", "IgnoredLayer", "classifier_layers", "output_layers", "resolve_ignored",
-           "layer_dims", "output_channels"]
+           "layer_dims", "output_channels", "save_bn_stats", "restore_bn_stats"]
 
 IgnoredLayer = Union[nn.Module, str]  # a module of the model, or its name (``fnmatch`` wildcards allowed)
 
@@ -125,8 +125,7 @@ class ModelGraph:
         aux = has_aux_outputs(model)
         example = torch.zeros(2 if aux else 1, *input_shape, device=param.device if param is not None else "cpu")
         model.train(aux)
-        bn = [(b, b.detach().clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-              for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None] if aux else []
+        bn = save_bn_stats(model) if aux else []
         try:
             # torch-pruning puts the model in eval mode before its forward: a training-mode one goes through forward_fn
             forward = (lambda m, x: m.train()(x)) if aux else None
@@ -138,9 +137,7 @@ class ModelGraph:
                            "reshape-based channel shuffle) or prune another architecture") from e
         finally:
             model.train(was_training)
-            with torch.no_grad():
-                for buf, saved in bn:
-                    buf.copy_(saved)
+            restore_bn_stats(bn)
         self.names = {m: n for n, m in model.named_modules()}
         outputs = output_layers(self.dg)
         self.classifier = {self.names[m] for m in outputs if m in self.names}
@@ -199,3 +196,21 @@ class ModelGraph:
                 if c in dense and out_group.get(c) != g.name:  # depthwise: input follows its own output
                     in_groups.setdefault(c, {})[g.name] = n
         return LayerWidths(dense, out_group, in_groups, self.sizes(), frozenset(depthwise))
+
+
+def save_bn_stats(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every BatchNorm running statistic of ``model`` with a copy of its value, for
+    :func:`restore_bn_stats` after forward passes that must not move them (tracing, scoring)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if b is not None:
+                    out.append((b, b.detach().clone()))
+    return out
+
+
+@torch.no_grad()
+def restore_bn_stats(state: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for buf, saved in state:
+        buf.copy_(saved)

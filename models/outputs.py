@@ -12,12 +12,21 @@ from torch import nn
 
 from latprune.errors import BadInput
 
-__all__ = ["OUTPUT", "AUX_WEIGHT", "flatten_outputs", "output_names", "output_shapes", "classification_loss",
-           "has_aux_outputs"]
+__all__ = ["input_shape_of", "OUTPUT", "AUX_WEIGHT", "flatten_outputs", "output_names", "output_shapes",
+           "classification_loss", "has_aux_outputs"]
 
 OUTPUT = "logits"  # the name of a model's single output
 # an auxiliary classifier's loss weight (PyTorch's fine-tuning tutorial for Inception v3: loss1 + 0.4 * loss2)
 AUX_WEIGHT = 0.4
+
+
+def input_shape_of(example_inputs: Any) -> tuple[int, int, int]:
+    """(C, H, W) of ``example_inputs``, one image batch ``(N, C, H, W)``; anything else is bad input
+    (the API's and the exporter's one check of what users pass)."""
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
+        got = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs)
+        raise BadInput(f"example_inputs must be one image batch tensor (N, C, H, W), got {got}")
+    return tuple(int(d) for d in example_inputs.shape[1:])
 
 
 def flatten_outputs(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:

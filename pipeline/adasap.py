@@ -41,9 +41,8 @@ import torch
 from torch import nn
 
 from latprune.errors import BadInput
-from latprune.models.graph import ModelGraph
+from latprune.models.graph import ModelGraph, restore_bn_stats, save_bn_stats
 from latprune.models.outputs import classification_loss
-from latprune.pipeline.importance import restore_bn_stats, save_bn_stats
 
 __all__ = ["LossFn", "cross_entropy_loss", "METHODS", "RHO_NORMS", "NEURON_SCORES", "OptimizerConfig", "NeuronGroup",
            "Neurons", "neuron_partition", "uniform_perturbation", "neuron_radii", "adaptive_perturbation",

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 __all__ = ["world_size", "rank", "is_main", "init_from_env", "barrier", "broadcast", "on_main", "main_first", "wrap",
-           "sync_buffers", "shard", "describe"]
+           "rewrap_ddp", "sync_buffers", "shard", "describe"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,6 +96,26 @@ def wrap(model: nn.Module) -> nn.Module:
 
     device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def rewrap_ddp(ddp: nn.Module, **kwargs: Any) -> nn.Module:
+    """A new DistributedDataParallel around ``ddp.module`` after a removal replaced its parameters
+    (the old wrapper's buckets and hooks hold the removed ones), with the old wrapper's devices,
+    process group, ``find_unused_parameters`` and ``gradient_as_bucket_view``; ``kwargs`` override
+    or add DDP's other arguments. Every rank calls it after the same ``pruner.step(optimizer)``::
+
+        pruner.step(optimizer)
+        model = latprune.rewrap_ddp(model)
+
+    Not a DDP wrapper (one process): returned as it is."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(ddp, DistributedDataParallel):
+        return ddp
+    kw = {"device_ids": ddp.device_ids, "output_device": ddp.output_device, "dim": ddp.dim,
+          "process_group": ddp.process_group, "find_unused_parameters": ddp.find_unused_parameters,
+          "gradient_as_bucket_view": ddp.gradient_as_bucket_view} | kwargs
+    return DistributedDataParallel(ddp.module, **kw)
 
 
 @torch.no_grad()

@@ -35,12 +35,11 @@ import torch_pruning as tp
 from torch import nn
 
 from latprune.errors import BadInput
-from latprune.models.graph import ModelGraph
+from latprune.models.graph import ModelGraph, restore_bn_stats, save_bn_stats
 from latprune.models.outputs import classification_loss
 
 __all__ = ["DEPRECATED_IMPORTANCE", "Scorer", "register_importance", "tp_criterion", "importance_names",
-           "canonical_importance", "needs_batches", "per_width", "uses_halp", "group_importance", "HalpValue",
-           "save_bn_stats", "restore_bn_stats"]
+           "canonical_importance", "needs_batches", "per_width", "uses_halp", "group_importance", "HalpValue"]
 
 Scorer = Callable[[ModelGraph, Any], dict[str, np.ndarray]]  # (graph, batches or None) -> per-group scores
 
@@ -233,19 +232,3 @@ def group_importance(graph: ModelGraph, criterion: str, batches=None) -> dict[st
     scores = entry.scorer(graph, batches if entry.needs_batches else None)
     return {name: np.nan_to_num(np.asarray(s, dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
             for name, s in scores.items()}
-
-
-def save_bn_stats(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
-                if b is not None:
-                    out.append((b, b.detach().clone()))
-    return out
-
-
-@torch.no_grad()
-def restore_bn_stats(state) -> None:
-    for buf, saved in state:
-        buf.copy_(saved)

@@ -31,7 +31,7 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -43,18 +43,43 @@ from latprune.latency_tables.profile import ProfileConfig, profile_model
 from latprune.latency_tables.runtimes import Backend, get_backend
 from latprune.latency_tables.table import LatencyTable
 from latprune.models.graph import IgnoredLayer, ModelGraph
-from latprune.models.outputs import output_shapes
+from latprune.models.outputs import input_shape_of, output_shapes
 from latprune.models.surgery import Removal, follow_removal_, pruned_copy
+from latprune.pipeline import distributed
 from latprune.pipeline.adasap import LossFn, OptimizerConfig, SharpnessStep, cross_entropy_loss, neuron_partition
 from latprune.pipeline.importance import HalpValue, group_importance, needs_batches, per_width, uses_halp
-from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan, count_params, narrower_plan
-from latprune.pipeline.schedule import KEY_REFRESH, planner_key
+from latprune.pipeline.plan import (
+    PlanConfig,
+    PruningPlan,
+    apply_plan_,
+    build_plan,
+    count_params,
+    narrower_plan,
+    plan_values,
+    value_per_ms,
+)
 
-__all__ = ["Verification", "LatencyPruner", "AdaSAP", "PruneResult", "prune"]
+__all__ = ["KEY_REFRESH", "planner_key", "Verification", "LatencyPruner", "AdaSAP", "PruneResult", "prune"]
 
 log = logging.getLogger(__name__)
 
-MIN_OBSERVED = 1  # minibatches of gradients a halp step needs at least (HALP averages min(32, every))
+MIN_OBSERVED = 1  # minibatches of gradients a halp step needs at least, without scoring batches
+HALP_MINIBATCHES = 32  # HALP averages its value over min(32, every) minibatches before it trusts it
+KEY_REFRESH = 10  # iterations between refreshes of AdaSAP's planner score (and after every removal)
+
+Batches = Sequence[tuple[torch.Tensor, Any]]
+
+
+def planner_key(graph: ModelGraph, table: LatencyTable, value: HalpValue | None, round_to: int,
+                per_ms: bool = True) -> dict[str, np.ndarray]:
+    """AdaSAP's neuron score (issue 12): every channel's value per millisecond its removal saves, at
+    the current widths (``plan.value_per_ms``), so the channels the knapsack removes next get
+    rho_max; ``per_ms=False`` (a parameter target, AdaSAP_P) ranks by the value alone. The value:
+    HALP's, accumulated from the training gradients since the last removal (also for a per-width
+    criterion, which has no per-channel score); the weights' magnitude for ``magnitude``, and before
+    the first minibatch is seen."""
+    scores = value.scores() if value is not None and value.batches else group_importance(graph, "magnitude")
+    return value_per_ms(graph, table, scores, round_to) if per_ms else scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,68 +111,96 @@ class Verification:
 
 class LatencyPruner:
     """Prune ``model`` in place to ``budget`` x its measured latency, from inside the user's loop.
+    ``latprune run`` trains with this class too (``pipeline.schedule``): its removals and its closed
+    loop's corrective removals are this class's :meth:`step` and :meth:`correct`.
 
     Args:
         model: the trained dense model (any ``nn.Module`` taking one image batch); pruned in place.
         example_inputs: one batch ``(N, C, H, W)`` as deployed: N is the deployment batch the
             latency is measured at, (C, H, W) the input the table is profiled for.
-        budget: the compact model's latency as a fraction of the dense model's, in (0, 1).
+        budget: the compact model's latency as a fraction of the dense model's, in (0, 1].
         table: a :class:`LatencyTable` or the path of one (``latprune profile``) for this model and
             runtime; None profiles the model now (minutes for a ResNet; see ``profile``).
-        runtime: a runtime name (``latprune.latency_tables.runtime_names()``: ``ort``, ...) or a
-            :class:`Backend` instance.
+        runtime: a runtime name (``latprune.latency_tables.runtime_names()``: ``ort``, ...), a
+            :class:`Backend` instance, or None (nothing is timed: :meth:`verify` is unavailable and
+            ``table`` is required; a caller that measures by other means, as ``latprune run``).
         threads: the runtime's threads (a runtime name only).
         ignored_layers: modules, module names or ``fnmatch`` patterns (``"head.*"``) never pruned
             on their output side; a container is ignored whole.
-        steps: removals R; the last one lands on the budget's predicted latency.
+        steps: removals R; the last one lands on ``target_ms``.
         every: iterations between removals (:meth:`due`).
         importance: ``halp`` (HALP's value from the gradients :meth:`observe` sees; the default) or
-            ``magnitude`` (weights only, no :meth:`observe` needed).
+            ``magnitude`` (weights only, no :meth:`observe` needed); other criteria of
+            ``pipeline.importance`` need ``scoring_batches`` (and a per-width one ``held_out``).
         round_to: channel multiple every pruned group keeps (8: what the kernels reward).
         profile: how a table is profiled when ``table`` is None.
         timing: how :meth:`verify` times the two models.
         window: the closed loop accepts a measured ratio up to ``window[1] x budget`` and aims at
             the window's middle when it removes more.
+        target_ms: the predicted latency (the table's milliseconds) the last removal lands on;
+            default ``budget`` x the dense model's predicted latency (``latprune run`` passes the
+            predicted latency of the plan its closed loop validated by measurement before training).
+        min_widths: per group, the narrowest width any removal leaves (``latprune run --floor-widths``
+            passes that plan's widths, so the last removal lands on them).
+        scoring_batches: training batches ``(x, y)`` (or a callable returning them, called when
+            first needed) a gradient criterion scores on when fewer than min(32, ``every``)
+            minibatches were observed since the last removal.
+        held_out: held-out batches a per-width criterion measures its losses on.
+        plan_config: the planner's settings in full (:class:`~latprune.pipeline.plan.PlanConfig`);
+            it carries ``importance`` and ``round_to``, so give those inside it, not beside it.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float, *,
-                 table: LatencyTable | str | os.PathLike | None = None, runtime: str | Backend = "ort",
+                 table: LatencyTable | str | os.PathLike | None = None, runtime: str | Backend | None = "ort",
                  threads: int = 2, ignored_layers: Iterable[IgnoredLayer] = (), steps: int = 10, every: int = 30,
                  importance: str = "halp", round_to: int = 8, profile: ProfileConfig = ProfileConfig(),
-                 timing: PairConfig = PairConfig(), window: tuple[float, float] = (0.90, 0.97)):
+                 timing: PairConfig = PairConfig(), window: tuple[float, float] = (0.90, 0.97),
+                 target_ms: float | None = None, min_widths: dict[str, int] | None = None,
+                 scoring_batches: Batches | Callable[[], Batches] | None = None, held_out: Batches | None = None,
+                 plan_config: PlanConfig | None = None):
         if not isinstance(model, nn.Module):
             raise BadInput(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
-            raise BadInput(f"budget is a fraction of the dense latency in (0, 1), e.g. 0.5, got {budget!r}")
-        if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
-            got = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs)
-            raise BadInput(f"example_inputs must be one image batch tensor (N, C, H, W), got {got}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise BadInput(f"budget is a fraction of the dense latency in (0, 1], e.g. 0.5, got {budget!r}")
+        self.input_shape = input_shape_of(example_inputs)
         if steps < 1 or every < 1:
             raise BadInput(f"steps and every must be >= 1, got {steps}, {every}")
         if not 0 < window[0] <= window[1]:
             raise BadInput(f"window must be (low, high) with 0 < low <= high, got {window}")
-        self.plan_cfg = PlanConfig(round_to=round_to, importance=importance)
-        if per_width(self.plan_cfg.importance):
-            raise BadInput(f"importance {importance!r} measures per-width losses on held-out data, which this API "
-                           "does not have: use 'halp' or 'magnitude'")
+        if target_ms is not None and not target_ms > 0:
+            raise BadInput(f"target_ms must be a positive latency in the table's milliseconds, got {target_ms!r}")
+        if plan_config is not None and (importance, round_to) != ("halp", 8):
+            raise BadInput("plan_config carries importance and round_to: set them inside it, not beside it")
+        self.plan_cfg = plan_config or PlanConfig(round_to=round_to, importance=importance)
+        if per_width(self.plan_cfg.importance) and (held_out is None or scoring_batches is None):
+            raise BadInput(f"importance {self.plan_cfg.importance!r} measures per-width losses on held-out data: "
+                           "pass scoring_batches and held_out, or use 'halp' or 'magnitude'")
+        if runtime is None and table is None:
+            raise BadInput("runtime=None times nothing, so it cannot profile a table: pass table= (latprune profile)")
         self.model, self.budget, self.steps, self.every = model, float(budget), int(steps), int(every)
-        self.input_shape = tuple(int(d) for d in example_inputs.shape[1:])
         self.ignored_layers = list(ignored_layers)
         self.timing, self.window = timing, (float(window[0]), float(window[1]))
-        self._outputs = _outputs_of(model, example_inputs)
+        self.min_widths = dict(min_widths) if min_widths else None
+        self._scoring, self._held_out = scoring_batches, held_out
+        self._outputs = _outputs_of(model, self.input_shape)
         self.graph = ModelGraph(model, self.input_shape, self.ignored_layers)  # names the bad ignored layer
         if not self.graph.groups:
             raise BadInput("no channel group of this model can be pruned (every layer is ignored or produces an "
                            "output): ignore fewer layers")
         self._check_outputs_kept()  # before a table is profiled: seconds, where profiling takes minutes
-        self.backend = runtime if isinstance(runtime, Backend) else get_backend(runtime, threads,
-                                                                                int(example_inputs.shape[0]))
+        if runtime is None or isinstance(runtime, Backend):
+            self.backend = runtime
+        else:
+            self.backend = get_backend(runtime, threads, int(example_inputs.shape[0]))
         self.table = self._table(table, profile)
         self.dense_predicted_ms = predicted_latency(self.graph, self.table)
-        self.target_ms = self.budget * self.dense_predicted_ms
+        self.target_ms = float(target_ms) if target_ms is not None else self.budget * self.dense_predicted_ms
         self._check_reachable()
-        self.dense = copy.deepcopy(model).cpu().eval()  # what verify() times the compact model against
-        self.value = HalpValue(self.graph) if uses_halp(self.plan_cfg.importance) else None
+        # what verify() times the compact model against (nothing to time without a runtime)
+        self.dense = copy.deepcopy(model).cpu().eval() if self.backend is not None else None
+        # HALP's value: ranks a halp plan; stands in for a per-width criterion's missing per-channel score
+        imp = self.plan_cfg.importance
+        self.value = HalpValue(self.graph) if uses_halp(imp) or per_width(imp) else None
         self.history: list[dict[str, Any]] = []
         self.verifications: list[Verification] = []
         self._e2e0, self._measured = self.table.e2e, []  # the closed loop corrects this term from these
@@ -160,7 +213,8 @@ class LatencyPruner:
                                  ignored=self.graph.ignored)
         if not isinstance(table, LatencyTable):
             table = LatencyTable.load(table)
-        table.check_compatible(self.backend.fingerprint(self.input_shape))
+        if self.backend is not None:
+            table.check_compatible(self.backend.fingerprint(self.input_shape))
         missing = [p for g in self.graph.groups for p in g.producers
                    if p not in table.layer_keys and p not in table.unmeasured]
         if missing:
@@ -186,9 +240,9 @@ class LatencyPruner:
             weights_only = dataclasses.replace(self.plan_cfg, importance="magnitude")
             build_plan(self.graph, self.table, self.target_ms, weights_only, warn_unpruned=False)
         except BudgetBelowFloor as e:
-            raise BadInput(f"budget {self.budget:g} is below the smallest latency this model reaches "
-                           f"({e.floor_ms / self.dense_predicted_ms:.3f} of dense, predicted): raise the budget or "
-                           "ignore fewer layers") from None
+            raise BadInput(f"budget {self.target_ms / self.dense_predicted_ms:.3f} is below the smallest latency "
+                           f"this model reaches ({e.floor_ms / self.dense_predicted_ms:.3f} of dense, predicted): "
+                           "raise the budget or ignore fewer layers") from None
 
     # ---- the loop ----
     @property
@@ -220,42 +274,94 @@ class LatencyPruner:
         observed since the last removal and remove the channels it drops, physically. ``optimizer``
         (any ``torch.optim`` optimizer over the model's parameters) follows in place: its parameter
         groups point at the new parameters and its state is sliced (``models.surgery.follow_removal_``),
-        so a scheduler or ``GradScaler`` holding it carries on. A model wrapped in
-        DistributedDataParallel must be wrapped again afterwards (its buckets hold the old parameters).
-        Returns this step's record (also in :attr:`history`)."""
+        so a scheduler or ``GradScaler`` holding it carries on. Under ``torch.distributed`` (a pruner
+        on every rank, over ``ddp.module``) rank 0 decides and every rank removes the same channels;
+        wrap the model again afterwards, on every rank: ``model = latprune.rewrap_ddp(model)`` (DDP's
+        buckets hold the removed parameters). Returns this step's record (also in :attr:`history`)."""
+        plan, _, _ = distributed.on_main(self.next_plan)
+        self.apply(plan, optimizer)
+        return self.history[-1]
+
+    def next_plan(self) -> tuple[PruningPlan, float, int]:
+        """The next removal's decision, nothing changed yet: (plan, its latency target, the observed
+        minibatches its value averaged over; 0 for a scoring pass or a weights-only criterion).
+        Step r of R aims at L_r = L_0 (L_T / L_0)^(r/R). :meth:`step` is ``apply(next_plan()[0])``;
+        under torchrun one rank decides and every rank applies."""
         if self.done:
             raise BadInput(f"all {self.steps} removals are made: check pruner.due(it) or pruner.done before step()")
         r = self.removals + 1
         target = self.dense_predicted_ms * (self.target_ms / self.dense_predicted_ms) ** (r / self.steps)
-        plan = build_plan(self.graph, self.table, target, self.plan_cfg, scores=self._scores(), warn_unpruned=False)
-        self._remove(plan, optimizer)
-        rec = {"step": r, "target_ms": target, "predicted_ms": plan.predicted_ms,
-               "predicted_ratio": plan.predicted_ms / self.dense_predicted_ms, "params": count_params(self.model),
-               "widths": {g.name: len(g.keep) for g in plan.groups}}
-        self.history.append(rec)
-        log.info("removal %d/%d: predicted %.3f of dense, %d parameters", r, self.steps, rec["predicted_ratio"],
-                 rec["params"])
+        kw, observed = self._value_kw(correcting=False)
+        plan = build_plan(self.graph, self.table, target, self.plan_cfg, min_widths=self.min_widths,
+                          warn_unpruned=False, **kw)
+        return plan, target, observed
+
+    def apply(self, plan: PruningPlan, optimizer: torch.optim.Optimizer | None = None) -> Removal:
+        """Remove what ``plan`` (from :meth:`next_plan`) drops as the next removal step; ``optimizer``
+        follows as in :meth:`step`. Returns what every touched layer kept."""
+        rec = self._remove(plan, optimizer)
+        r = self.removals + 1
+        self.history.append({"step": r, "target_ms": plan.target_ms, "predicted_ms": plan.predicted_ms,
+                             "predicted_ratio": plan.predicted_ms / self.dense_predicted_ms,
+                             "params": count_params(self.model), "widths": {g.name: len(g.keep) for g in plan.groups}})
+        log.info("removal %d/%d: predicted %.3f of dense, %d parameters", r, self.steps,
+                 self.history[-1]["predicted_ratio"], self.history[-1]["params"])
         return rec
+
+    def correct(self, measured_ratio: float, aim_ratio: float,
+                optimizer: torch.optim.Optimizer | None = None) -> Removal | None:
+        """The closed loop's corrective removal, for a model measured at ``measured_ratio`` of the
+        dense latency, over what was asked: the table's end-to-end term (the one training planned
+        with) is corrected from every measurement so far, the knapsack re-solved on the current model
+        at ``aim_ratio`` on that measured scale, and the channels removed (``optimizer`` follows).
+        Returns the removal, or None when no narrower plan exists (nothing changed). :meth:`verify`
+        calls it; ``latprune run``'s corrective phase, which times by its own means, calls its two
+        halves (:meth:`corrective_plan` on one rank, :meth:`apply_correction` on every rank)."""
+        plan = distributed.on_main(lambda: self.corrective_plan(measured_ratio, aim_ratio))
+        return None if plan is None else self.apply_correction(plan, measured_ratio, optimizer)
+
+    def corrective_plan(self, measured_ratio: float, aim_ratio: float) -> PruningPlan | None:
+        """:meth:`correct`'s decision, nothing changed: the plan on the corrected table, or None."""
+        table, _ = self._corrected(measured_ratio)
+        kw, _ = self._value_kw(correcting=True)
+        values = plan_values(self.graph, self.plan_cfg, kw.get("batches"), kw.get("held_out"), kw.get("scores"))
+        return narrower_plan(self.graph, table, aim_ratio * self.table.dense_ms, self.plan_cfg, values=values)
+
+    def apply_correction(self, plan: PruningPlan, measured_ratio: float,
+                         optimizer: torch.optim.Optimizer | None = None) -> Removal:
+        """Keep the measurement, plan from now on with the corrected table, remove what ``plan``
+        (from :meth:`corrective_plan` with the same measurement) drops."""
+        table, point = self._corrected(measured_ratio)
+        self._measured.append(point)
+        self.table = table
+        return self._remove(plan, optimizer)
+
+    def _corrected(self, measured_ratio: float) -> tuple[LatencyTable, dict[str, float]]:
+        point = {"layers_ms": model_layers_ms(self.graph, self.table),
+                 "measured_ms": measured_ratio * self.table.dense_ms}
+        return self.table.with_e2e(self._e2e0.corrected([*self._measured, point])), point
 
     def verify(self, optimizer: torch.optim.Optimizer | None = None, correct: bool = True) -> Verification:
         """Time the model against the dense one on the runtime (interleaved, ``timing``). Over the
-        accepted window and with ``correct``, close the loop: the table's end-to-end term is corrected
-        from this measurement, the knapsack re-solved on the current model at the window's middle and
-        the channels removed (``optimizer`` follows); fine-tune and call ``verify`` again."""
+        accepted window and with ``correct``, close the loop (:meth:`correct`, aiming at the window's
+        middle; ``optimizer`` follows); fine-tune and call ``verify`` again."""
+        if self.backend is None:
+            raise BadInput("this pruner has no runtime to time on: construct it with runtime= (e.g. 'ort')")
         was_training = self.model.training
         compact = copy.deepcopy(self.model).cpu().eval()
         self.model.train(was_training)
-        speed = measure_speedup(self.backend, self.dense, compact, self.input_shape, self.timing)
+        # under torch.distributed rank 0 times, every rank acts on its measurement
+        speed = distributed.on_main(lambda: measure_speedup(self.backend, self.dense, compact, self.input_shape,
+                                                            self.timing))
         lo, hi = self.window
-        layers_ms = model_layers_ms(self.graph, self.table)
-        predicted = self.table.e2e.predict(layers_ms) / self.dense_predicted_ms
+        predicted = self.table.e2e.predict(model_layers_ms(self.graph, self.table)) / self.dense_predicted_ms
         params = count_params(self.model)  # of the model measured (a correction below removes more)
         if speed.ratio <= hi * self.budget:
             action = "under budget" if speed.ratio < lo * self.budget else "accepted"
-        elif not correct:
+        elif not correct or self.correct(speed.ratio, (lo + hi) / 2 * self.budget, optimizer) is None:
             action = "over budget"
         else:
-            action = self._correct(speed.ratio, layers_ms, optimizer)
+            action = "removed"
         v = Verification(speed.ratio, tuple(1 / x for x in reversed(speed.speedup_ci95)), predicted, self.budget,
                          hi * self.budget, speed.dense["median_ms"], speed.compact_ms, params, action)
         self.verifications.append(v)
@@ -263,47 +369,66 @@ class LatencyPruner:
                  self.budget, v.accepted_up_to, action)
         return v
 
-    # ---- internals ----
-    def _scores(self) -> dict[str, np.ndarray]:
-        if self.value is not None:
-            if self.value.batches < MIN_OBSERVED:
-                raise BadInput("no gradients observed since the last removal: call pruner.observe() after each "
-                               "loss.backward() (or use importance='magnitude')")
-            return self.value.scores()
-        if needs_batches(self.plan_cfg.importance):
-            raise BadInput(f"importance {self.plan_cfg.importance!r} needs data: use 'halp' with observe()")
-        return group_importance(self.graph, self.plan_cfg.importance)
+    # ---- checkpoints (latprune run resumes a killed run bit for bit) ----
+    def state_dict(self) -> dict[str, Any]:
+        """What continues this pruner on the model as it is now (its widths and weights are the
+        caller's to save): removals made, the latency anchors, the closed loop's measurements and
+        the value accumulated since the last removal. Plain types and tensors (``torch.save``)."""
+        value = None if self.value is None else {
+            "sums": {k: torch.from_numpy(v.copy()) for k, v in self.value.sums.items()}, "batches": self.value.batches}
+        return {"history": copy.deepcopy(self.history), "dense_predicted_ms": self.dense_predicted_ms,
+                "target_ms": self.target_ms, "measured": copy.deepcopy(self._measured), "value": value}
 
-    def _remove(self, plan: PruningPlan, optimizer: torch.optim.Optimizer | None) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`, on a pruner built over the model as it was saved."""
+        self.history = copy.deepcopy(state["history"])
+        self.dense_predicted_ms, self.target_ms = float(state["dense_predicted_ms"]), float(state["target_ms"])
+        self._measured = copy.deepcopy(state["measured"])
+        if self._measured:
+            self.table = self.table.with_e2e(self._e2e0.corrected(self._measured))
+        if self.value is not None and state.get("value") is not None:
+            sums = {k: v.numpy().copy() for k, v in state["value"]["sums"].items()}
+            if {k: len(v) for k, v in sums.items()} != self.value.sizes:
+                raise BadInput("the pruner's saved value is for other widths: load the model as it was saved first")
+            self.value.sums, self.value.batches = sums, int(state["value"]["batches"])
+
+    # ---- internals ----
+    def _value_kw(self, correcting: bool) -> tuple[dict[str, Any], int]:
+        """How the next plan gets its value: HALP's, from the minibatches observed since the last
+        removal once min(32, ``every``) were (HALP's averaging); else a scoring pass over
+        ``scoring_batches`` (and ``held_out`` for a per-width criterion) when given; else the observed
+        value however short, or, for a corrective removal after fine-tuning (nothing observed since
+        the last removal), the weights' magnitude. Returns (``build_plan`` keywords, minibatches)."""
+        v, imp = self.value, self.plan_cfg.importance
+        if uses_halp(imp) and v is not None and v.batches >= min(HALP_MINIBATCHES, self.every):
+            return {"scores": v.scores()}, v.batches
+        batches = self._scoring() if callable(self._scoring) else self._scoring
+        if batches is not None or not needs_batches(imp):
+            return {"batches": batches, "held_out": self._held_out}, 0
+        if uses_halp(imp) and v is not None and v.batches >= MIN_OBSERVED:
+            return {"scores": v.scores()}, v.batches
+        if correcting:
+            return {"scores": group_importance(self.graph, "magnitude")}, 0
+        if uses_halp(imp):
+            raise BadInput("no gradients observed since the last removal: call pruner.observe() after each "
+                           "loss.backward() (or use importance='magnitude')")
+        raise BadInput(f"importance {imp!r} needs data: pass scoring_batches, or use 'halp' with observe()")
+
+    def _remove(self, plan: PruningPlan, optimizer: torch.optim.Optimizer | None) -> Removal:
         before, rec = dict(self.model.named_parameters()), Removal()
         apply_plan_(self.model, plan, self.input_shape, record=rec, graph=self.graph)
         if optimizer is not None:
             follow_removal_(optimizer, before, self.model, rec)
         self.graph = ModelGraph(self.model, self.input_shape, self.ignored_layers)
         self.value = HalpValue(self.graph) if self.value is not None else None
-
-    def _correct(self, ratio: float, layers_ms: float, optimizer) -> str:
-        """As ``latprune run``'s corrective phase (``pipeline.schedule``): the end-to-end term the
-        schedule planned with, corrected from every measurement so far, a plan at the window's middle
-        on the measured scale, its channels removed."""
-        self._measured.append({"layers_ms": layers_ms, "measured_ms": ratio * self.table.dense_ms})
-        table = self.table.with_e2e(self._e2e0.corrected(self._measured))
-        aim = sum(self.window) / 2 * self.budget * self.table.dense_ms
-        scores = self.value.scores() if self.value is not None and self.value.batches else \
-            group_importance(self.graph, "magnitude")
-        plan = narrower_plan(self.graph, table, aim, self.plan_cfg, scores=scores)
-        if plan is None:
-            return "over budget"
-        self.table = table
-        self._remove(plan, optimizer)
-        return "removed"
+        return rec
 
 
 class AdaSAP:
     """AdaSAP's step rule (the paper's Algorithm 2, ``pipeline.adasap``) for a user's loop around a
     :class:`LatencyPruner`: while removals remain, each neuron is perturbed within its own radius,
     rho_max for the channels the pruner's knapsack would remove next (their value per millisecond
-    saved, refreshed every :data:`~latprune.pipeline.schedule.KEY_REFRESH` steps and after every
+    saved, refreshed every :data:`KEY_REFRESH` steps and after every
     removal) down to rho_min for the ones it keeps longest; once the pruner is done, uniform ASAM
     (the paper's robustness-encouraging fine-tuning). Each call is one optimisation step:
 
@@ -418,10 +543,10 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, budget: float, *, trai
                        eval_fn(model) if eval_fn is not None else None, count_params(pruner.dense), count_params(model))
 
 
-def _outputs_of(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """Every output's shape for ``example_inputs``; a model that cannot run on them is bad input."""
+def _outputs_of(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Every output's shape for a batch of ``input_shape``; a model that cannot run on it is bad input."""
     try:
-        return output_shapes(model, tuple(example_inputs.shape[1:]))
+        return output_shapes(model, input_shape)
     except BadInput:
         raise
     except Exception as e:  # the user's forward on the user's example: its failure is about that input

@@ -6,7 +6,9 @@ Three phases, each a call of the trainer:
    perturbations, so neurons about to be pruned settle in flat regions);
 2. pruning: ``prune_steps`` (R) removals, one every ``prune_every`` iterations (paper: 30), with the
    same step rule. AdaSAP_L (``target="latency"``): the latency target shrinks geometrically,
-   L_r = L_0 (L_T / L_0)^(r/R), and each step re-solves HALP's knapsack on the current model.
+   L_r = L_0 (L_T / L_0)^(r/R), and each step re-solves HALP's knapsack on the current model:
+   the public API's :class:`~latprune.pipeline.pruner.LatencyPruner` makes these removals (and the
+   closed loop's corrective ones), so ``latprune run`` and a user's own loop share one code path.
    AdaSAP_P (``target="params"``): step r keeps the k_r = m k^(r/R) neurons ranked highest
    globally (appendix A.4; its printed formula is garbled, this is its intent), the last step
    exactly meeting the parameter ratio. The paper zeroes pruned neurons (a mask);
@@ -41,25 +43,22 @@ from torch import nn
 from latprune.errors import BadInput
 from latprune.io import save_torch_atomic
 from latprune.latency_tables.endtoend import model_layers_ms, predicted_latency
-from latprune.latency_tables.table import EndToEnd, LatencyTable
+from latprune.latency_tables.table import LatencyTable
 from latprune.models.arch import layer_shapes, reshape_
 from latprune.models.graph import ModelGraph
 from latprune.models.surgery import Removal
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import OptimizerConfig, SharpnessStep, neuron_partition
 from latprune.pipeline.data import Dataset
-from latprune.pipeline.importance import HalpValue, group_importance, per_width, uses_halp
+from latprune.pipeline.importance import HalpValue, per_width, uses_halp
 from latprune.pipeline.plan import (
     PlanConfig,
     PruningPlan,
     apply_plan_,
     build_param_plan,
-    build_plan,
     count_params,
-    narrower_plan,
-    plan_values,
-    value_per_ms,
 )
+from latprune.pipeline.pruner import KEY_REFRESH, LatencyPruner, planner_key
 from latprune.pipeline.train import (
     LRSpan,
     Resume,
@@ -71,7 +70,7 @@ from latprune.pipeline.train import (
     train,
 )
 
-__all__ = ["TARGETS", "PHASES", "KEY_REFRESH", "ScheduleConfig", "planner_key", "floors_at_plan", "LatencyGoal",
+__all__ = ["TARGETS", "PHASES", "ScheduleConfig", "floors_at_plan", "LatencyGoal",
            "ScheduleResult", "TrainPruneConfig", "prune_rule", "finetune_rule", "measure_sharpness",
            "train_and_prune_", "step_time_ratio"]
 
@@ -81,8 +80,9 @@ log = logging.getLogger(__name__)
 TARGETS = ("latency", "params")
 PHASES = ("warmup", "pruning", "finetune", "correct")
 LR_SCHEDULES = ("one", "per-phase")
-KEY_REFRESH = 10  # iterations between refreshes of AdaSAP's planner score (and after every removal)
-CHECKPOINT_VERSION = 3  # 3: the optimizer state carried between phases (``carry``), AdaSAP's ``keys``
+# 3: the optimizer state carried between phases (``carry``), AdaSAP's ``keys``; 4: the latency
+# target's removals made by a LatencyPruner (its state under ``pruner``)
+CHECKPOINT_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,18 +174,6 @@ class ScheduleResult:
     resumed: list[dict[str, Any]]  # where each resume picked up (phase, iteration)
     corrections: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the corrective phase's checks
     e2e: dict[str, Any] | None = None  # the end-to-end term after the corrective phase (None: unchanged)
-
-
-def planner_key(graph: ModelGraph, table: LatencyTable, value: HalpValue | None, round_to: int,
-                per_ms: bool = True) -> dict[str, np.ndarray]:
-    """AdaSAP's neuron score (issue 12): every channel's value per millisecond its removal saves, at
-    the current widths (``plan.value_per_ms``), so the channels the knapsack removes next get
-    rho_max; ``per_ms=False`` (a parameter target, AdaSAP_P) ranks by the value alone. The value:
-    HALP's, accumulated from the training gradients since the last removal (also for a per-width
-    criterion, which has no per-channel score); the weights' magnitude for ``magnitude``, and before
-    the first minibatch is seen."""
-    scores = value.scores() if value is not None and value.batches else group_importance(graph, "magnitude")
-    return value_per_ms(graph, table, scores, round_to) if per_ms else scores
 
 
 def prune_rule(graph: ModelGraph, sharp: OptimizerConfig) -> Any:
@@ -283,8 +271,8 @@ class _Schedule:
 
     def __init__(self, model, data, table, final, cfg: TrainPruneConfig, input_shape, seed, progress, checkpoint, key,
                  hook, goal: LatencyGoal | None):
-        self.model, self.data, self.table, self.final, self.goal = model, data, table, final, goal
-        self.e2e0 = table.e2e  # the term training plans with; the corrective phase corrects from it
+        self.model, self.data, self.final, self.goal = model, data, final, goal
+        self._table = table  # the parameter target's; the latency target's lives in its pruner (corrected there)
         self.plan_cfg, self.sched, self.sharp, self.ft = cfg.plan, cfg.schedule, cfg.optimizer, cfg.finetune
         self.input_shape, self.seed, self.progress = input_shape, seed, progress
         self.checkpoint, self.key, self.hook = checkpoint, key, hook
@@ -298,7 +286,9 @@ class _Schedule:
         self.resumed: list[dict[str, Any]] = []
         self.corrections: list[dict[str, Any]] = []
         self.corrected_e2e: dict[str, Any] | None = None  # the corrective phase's end-to-end term
-        self.l0: float | None = None  # predicted latency when pruning starts
+        # the latency target's removals and corrective removals: the public API's LatencyPruner
+        self.pruner: LatencyPruner | None = None
+        self._pruner_state: dict[str, Any] | None = None  # a checkpoint's, until the pruner is made
         self.p0: int | None = None  # parameters when pruning starts
         self.k: float | None = None  # params target: final kept fraction of neurons
         self.m: int | None = None  # params target: neurons when pruning starts
@@ -307,8 +297,16 @@ class _Schedule:
         self.keys: dict[str, np.ndarray] | None = None  # AdaSAP's planner score, as last refreshed
 
     @property
+    def table(self) -> LatencyTable:
+        """The latency table planned with (the latency target's, corrected by its closed loop)."""
+        return self.pruner.table if self.pruner is not None else self._table
+
+    @property
     def graph(self) -> ModelGraph:
-        """The model's dependency graph, traced again only after a removal or a resume changed it."""
+        """The model's dependency graph, traced again only after a removal or a resume changed it
+        (the latency target's pruner keeps it)."""
+        if self.pruner is not None:
+            return self.pruner.graph
         if self._graph is None:
             self._graph = ModelGraph(self.model, self.input_shape)
         return self._graph
@@ -322,6 +320,8 @@ class _Schedule:
         imp = self.plan_cfg.importance
         if not (uses_halp(imp) or (self.sharp.uses_planner_key and per_width(imp))):
             return None
+        if self.pruner is not None:
+            return self.pruner.value
         if self._value is None:
             self._value = HalpValue(self.graph)
             if self._value_state is not None:  # resumed: continue the checkpoint's averages
@@ -331,7 +331,26 @@ class _Schedule:
         return self._value
 
     def _observe(self) -> None:
-        self.value.observe()
+        (self.pruner or self.value).observe()
+
+    def _make_pruner(self) -> None:
+        """The latency target's :class:`LatencyPruner` over the model as it is now (after a resume,
+        as it was saved, its state restored): R removals towards ``final``'s predicted latency, never
+        below ``final``'s widths when the steps are floored there."""
+        if self.sched.target != "latency":
+            return
+        floor = {g.name: len(g.keep) for g in self.final.groups} if floors_at_plan(self.sched, self.final) else None
+        # the budget only scales the pruner's own verify(), which the schedule does not use (it has ``goal``)
+        budget = self.goal.wanted_ratio if self.goal is not None else \
+            min(1.0, self.final.predicted_ms / self.final.dense_predicted_ms)
+        self.pruner = LatencyPruner(
+            self.model, torch.zeros(1, *self.input_shape), budget, table=self._table, runtime=None,
+            steps=self.sched.prune_steps, every=self.sched.prune_every, target_ms=self.final.predicted_ms,
+            min_widths=floor, scoring_batches=lambda: self._scoring_batches, held_out=self._held_out,
+            plan_config=self.plan_cfg, **({"window": self.goal.window} if self.goal is not None else {}))
+        if self._pruner_state is not None:
+            self.pruner.load_state_dict(self._pruner_state)
+            self._pruner_state = None
 
     def _changed(self) -> None:
         """The model's layers were replaced (a removal, a resume): graph and value start again."""
@@ -372,7 +391,8 @@ class _Schedule:
                 "train": resume.to_dict() if resume else None,
                 "layers": layer_shapes(self.model), "model": self.model.state_dict(),
                 "history": self.history, "phases": self.phases, "sharpness": self.sharpness,
-                "resumed": self.resumed, "l0": self.l0, "p0": self.p0, "k": self.k, "m": self.m,
+                "resumed": self.resumed, "p0": self.p0, "k": self.k, "m": self.m,
+                "pruner": self.pruner.state_dict() if self.pruner is not None else None,
                 "corrections": self.corrections, "corrected_e2e": self.corrected_e2e, "carry": self.carry,
                 "keys": None if self.keys is None else {k: torch.from_numpy(v.copy()) for k, v in self.keys.items()},
                 "value": None if self._value is None else {
@@ -399,11 +419,10 @@ class _Schedule:
         self._changed()
         self._value_state = ck.get("value")
         self.model.load_state_dict(ck["model"])
-        for a in ("history", "phases", "sharpness", "resumed", "l0", "p0", "k", "m", "corrections", "corrected_e2e",
+        self._pruner_state = ck["pruner"]
+        for a in ("history", "phases", "sharpness", "resumed", "p0", "k", "m", "corrections", "corrected_e2e",
                   "carry"):
             setattr(self, a, ck[a])
-        if self.corrected_e2e is not None:
-            self.table = self.table.with_e2e(EndToEnd.from_dict(self.corrected_e2e))
         self.keys = None if ck.get("keys") is None else {k: v.numpy().copy() for k, v in ck["keys"].items()}
         resume = Resume.from_dict(ck["train"]) if ck["train"] else None
         it = resume.iteration if resume else 0
@@ -415,6 +434,7 @@ class _Schedule:
     # ---- phases ----
     def __call__(self) -> ScheduleResult:
         phase, resume = self._load()
+        self._make_pruner()
         start = PHASES.index(phase) if phase in PHASES else len(PHASES)  # "done": nothing left
         for i in range(start, len(PHASES)):
             getattr(self, f"_{PHASES[i]}")(resume)
@@ -477,7 +497,6 @@ class _Schedule:
         sched = self.sched
         if resume is None:  # the phase starts here: measure where pruning starts from
             self._probe("pre_pruning")
-            self.l0 = predicted_latency(self.graph, self.table)
             self.p0 = count_params(self.model)
             if sched.target == "params":
                 plan = distributed.on_main(lambda: build_param_plan(
@@ -491,10 +510,17 @@ class _Schedule:
             if it % sched.prune_every:
                 return None
             r = it // sched.prune_every
-            plan, target, value_batches = distributed.on_main(lambda: self._plan_step(r))  # one decision, all ranks
-            rec = Removal()
-            apply_plan_(m, plan, self.input_shape, record=rec, graph=self.graph)
-            self._changed()  # the next use traces the pruned model again
+            if self.pruner is not None:  # the latency target: the API's step, decided on one rank, made on all
+                plan, target_ms, value_batches = distributed.on_main(self.pruner.next_plan)
+                rec = self.pruner.apply(plan)
+                target = {"latency_ms": target_ms}
+                if self.pruner.removals != r:
+                    raise RuntimeError(f"removal {r} of the schedule is the pruner's {self.pruner.removals}")
+            else:
+                plan, target, value_batches = distributed.on_main(lambda: self._param_plan_step(r))
+                rec = Removal()
+                apply_plan_(m, plan, self.input_shape, record=rec, graph=self.graph)
+                self._changed()  # the next use traces the pruned model again
             if isinstance(rule, SharpnessStep):
                 rule.rebind(self.graph)  # the parameters were replaced
             n_params = count_params(m)
@@ -547,24 +573,18 @@ class _Schedule:
         n = self.plan_cfg.sensitivity_batches * self.ft.batch_size
         return list(self.data.batches(self.data.val, self.ft.batch_size, limit=n))
 
-    def _plan_step(self, r: int) -> tuple[PruningPlan, Any, int]:
-        """Step ``r``'s plan, its target, and how many training minibatches the value averaged over
-        (0: the criterion's own scoring pass, or a criterion without data)."""
+    def _param_plan_step(self, r: int) -> tuple[PruningPlan, Any, int]:
+        """The parameter target's step ``r``: its plan, its target, and how many training minibatches
+        the value averaged over (0: the criterion's own scoring pass, or a criterion without data)."""
         R = self.sched.prune_steps
         scores, n = self._accumulated_scores()
-        if self.sched.target == "params":
-            if r == R:  # land on the parameter target exactly
-                budget = int(self.sched.param_ratio * self.p0)
-                return build_param_plan(self.graph, self.table, self.plan_cfg, max_params=budget,
-                                        batches=self._scoring_batches, scores=scores), {"params": budget}, n
-            keep = int(round(self.m * self.k ** (r / R)))
-            return build_param_plan(self.graph, self.table, self.plan_cfg, keep=keep,
-                                    batches=self._scoring_batches, scores=scores), {"neurons": keep}, n
-        target = self.l0 * (self.final.predicted_ms / self.l0) ** (r / R)
-        floor = {g.name: len(g.keep) for g in self.final.groups} if floors_at_plan(self.sched, self.final) else None
-        plan = build_plan(self.graph, self.table, target, self.plan_cfg, self._scoring_batches,
-                          min_widths=floor, scores=scores, held_out=self._held_out, warn_unpruned=False)
-        return plan, {"latency_ms": target}, n
+        if r == R:  # land on the parameter target exactly
+            budget = int(self.sched.param_ratio * self.p0)
+            return build_param_plan(self.graph, self.table, self.plan_cfg, max_params=budget,
+                                    batches=self._scoring_batches, scores=scores), {"params": budget}, n
+        keep = int(round(self.m * self.k ** (r / R)))
+        return build_param_plan(self.graph, self.table, self.plan_cfg, keep=keep,
+                                batches=self._scoring_batches, scores=scores), {"neurons": keep}, n
 
     def _finetune(self, resume) -> None:
         ft_rule = finetune_rule(self.model, self.sharp)
@@ -593,22 +613,16 @@ class _Schedule:
                 row["action"] = "under budget" if ratio < lo * goal.wanted_ratio else "accepted"
             elif removals >= sched.correct_steps:
                 row["action"] = "over budget, corrective steps used up"
-            else:
-                dense_ms = self.table.dense_ms
-                points = [{"layers_ms": c["layers_ms"], "measured_ms": c["measured_ratio"] * dense_ms}
-                          for c in [*self.corrections, row]]
-                e2e = self.e2e0.corrected(points)  # from the term training planned with, as the loop before it
-                table = self.table.with_e2e(e2e)
-                aim = (lo + hi) / 2 * goal.wanted_ratio * self.table.dense_ms
-                plan = distributed.on_main(lambda: self._solve(table, aim))
+            else:  # the API's corrective removal: decided on one rank, made on all
+                aim = (lo + hi) / 2 * goal.wanted_ratio
+                plan = distributed.on_main(lambda: self.pruner.corrective_plan(ratio, aim))
                 if plan is None:
                     row["action"] = "over budget, no narrower plan on the grid"
                 else:
-                    self.table, self.corrected_e2e = table, e2e.to_dict()
-                    rec = Removal()
-                    apply_plan_(self.model, plan, self.input_shape, record=rec, graph=self.graph)
-                    self._changed()
-                    row.update({"action": "removed", "finetuned": False, "target_ms": aim,
+                    self.pruner.apply_correction(plan, ratio)
+                    e2e = self.table.e2e  # corrected from every measurement, from the term training planned with
+                    self.corrected_e2e = e2e.to_dict()
+                    row.update({"action": "removed", "finetuned": False, "target_ms": aim * self.table.dense_ms,
                                 "predicted_ms": plan.predicted_ms,
                                 "e2e": {"intercept_ms": e2e.intercept_ms, "slope": e2e.slope},
                                 "widths": {g.name: len(g.keep) for g in plan.groups},
@@ -620,12 +634,6 @@ class _Schedule:
                 return
             self._save("correct", None)
             self._correct_finetune(None)
-
-    def _solve(self, table: LatencyTable, target_ms: float) -> PruningPlan | None:
-        """A plan for ``target_ms`` on the current model that removes something; None when none does."""
-        scores, _ = self._accumulated_scores()
-        values = plan_values(self.graph, self.plan_cfg, self._scoring_batches, self._held_out, scores)
-        return narrower_plan(self.graph, table, target_ms, self.plan_cfg, values=values)
 
     def _correct_finetune(self, resume) -> None:
         n = len(self.corrections)

@@ -3,13 +3,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+import latprune
+from latprune.latency_tables.endtoend import PairConfig
 from latprune.models.graph import ModelGraph
 from latprune.pipeline.adasap import OptimizerConfig
 from latprune.pipeline.plan import PlanConfig, build_plan
 from latprune.pipeline.schedule import ScheduleConfig, TrainPruneConfig, train_and_prune_
 from latprune.pipeline.train import TrainConfig
-from latprune.testing import fake_table, residual_net, tiny_dataset
+from latprune.testing import FakeBackend, fake_table, residual_net, tiny_dataset
 
 SHAPE = (3, 16, 16)
 
@@ -51,3 +55,43 @@ def test_two_gloo_ranks_end_with_identical_models(tmp_path, method):
     assert any(not torch.equal(single[k], a["model"][k]) for k in single if single[k].shape == a["model"][k].shape), \
         "each rank must train on its own shard of the batch"
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def _user_rank(r, world, init, out_dir):
+    """The README's loop under DDP: a pruner on every rank over ``ddp.module``, re-wrapped after each step."""
+    dist.init_process_group("gloo", init_method=init, rank=r, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = residual_net()
+        table = fake_table(model, SHAPE)
+        pruner = latprune.LatencyPruner(model, torch.zeros(1, *SHAPE), 0.5, table=table,
+                                        runtime=FakeBackend(intercept_ms=0.3 * table.dense_ms), steps=2, every=2,
+                                        timing=PairConfig(rounds=1, min_round_s=0.01, repeats=1, max_repeats=1))
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        g = torch.Generator().manual_seed(0)  # every rank draws the same global batch and trains on its half
+        for it in range(6):
+            x, y = torch.randn(8, *SHAPE, generator=g), torch.randint(0, 10, (8,), generator=g)
+            nn.functional.cross_entropy(ddp(x[r::world]), y[r::world]).backward()
+            pruner.observe()
+            opt.step()
+            opt.zero_grad()
+            if pruner.due(it):
+                pruner.step(opt)
+                ddp = latprune.rewrap_ddp(ddp)
+        v = pruner.verify(opt)
+        torch.save({"params": dict(model.named_parameters()), "history": pruner.history, "action": v.action,
+                    "wrapped": ddp.module is model}, out_dir / f"user{r}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_user_loop_under_ddp_prunes_the_same_channels_on_every_rank(tmp_path):
+    mp.spawn(_user_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", tmp_path), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"user{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(a["history"]) == 2 and a["history"] == b["history"]
+    assert a["action"] == b["action"] == "removed"  # rank 0's measurement, one corrective removal on both
+    assert a["wrapped"] and b["wrapped"]
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
