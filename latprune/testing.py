@@ -161,8 +161,10 @@ def fake_cost_ms(sig, c_in: float, c_out: float) -> float:
 
 def fake_table(model: nn.Module, input_shape=(3, 32, 32), step: int = 8, batch: int = 1,
                overhead_ms: float = 0.0) -> LatencyTable:
-    """A :class:`LatencyTable` filled from :func:`fake_cost_ms` instead of measurements."""
-    sigs = layer_signatures(model, input_shape)
+    """A :class:`LatencyTable` filled from :func:`fake_cost_ms` instead of measurements; the layers
+    a profile would leave unmeasured (and their groups unpruned) are listed as a profile lists them."""
+    unmeasured: dict[str, str] = {}
+    sigs = layer_signatures(model, input_shape, unmeasured)
     layers = {}
     for s in sigs.values():
         ci = [s.c_in] if s.kind == "dwconv" else candidate_widths(s.c_in, step).tolist()
@@ -173,7 +175,8 @@ def fake_table(model: nn.Module, input_shape=(3, 32, 32), step: int = 8, batch: 
     dense_layers = sum(layers[s.key].lookup(s.c_in, s.c_out) for s in sigs.values())
     e2e = EndToEnd(overhead_ms, 1.0, ({"label": "dense", "layers_ms": dense_layers,
                                        "measured_ms": overhead_ms + dense_layers},))
-    return LatencyTable(fp, layers, {n: s.key for n, s in sigs.items()}, overhead_ms + dense_layers, e2e)
+    return LatencyTable(fp, layers, {n: s.key for n, s in sigs.items()}, overhead_ms + dense_layers, e2e,
+                        {"unmeasured": unmeasured} if unmeasured else {})
 
 
 def model_cost_ms(model: nn.Module, input_shape=(3, 32, 32)) -> float:

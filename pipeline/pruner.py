@@ -41,6 +41,7 @@ from latprune.errors import BadInput, BudgetBelowFloor
 from latprune.latency_tables.endtoend import PairConfig, measure_speedup, model_layers_ms, predicted_latency
 from latprune.latency_tables.profile import ProfileConfig, profile_model
 from latprune.latency_tables.runtimes import Backend, get_backend
+from latprune.latency_tables.runtimes.convert import onnx_bytes
 from latprune.latency_tables.table import LatencyTable
 from latprune.models.graph import IgnoredLayer, ModelGraph
 from latprune.models.outputs import input_shape_of, output_shapes
@@ -188,6 +189,8 @@ class LatencyPruner:
             raise BadInput("no channel group of this model can be pruned (every layer is ignored or produces an "
                            "output): ignore fewer layers")
         self._check_outputs_kept()  # before a table is profiled: seconds, where profiling takes minutes
+        if runtime is not None:  # a model torch.onnx refuses at this size is refused now, not after training
+            onnx_bytes(model, (1, *self.input_shape))
         if runtime is None or isinstance(runtime, Backend):
             self.backend = runtime
         else:
@@ -240,9 +243,14 @@ class LatencyPruner:
             weights_only = dataclasses.replace(self.plan_cfg, importance="magnitude")
             build_plan(self.graph, self.table, self.target_ms, weights_only, warn_unpruned=False)
         except BudgetBelowFloor as e:
+            floor = e.floor_ms / self.dense_predicted_ms
+            why = "raise the budget or ignore fewer layers"
+            if self.table.unmeasured:  # layers the profiler cannot time keep their groups whole
+                name, reason = next(iter(self.table.unmeasured.items()))
+                why += (f"; {len(self.table.unmeasured)} layer(s) the profiler cannot measure keep their groups "
+                        f"whole (e.g. {name}: {reason})")
             raise BadInput(f"budget {self.target_ms / self.dense_predicted_ms:.3f} is below the smallest latency "
-                           f"this model reaches ({e.floor_ms / self.dense_predicted_ms:.3f} of dense, predicted): "
-                           "raise the budget or ignore fewer layers") from None
+                           f"this model reaches ({floor:.3f} of dense, predicted): {why}") from None
 
     # ---- the loop ----
     @property

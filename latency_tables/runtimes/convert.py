@@ -10,6 +10,7 @@ import onnx
 import torch
 from torch import nn
 
+from latprune.errors import BadInput
 from latprune.models.outputs import OUTPUT, output_names
 
 __all__ = ["OPSET", "INPUT", "OUTPUT", "onnx_bytes", "input_dims", "onnx_batch"]
@@ -27,6 +28,8 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSE
     for the dynamo exporter, and always a single file with the weights inside.
     """
     was_training = model.training
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"  # a CUDA model exports from a CUDA example
     model.eval()
     buf = io.BytesIO()
     names = output_names(model, tuple(input_shape[1:]))
@@ -36,9 +39,13 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], opset: int = OPSE
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
-                model, (torch.zeros(input_shape),), buf, input_names=[INPUT], output_names=names,
+                model, (torch.zeros(input_shape, device=device),), buf, input_names=[INPUT], output_names=names,
                 opset_version=opset, dynamo=False, do_constant_folding=True, dynamic_axes=axes,
             )
+    except torch.onnx.errors.OnnxExporterError as e:  # an operator the exporter refuses at this input size
+        raise BadInput(f"torch.onnx cannot export {type(model).__name__} at input {tuple(input_shape)} "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]}): use the input size the model is "
+                       "built for, or replace the operation it names") from e
     finally:
         model.train(was_training)
     proto = onnx.load_from_string(buf.getvalue())

@@ -315,3 +315,36 @@ def test_prune_never_ends_on_an_untrained_corrective_removal():
                          runtime=FakeBackend(intercept_ms=2.0 * cost, batch=2))
     assert [v.action for v in res.verifications][0] == "removed" and len(res.verifications) == 2
     assert res.verification.action != "removed"  # the last check only measures
+
+
+class _ChannelsLastMLP(nn.Module):
+    """A ConvNeXt-like block: a Linear on (N, H, W, C), which the profiler cannot time."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mlp = nn.Linear(16, 32)
+        self.back = nn.Linear(32, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = self.back(torch.relu(self.mlp(x))).permute(0, 3, 1, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_layers_the_profiler_cannot_time_are_named_when_they_leave_nothing_to_prune():
+    model = _ChannelsLastMLP()
+    table = fake_table(model, SHAPE, batch=2)
+    assert set(table.unmeasured) == {"mlp", "back"}  # listed as a profile lists them
+    with pytest.raises(BadInput, match=r"cannot measure keep their groups whole \(e.g. mlp: linear layer on 4-D"):
+        _pruner(model, 0.5, table=table)
+
+
+def test_a_model_torch_onnx_cannot_export_at_this_size_is_one_clear_error(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(72, 10))
+    with pytest.raises(BadInput, match=r"torch.onnx cannot export Sequential at input \(1, 3, 6, 6\).*use the input"):
+        latprune.export_model(model, torch.zeros(1, 3, 6, 6), tmp_path / "d")
+    assert not list((tmp_path / "d").glob("*.onnx"))
+    with pytest.raises(BadInput, match="torch.onnx cannot export"):  # refused before anything is pruned
+        _pruner(model, 0.5, table=None, runtime=FakeBackend(batch=1), batch=1)
