@@ -21,12 +21,14 @@ from latprune.latency_tables.runtimes.convert import onnx_bytes
 from latprune.latency_tables.table import Fingerprint, LayerSignature
 from latprune.latency_tables.timing import Timing, time_interleaved, wall_clock_ms
 
-__all__ = ["Backend", "register_backend", "get_backend", "runtime_names", "runtime_class", "cuda_event_ms",
-           "require_cuda"]
+__all__ = ["PRECISIONS", "Backend", "register_backend", "get_backend", "runtime_names", "runtime_class",
+           "cuda_event_ms", "require_cuda"]
 
 log = logging.getLogger(__name__)
 
 _BACKENDS: dict[str, type["Backend"]] = {}
+PRECISIONS = ("fp32", "fp16", "int8")  # what the deployed model computes in (int8: QDQ, runtimes.quantize)
+DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}  # the fingerprint's name of each
 
 
 def register_backend(cls: type["Backend"]) -> type["Backend"]:
@@ -40,37 +42,60 @@ def runtime_names() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def runtime_class(name: str, fp16: bool = False) -> type["Backend"]:
+def runtime_class(name: str, fp16: bool = False, precision: str | None = None) -> type["Backend"]:
     """The registered class of runtime ``name`` (its capabilities, without starting it)."""
     if name not in _BACKENDS:
         raise BadInput(f"unknown runtime {name!r}: use one of {', '.join(sorted(_BACKENDS))}")
     cls = _BACKENDS[name]
-    if fp16 and not cls.supports_fp16:
+    precision = _precision(fp16, precision)
+    if precision == "fp16" and not cls.supports_fp16:
         fp16_ok = ", ".join(n for n, c in _BACKENDS.items() if c.supports_fp16)
         raise BadInput(f"--fp16 is not available on runtime {name}: use {fp16_ok}")
+    if precision == "int8" and not cls.supports_int8:
+        int8_ok = ", ".join(n for n, c in _BACKENDS.items() if c.supports_int8)
+        raise BadInput(f"--precision int8 is not available on runtime {name}: use {int8_ok}")
     return cls
 
 
-def get_backend(name: str, threads: int = 2, batch: int = 32, fp16: bool = False) -> "Backend":
-    return runtime_class(name, fp16)(threads=threads, batch=batch, fp16=fp16)
+def get_backend(name: str, threads: int = 2, batch: int = 32, fp16: bool = False,
+                precision: str | None = None) -> "Backend":
+    """Runtime ``name`` for ``batch`` images on ``threads`` threads, computing in ``precision``
+    (``fp16=True`` is the older spelling of ``precision="fp16"``)."""
+    return runtime_class(name, fp16, precision)(threads=threads, batch=batch, precision=_precision(fp16, precision))
+
+
+def _precision(fp16: bool, precision: str | None) -> str:
+    if precision is None:
+        return "fp16" if fp16 else "fp32"
+    if precision not in PRECISIONS:
+        raise BadInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if fp16 and precision != "fp16":
+        raise BadInput(f"--fp16 and --precision {precision} disagree: give one of them")
+    return precision
 
 
 class Backend(abc.ABC):
     name: ClassVar[str]
     supports_fp16: ClassVar[bool] = False
+    supports_int8: ClassVar[bool] = False  # times QDQ int8 models (runtimes.quantize)
     loads_onnx: ClassVar[bool] = True  # whole models are timed from ONNX files (else as nn.Modules)
     static_shapes: ClassVar[bool] = False  # engines built for one input shape (no dynamic batch)
     on_gpu: ClassVar[bool] = False
     library: ClassVar[str] = ""  # the package that runs the model: onnxruntime, torch, tensorrt
 
-    def __init__(self, threads: int = 2, batch: int = 32, fp16: bool = False):
+    def __init__(self, threads: int = 2, batch: int = 32, fp16: bool = False, precision: str | None = None):
         if threads < 1 or batch < 1:
             raise BadInput(f"threads and batch must be >= 1, got threads={threads}, batch={batch}")
-        self.threads, self.batch, self.fp16 = threads, batch, fp16
+        self.threads, self.batch = threads, batch
+        self.precision = _precision(fp16, precision)
+        if not {"fp32": True, "fp16": self.supports_fp16, "int8": self.supports_int8}[self.precision]:
+            raise BadInput(f"runtime {self.name} does not run {self.precision} here: use fp32 on it")
+        self.fp16 = self.precision == "fp16"
 
     @property
     def dtype(self) -> str:
-        return "float16" if self.fp16 else "float32"
+        """The precision as the table's fingerprint names it: a table of another precision is refused."""
+        return DTYPES[self.precision]
 
     # ---- public, validating ------------------------------------------------------------------
     def device(self) -> str:

@@ -11,11 +11,13 @@ import tempfile
 from typing import Callable
 
 import numpy as np
+import onnx
 
 from latprune.errors import BadInput
 from latprune.latency_tables.device import gpu_description
 from latprune.latency_tables.layers import layer_input_shape, layer_onnx
 from latprune.latency_tables.runtimes.base import Backend, register_backend
+from latprune.latency_tables.runtimes.quantize import QuantConfig, is_quantized, quantize_int8
 
 __all__ = ["import_ort", "ort_session", "check_provider", "OrtCpuBackend", "OrtCudaBackend", "OrtTensorrtBackend"]
 
@@ -89,7 +91,24 @@ class _OrtBackend(Backend):
 
     def _layer_runner(self, sig, c_in, c_out):
         model = layer_onnx(sig, c_in, c_out, self.batch)
-        return self._runner(self.session(model.SerializeToString()), layer_input_shape(sig, self.batch, c_in))
+        shape = layer_input_shape(sig, self.batch, c_in)
+        data = self._int8(model, shape) if self.precision == "int8" else model.SerializeToString()
+        return self._runner(self.session(data), shape)
+
+    def prepare_model(self, model, input_shape):
+        """As :meth:`Backend.prepare_model`; at int8, a float model is quantized first (a QDQ file,
+        such as ``model.int8.onnx``, is timed as it is)."""
+        model = super().prepare_model(model, input_shape)
+        if self.precision != "int8":
+            return model
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+        return model if is_quantized(proto) else self._int8(proto, (self.batch, *input_shape))
+
+    def _int8(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> bytes:
+        """``model`` quantized for timing: int8 latency does not depend on the calibrated scales,
+        so one seeded standard-normal batch calibrates it (deployment calibrates on images)."""
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        return quantize_int8(model, [x], QuantConfig())
 
     def _model_runner(self, model, input_shape):
         model = self.prepare_model(model, input_shape)
@@ -113,6 +132,7 @@ class OrtCpuBackend(_OrtBackend):
 
     name = "ort"
     provider = "CPUExecutionProvider"
+    supports_int8 = True  # QDQ int8 (runtimes.quantize); its kernels use AVX2 / AVX-512 VNNI where present
 
 
 class _OrtGpuBackend(_OrtBackend):
