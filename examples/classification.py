@@ -18,33 +18,41 @@ from latprune.models.registry import ModelSpec, bundled_weights
 from latprune.pipeline.data import DataConfig, load_dataset
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--budget", type=float, default=0.5)
-p.add_argument("--iterations", type=int, default=600)  # the first half prunes, the second fine-tunes
-p.add_argument("--steps", type=int, default=10)
-p.add_argument("--profile-step", type=int, default=8)  # the latency table's channel grid
-p.add_argument("--fit-configs", type=int, default=8)  # pruned models the table's end-to-end term is fitted on
-p.add_argument("--out", default="deploy")
+# --iterations: the first half prunes, the second fine-tunes; --profile-step: the latency table's channel grid;
+# --fit-configs: pruned models the table's end-to-end term is fitted on
+for flag, default in (("--budget", 0.5), ("--iterations", 600), ("--steps", 10), ("--profile-step", 8),
+                      ("--fit-configs", 8), ("--out", "deploy")):
+    p.add_argument(flag, type=type(default), default=default)
 a = p.parse_args()
 
 data = load_dataset(DataConfig("fashion-mnist"))
 model = ModelSpec("resnet20", data.num_classes).build()
 model.load_state_dict(torch.load(bundled_weights("resnet20", "fashion-mnist", 10), weights_only=True))
 example = torch.zeros(32, *data.input_shape)  # the deployment batch
-table = ProfileConfig(a.profile_step, fit_configs=a.fit_configs)  # how the latency table is measured
 pruner = latprune.LatencyPruner(model, example, budget=a.budget, runtime="ort", steps=a.steps,
-                                every=max(a.iterations // (2 * a.steps), 1), profile=table)
+                                every=max(a.iterations // (2 * a.steps), 1),
+                                profile=ProfileConfig(a.profile_step, fit_configs=a.fit_configs))  # the table
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, a.iterations)
-rng = np.random.default_rng(0)
-batches = itertools.chain.from_iterable(data.batches(data.train, 128, True, True, rng) for _ in itertools.count())
-for it, (x, y) in zip(range(a.iterations), batches):
-    nn.functional.cross_entropy(model(x), y).backward()
-    pruner.observe()
-    optimizer.step(), optimizer.zero_grad(), scheduler.step()
-    if pruner.due(it):
-        pruner.step(optimizer)  # channels removed; the optimizer and scheduler carry on
-print(pruner.verify(optimizer))
-model.eval()
+batches = itertools.chain.from_iterable(data.batches(data.train, 128, True, True, np.random.default_rng(epoch))
+                                        for epoch in itertools.count())
+
+
+def train(iterations: int) -> None:
+    for it, (x, y) in zip(range(iterations), batches):
+        nn.functional.cross_entropy(model(x), y).backward()
+        pruner.observe()
+        optimizer.step(), optimizer.zero_grad(), scheduler.step()
+        if pruner.due(it):
+            pruner.step(optimizer)  # channels removed; the optimizer and scheduler carry on
+
+
+train(a.iterations)  # the first half prunes, the second fine-tunes
+# measured over the budget, the closed loop removes more: fine-tune and measure again (the third check only measures)
+while (v := pruner.verify(optimizer, correct=len(pruner.verifications) < 2)).action == "removed":
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, a.iterations // 4)
+    train(a.iterations // 4)
+print(v)
 with torch.no_grad():
-    acc = np.mean([float((model(x).argmax(1) == y).float().mean()) for x, y in data.batches(data.test, 500)])
+    acc = np.mean([float((model.eval()(x).argmax(1) == y).float().mean()) for x, y in data.batches(data.test, 500)])
 print(f"test accuracy {acc:.4f}; files: {latprune.export_model(model, example, a.out, dense=pruner.dense).report}")

@@ -143,6 +143,10 @@ class LatencyPruner:
             predicted latency of the plan its closed loop validated by measurement before training).
         min_widths: per group, the narrowest width any removal leaves (``latprune run --floor-widths``
             passes that plan's widths, so the last removal lands on them).
+        floor: without ``min_widths``, the first removal also solves the knapsack at ``target_ms``
+            with the value observed so far (a one-shot plan) and no removal takes a group below its
+            widths, so the last lands on them. False re-solves every step freely (HALP's schedule):
+            on ResNet-20 at budget 0.5 that drifted to 8-channel residual streams (BENCHMARKS.md).
         scoring_batches: training batches ``(x, y)`` (or a callable returning them, called when
             first needed) a gradient criterion scores on when fewer than min(32, ``every``)
             minibatches were observed since the last removal.
@@ -156,7 +160,7 @@ class LatencyPruner:
                  threads: int = 2, ignored_layers: Iterable[IgnoredLayer] = (), steps: int = 10, every: int = 30,
                  importance: str = "halp", round_to: int = 8, profile: ProfileConfig = ProfileConfig(),
                  timing: PairConfig = PairConfig(), window: tuple[float, float] = (0.90, 0.97),
-                 target_ms: float | None = None, min_widths: dict[str, int] | None = None,
+                 target_ms: float | None = None, min_widths: dict[str, int] | None = None, floor: bool = True,
                  scoring_batches: Batches | Callable[[], Batches] | None = None, held_out: Batches | None = None,
                  plan_config: PlanConfig | None = None):
         if not isinstance(model, nn.Module):
@@ -182,6 +186,7 @@ class LatencyPruner:
         self.ignored_layers = list(ignored_layers)
         self.timing, self.window = timing, (float(window[0]), float(window[1]))
         self.min_widths = dict(min_widths) if min_widths else None
+        self.floor = bool(floor)
         self._scoring, self._held_out = scoring_batches, held_out
         self._outputs = _outputs_of(model, self.input_shape)
         self.graph = ModelGraph(model, self.input_shape, self.ignored_layers)  # names the bad ignored layer
@@ -264,8 +269,10 @@ class LatencyPruner:
 
     def observe(self) -> None:
         """Add this minibatch's gradients (in ``.grad``, after ``loss.backward()`` and before
-        ``optimizer.zero_grad()``) to HALP's value. A no-op for ``importance="magnitude"``."""
-        if self.value is None or self.done:
+        ``optimizer.zero_grad()``) to HALP's value, reset at every removal. After the last removal it
+        goes on accumulating over fine-tuning: a corrective removal (:meth:`verify`) ranks by it.
+        A no-op for ``importance="magnitude"``."""
+        if self.value is None:
             return
         if not any(p.grad is not None for p in self.model.parameters()):
             raise BadInput("observe() found no gradients: call it after loss.backward() and before "
@@ -300,6 +307,9 @@ class LatencyPruner:
         r = self.removals + 1
         target = self.dense_predicted_ms * (self.target_ms / self.dense_predicted_ms) ** (r / self.steps)
         kw, observed = self._value_kw(correcting=False)
+        if self.min_widths is None and self.floor:  # the one-shot plan every removal stays at or above
+            final = build_plan(self.graph, self.table, self.target_ms, self.plan_cfg, warn_unpruned=False, **kw)
+            self.min_widths = {g.name: len(g.keep) for g in final.groups}
         plan = build_plan(self.graph, self.table, target, self.plan_cfg, min_widths=self.min_widths,
                           warn_unpruned=False, **kw)
         return plan, target, observed
@@ -385,12 +395,14 @@ class LatencyPruner:
         value = None if self.value is None else {
             "sums": {k: torch.from_numpy(v.copy()) for k, v in self.value.sums.items()}, "batches": self.value.batches}
         return {"history": copy.deepcopy(self.history), "dense_predicted_ms": self.dense_predicted_ms,
-                "target_ms": self.target_ms, "measured": copy.deepcopy(self._measured), "value": value}
+                "target_ms": self.target_ms, "min_widths": self.min_widths, "measured": copy.deepcopy(self._measured),
+                "value": value}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`, on a pruner built over the model as it was saved."""
         self.history = copy.deepcopy(state["history"])
         self.dense_predicted_ms, self.target_ms = float(state["dense_predicted_ms"]), float(state["target_ms"])
+        self.min_widths = state["min_widths"]
         self._measured = copy.deepcopy(state["measured"])
         if self._measured:
             self.table = self.table.with_e2e(self._e2e0.corrected(self._measured))

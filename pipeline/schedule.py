@@ -339,14 +339,14 @@ class _Schedule:
         below ``final``'s widths when the steps are floored there."""
         if self.sched.target != "latency":
             return
-        floor = {g.name: len(g.keep) for g in self.final.groups} if floors_at_plan(self.sched, self.final) else None
+        floors = {g.name: len(g.keep) for g in self.final.groups} if floors_at_plan(self.sched, self.final) else None
         # the budget only scales the pruner's own verify(), which the schedule does not use (it has ``goal``)
         budget = self.goal.wanted_ratio if self.goal is not None else \
             min(1.0, self.final.predicted_ms / self.final.dense_predicted_ms)
         self.pruner = LatencyPruner(
             self.model, torch.zeros(1, *self.input_shape), budget, table=self._table, runtime=None,
             steps=self.sched.prune_steps, every=self.sched.prune_every, target_ms=self.final.predicted_ms,
-            min_widths=floor, scoring_batches=lambda: self._scoring_batches, held_out=self._held_out,
+            min_widths=floors, floor=False, scoring_batches=lambda: self._scoring_batches, held_out=self._held_out,
             plan_config=self.plan_cfg, **({"window": self.goal.window} if self.goal is not None else {}))
         if self._pruner_state is not None:
             self.pruner.load_state_dict(self._pruner_state)

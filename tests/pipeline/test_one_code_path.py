@@ -48,7 +48,7 @@ def _batches(data, seed):
 def _user_loop(model, data, table, final, backend):
     pruner = latprune.LatencyPruner(model, torch.zeros(1, *SHAPE), BUDGET, table=table, runtime=backend,
                                     steps=STEPS, every=EVERY, importance="halp", round_to=8, timing=ONE,
-                                    window=WINDOW, target_ms=final.predicted_ms,
+                                    window=WINDOW, target_ms=final.predicted_ms, floor=False,
                                     # what a corrective removal after fine-tuning (nothing observed since the
                                     # last removal) scores HALP's value on, as latprune run: training batches
                                     scoring_batches=list(data.batches(data.train, BATCH)))

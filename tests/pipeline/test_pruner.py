@@ -71,6 +71,16 @@ def test_a_user_loop_prunes_to_the_budget_physically(factory):
     assert model(torch.zeros(1, *SHAPE)).shape == out_shape
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
     assert not pruner.due(9)  # no removal left
+    # the first removal fixed a one-shot plan's widths as the floor: every step stays above, the last lands on it
+    assert pruner.min_widths and all(h["widths"][g] >= w for h in pruner.history for g, w in pruner.min_widths.items())
+    assert pruner.history[-1]["widths"] == pruner.min_widths
+
+
+def test_without_a_floor_every_step_is_solved_freely():
+    model = residual_net()
+    pruner = _pruner(model, 0.5, steps=3, every=2, floor=False)
+    _user_loop(model, pruner, 8)
+    assert pruner.done and pruner.min_widths is None
 
 
 def test_an_lr_scheduler_on_the_users_optimizer_keeps_working_across_steps():
@@ -186,6 +196,11 @@ def test_steps_need_observed_gradients_and_stop_after_the_last():
     pruner.step()
     with pytest.raises(BadInput, match="removals are made"):
         pruner.step()
+    # fine-tuning goes on feeding the value, which a corrective removal then ranks by (not the weights' magnitude)
+    nn.functional.cross_entropy(model(torch.randn(4, *SHAPE)), torch.randint(0, 10, (4,))).backward()
+    pruner.observe()
+    kw, observed = pruner._value_kw(correcting=True)
+    assert observed == 1 and pruner.value.batches == 1 and "scores" in kw
 
 
 def test_a_head_the_graph_cannot_see_is_named_before_anything_is_removed():
