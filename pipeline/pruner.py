@@ -293,8 +293,8 @@ class LatencyPruner:
         on every rank, over ``ddp.module``) rank 0 decides and every rank removes the same channels;
         wrap the model again afterwards, on every rank: ``model = latprune.rewrap_ddp(model)`` (DDP's
         buckets hold the removed parameters). Returns this step's record (also in :attr:`history`)."""
-        plan, _, _ = distributed.on_main(self.next_plan)
-        self.apply(plan, optimizer)
+        (plan, _, _), self.min_widths = distributed.on_main(lambda: (self.next_plan(), self.min_widths))
+        self.apply(plan, optimizer)  # the floor the first decision fixed is every rank's too
         return self.history[-1]
 
     def next_plan(self) -> tuple[PruningPlan, float, int]:

@@ -82,7 +82,7 @@ def _user_rank(r, world, init, out_dir):
                 ddp = latprune.rewrap_ddp(ddp)
         v = pruner.verify(opt)
         torch.save({"params": dict(model.named_parameters()), "history": pruner.history, "action": v.action,
-                    "wrapped": ddp.module is model}, out_dir / f"user{r}.pt")
+                    "wrapped": ddp.module is model, "floor": pruner.min_widths}, out_dir / f"user{r}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -93,5 +93,6 @@ def test_a_user_loop_under_ddp_prunes_the_same_channels_on_every_rank(tmp_path):
     assert len(a["history"]) == 2 and a["history"] == b["history"]
     assert a["action"] == b["action"] == "removed"  # rank 0's measurement, one corrective removal on both
     assert a["wrapped"] and b["wrapped"]
+    assert a["floor"] and a["floor"] == b["floor"]  # rank 0's one-shot floor, on every rank
     for k in a["params"]:
         assert torch.equal(a["params"][k], b["params"][k]), k
