@@ -1,7 +1,7 @@
 """How well does a latency table predict the measured end-to-end latency of pruned models?
 
     python benchmarks/table_accuracy.py [--cases resnet20:32:32 resnet56:32:32 resnet18:32:32 ...]
-                                        [--validate 10] [--runtime ort] [--threads 2]
+                                        [--validate 10] [--runtime ort] [--threads 2] [--precision fp32]
                                         [--json runs/bench-tables/table_accuracy.json]
 
 A case is MODEL:INPUT:BATCH[:STEP] (STEP: the grid step in channels, default 8; use a coarser one
@@ -23,7 +23,7 @@ from latprune.latency_tables.device import environment
 from latprune.latency_tables.endtoend import validate_table
 from latprune.latency_tables.plots import plot_validation
 from latprune.latency_tables.profile import ProfileConfig, profile_model
-from latprune.latency_tables.runtimes import get_backend
+from latprune.latency_tables.runtimes import PRECISIONS, get_backend
 from latprune.models.graph import ModelGraph
 from latprune.models.registry import ModelSpec
 
@@ -32,12 +32,38 @@ DEFAULT_CASES = ["resnet20:32:32", "resnet20:32:1", "resnet56:32:32", "resnet56:
                  "mobilenet_v2:224:1:32"]
 
 
+def measure_case(case: str, runtime: str = "ort", threads: int = 2, validate: int = 10, precision: str = "fp32",
+                 plot_dir: Path | None = None) -> dict:
+    """One case: the table built as ``latprune profile`` builds it (timed), then its prediction
+    error on ``validate`` random pruned configurations timed end to end (also ``benchmarks/int8.py``)."""
+    name, size, batch, *step = case.split(":")
+    size, batch, step = int(size), int(batch), int(step[0]) if step else 8
+    model = ModelSpec(name, 10).build().eval()
+    shape = (3, size, size)
+    backend = get_backend(runtime, threads, batch, precision=precision)
+    cfg = ProfileConfig(step=step)
+    t0 = time.perf_counter()
+    table = profile_model(model, shape, backend, cfg, progress=False)
+    build_s = time.perf_counter() - t0
+    v = validate_table(ModelGraph(model, shape), table, backend, validate, step, cfg.pair, progress=False)
+    if plot_dir is not None:
+        suffix = "" if precision == "fp32" else f"-{precision}"
+        plot_validation(dataclasses.replace(table, meta={**table.meta, "validation": v}),
+                        plot_dir / f"validation-{name}-{size}-b{batch}{suffix}.png")
+    return {"case": case, "model": name, "input": size, "batch": batch, "step": step, "precision": precision,
+            "entries": table.entries, "signatures": len(table.layers), "build_s": build_s,
+            "dense_ms": table.dense_ms, "e2e": table.e2e.to_dict(),
+            "median_rel_err": v["median_rel_err"], "p90_rel_err": v["p90_rel_err"],
+            "max_rel_err": v["max_rel_err"], "points": v["points"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
     p.add_argument("--validate", type=int, default=10)
     p.add_argument("--runtime", default="ort")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--json", default="runs/bench-tables/table_accuracy.json")
     a = p.parse_args()
     out = Path(a.json)
@@ -46,23 +72,7 @@ def main() -> None:
     for case in a.cases:
         if any(r["case"] == case for r in rows):
             continue  # resumable: a finished case is kept
-        name, size, batch, *step = case.split(":")
-        size, batch, step = int(size), int(batch), int(step[0]) if step else 8
-        model = ModelSpec(name, 10).build().eval()
-        shape = (3, size, size)
-        backend = get_backend(a.runtime, a.threads, batch)
-        cfg = ProfileConfig(step=step)
-        t0 = time.perf_counter()
-        table = profile_model(model, shape, backend, cfg, progress=False)
-        build_s = time.perf_counter() - t0
-        v = validate_table(ModelGraph(model, shape), table, backend, a.validate, step, cfg.pair, progress=False)
-        plot_validation(dataclasses.replace(table, meta={**table.meta, "validation": v}),
-                        out.parent / f"validation-{name}-{size}-b{batch}.png")
-        rows.append({"case": case, "model": name, "input": size, "batch": batch, "step": step,
-                     "entries": table.entries, "signatures": len(table.layers), "build_s": build_s,
-                     "dense_ms": table.dense_ms, "e2e": table.e2e.to_dict(),
-                     "median_rel_err": v["median_rel_err"], "p90_rel_err": v["p90_rel_err"],
-                     "max_rel_err": v["max_rel_err"], "points": v["points"]})
+        rows.append(measure_case(case, a.runtime, a.threads, a.validate, a.precision, out.parent))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"rows": rows, "environment": environment()}, indent=1))
         r = rows[-1]

@@ -32,11 +32,13 @@ from typing import Any, Callable
 import numpy as np
 
 from latprune.errors import BadInput
+from latprune.export.int8 import INT8_FILES
 from latprune.export.onnx_export import read_contract
 from latprune.export.tensorrt import UNVERIFIED, build_engines
 from latprune.io import write_bytes_atomic, write_json_atomic
 from latprune.latency_tables.device import environment, gpu_description
 from latprune.latency_tables.runtimes import RUNTIMES, get_backend, runtime_class
+from latprune.latency_tables.runtimes.base import resolve_precision
 from latprune.latency_tables.runtimes.convert import input_dims, onnx_batch, onnx_bytes
 from latprune.latency_tables.runtimes.tensorrt import EngineRunner, TensorrtBackend, TrtConfig, import_tensorrt
 from latprune.latency_tables.timing import block_ratios, bootstrap_median_ci, latency_stats, time_blocks
@@ -52,7 +54,8 @@ class BenchConfig:
     runtime: str = "ort"
     batch: int | None = None  # None: the run's deployment batch
     threads: int = 2
-    fp16: bool = False
+    fp16: bool = False  # the older spelling of precision "fp16"
+    precision: str | None = None  # fp32, fp16 or int8 (None: fp16 if fp16 else fp32)
     warmup_ms: float = 500.0  # per model, before the first timed call (trtexec --warmup)
     iterations: int = 300  # timed calls per model (trtexec --iterations)
     block: int = 10  # calls per model per interleaved block
@@ -72,7 +75,16 @@ class BenchConfig:
             raise BadInput(f"--warmup must be >= 0 ms, got {self.warmup_ms}")
         if self.fp16 and not runtime_class(self.runtime).supports_fp16:
             ok = " or ".join(n for n in RUNTIMES if runtime_class(n).supports_fp16)
-            raise BadInput(f"--fp16 needs --runtime {ok} (ONNX Runtime and torch on the CPU run fp32)")
+            raise BadInput(f"--fp16 needs --runtime {ok} (ONNX Runtime and torch on the CPU run fp32 or int8)")
+        precision = resolve_precision(self.fp16, self.precision)
+        runtime_class(self.runtime, precision=precision)
+        object.__setattr__(self, "precision", precision)
+        object.__setattr__(self, "fp16", precision == "fp16")
+
+    @property
+    def suffix(self) -> str:
+        """What the precision adds to file names: ``-fp16``, ``-int8`` or nothing."""
+        return "" if self.precision == "fp32" else f"-{self.precision}"
 
 
 def compare(dense: np.ndarray, compact: np.ndarray, batch: int, cfg: BenchConfig) -> dict[str, Any]:
@@ -94,7 +106,8 @@ def compare(dense: np.ndarray, compact: np.ndarray, batch: int, cfg: BenchConfig
 def backend_programs(dense, compact, input_shape: tuple[int, int, int], cfg: BenchConfig, batch: int):
     """Runtimes behind a latency backend (ort, torch, ort-cuda, ort-trt). ``dense``/``compact``: ONNX
     paths with a matching batch, or modules (exported at ``batch`` where the runtime loads ONNX)."""
-    be = get_backend(cfg.runtime, cfg.threads, batch, cfg.fp16)  # GPU providers: checked after session creation
+    # GPU providers: checked after session creation
+    be = get_backend(cfg.runtime, cfg.threads, batch, precision=cfg.precision)
     fns = {k: be.model_runner(be.prepare_model(m, input_shape), input_shape)
            for k, m in (("dense", dense), ("compact", compact))}
     return {"latency": {k: (lambda f=f: be.time_call(f)) for k, f in fns.items()}}, {
@@ -102,7 +115,8 @@ def backend_programs(dense, compact, input_shape: tuple[int, int, int], cfg: Ben
 
 
 def trt_programs(dense_onnx: Path, compact_onnx: Path, out_dir: Path, cfg: BenchConfig):
-    eng = build_engines({"dense": dense_onnx, "compact": compact_onnx}, out_dir, TrtConfig(fp16=cfg.fp16))
+    trt_cfg = TrtConfig(fp16=cfg.fp16, int8=cfg.precision == "int8")
+    eng = build_engines({"dense": dense_onnx, "compact": compact_onnx}, out_dir, trt_cfg)
     runners = {k: EngineRunner.from_file(e.path) for k, e in eng.items()}
     progs = {"gpu_compute": {k: r.gpu_compute_ms for k, r in runners.items()},
              "end_to_end": {k: r.end_to_end_ms for k, r in runners.items()}}
@@ -145,6 +159,8 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
     if run_dir is not None:
         run_dir = Path(run_dir)
         dense, compact = run_dir / "dense.onnx", run_dir / "model.onnx"
+        if cfg.precision == "int8" and (run_dir / INT8_FILES["compact"]).exists():  # the deployed int8 files
+            dense, compact = run_dir / INT8_FILES["dense"], run_dir / INT8_FILES["compact"]
     elif dense is None or compact is None:
         raise BadInput("bench needs a run directory, or both --dense and --compact ONNX files")
     dense, compact = Path(dense), Path(compact)
@@ -162,7 +178,7 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
                            f"modules: {cfg.runtime}): pass a run directory, from which bench rebuilds the models")
         modules = (load_dense(run_dir), load_compact(run_dir))
     if cfg.runtime == TensorrtBackend.name:
-        out_dir = (run_dir or compact.parent) / f"engines-b{batch}{'-fp16' if cfg.fp16 else ''}"
+        out_dir = (run_dir or compact.parent) / f"engines-b{batch}{cfg.suffix}"
         files = (dense, compact)
         if modules is not None:  # engines need the static batch: export it
             files = tuple(write_bytes_atomic(out_dir / f"{k}-b{batch}.onnx", onnx_bytes(m, (batch, *shape)))
@@ -182,7 +198,7 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
     }
     result["noisy"] = any(m["noisy"] for m in result["metrics"].values())
     if json_path is None:
-        json_path = (run_dir or compact.parent) / f"bench-{cfg.runtime}-b{batch}{'-fp16' if cfg.fp16 else ''}.json"
+        json_path = (run_dir or compact.parent) / f"bench-{cfg.runtime}-b{batch}{cfg.suffix}.json"
     result["json"] = str(write_json_atomic(json_path, result))
     return result
 

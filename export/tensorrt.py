@@ -7,7 +7,7 @@ with and without host<->device copies. Building and running engines is the runti
 are marked ``tensorrt`` and skip here, and the README and every report that uses it say so.
 
 Build settings are fixed so two builds are comparable: the same builder optimisation level, static
-shapes (the ONNX file's), fp32 or fp16, and one timing cache file shared by every build of a run
+shapes (the ONNX file's), fp32, fp16 or int8 (from a QDQ file), and one timing cache file shared by every build of a run
 (dense and compact), so the compact engine cannot win by a luckier tactic search (TensorRT #4730).
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 UNVERIFIED = "TensorRT path unverified on GPU: no GPU has been available to latprune's developers"
 FP16_ATOL, FP16_RTOL = 5e-2, 5e-2  # fp16 engines against fp32 ONNX Runtime
+INT8_MIN_TOP1 = 0.98  # int8 engines against the same QDQ file on ONNX Runtime CPU: top-1 only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +46,11 @@ class EngineArtifact:
     fp16: bool
     opt_level: int
     timing_cache: Path
+    int8: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.path.name, "layers": self.layers_json.name, "size_bytes": self.size_bytes,
-                "build_s": self.build_s, "fp16": self.fp16, "opt_level": self.opt_level,
+                "build_s": self.build_s, "fp16": self.fp16, "int8": self.int8, "opt_level": self.opt_level,
                 "timing_cache": self.timing_cache.name, "verified_on_gpu": False, "note": UNVERIFIED}
 
 
@@ -76,22 +78,26 @@ def build_engines(onnx_files: dict[str, Path], out_dir: Path,
         path = write_bytes_atomic(out_dir / f"{name}.engine", engine)
         layers = write_json_atomic(out_dir / f"{name}.layers.json", layer_information(engine))
         write_bytes_atomic(cache_path, cache)
-        out[name] = EngineArtifact(path, layers, len(engine), build_s, cfg.fp16, cfg.opt_level, cache_path)
+        out[name] = EngineArtifact(path, layers, len(engine), build_s, cfg.fp16, cfg.opt_level, cache_path, cfg.int8)
         log.info("built %s in %.1f s (%.1f MB)", path, build_s, len(engine) / 1e6)
     return out
 
 
-def engine_parity(engine_path: Path, onnx_path: Path, batches: Iterable[np.ndarray], fp16: bool = False) -> Parity:
-    """The engine against ONNX Runtime CPU on the same batches (fp16 engines: looser tolerances)."""
+def engine_parity(engine_path: Path, onnx_path: Path, batches: Iterable[np.ndarray], precision: str = "fp32"
+                  ) -> Parity:
+    """The engine against ONNX Runtime CPU running ``onnx_path`` on the same batches: fp16 engines
+    with looser tolerances; int8 engines (``onnx_path`` is the QDQ file they were built from) by
+    top-1 agreement only, as two int8 kernels round differently."""
     runner = EngineRunner.from_file(engine_path)
     sess = ort_session(str(onnx_path))
     got, ref = [], []
     for x in batches:
         ref.append(sess.run(None, {sess.get_inputs()[0].name: x}))
         got.append(runner.infer(x))
-    atol, rtol = (FP16_ATOL, FP16_RTOL) if fp16 else (ATOL, RTOL)
-    return compare_outputs([o.name for o in sess.get_outputs()], got, ref, atol, rtol, MIN_TOP1,
-                           reference="onnxruntime CPU", runtime=f"TensorRT {'fp16' if fp16 else 'fp32'} engine")
+    atol, rtol, top1 = {"fp32": (ATOL, RTOL, MIN_TOP1), "fp16": (FP16_ATOL, FP16_RTOL, MIN_TOP1),
+                        "int8": (float("inf"), 0.0, INT8_MIN_TOP1)}[precision]
+    return compare_outputs([o.name for o in sess.get_outputs()], got, ref, atol, rtol, top1,
+                           reference="onnxruntime CPU", runtime=f"TensorRT {precision} engine")
 
 
 def engine_latency(engine_path: Path, iterations: int = 200, warmup_ms: float = 500.0) -> dict[str, dict[str, float]]:

@@ -28,7 +28,8 @@ from latprune.models.graph import ModelGraph
 from latprune.models.surgery import pruned_copy
 from latprune.models.widths import candidate_widths
 
-__all__ = ["PairConfig", "SpeedResult", "measure_speedup", "model_layers_ms", "predicted_latency", "random_widths",
+__all__ = ["PairConfig", "SpeedResult", "measure_speedup", "measure_side_by_side",
+           "model_layers_ms", "predicted_latency", "random_widths",
            "smallest_widths", "measure_configs", "fit_end_to_end", "validate_table"]
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,14 @@ class SpeedResult:
         return self.dense["median_ms"] * self.ratio
 
 
+def _one_set(backend: Backend, prepared: list, input_shape: tuple[int, int, int], cfg: PairConfig) -> list[Timing]:
+    """One fresh session per model, timed interleaved for ``cfg.rounds`` rounds after a throwaway
+    round (first measurements run slow); the sessions are released before returning."""
+    fns = [backend.model_runner(m, input_shape) for m in prepared]
+    backend.measure(fns, 1, cfg.min_round_s / 4)
+    return backend.measure(fns, cfg.rounds, cfg.min_round_s)
+
+
 def measure_speedup(backend: Backend, dense, compact, input_shape: tuple[int, int, int],
                     cfg: PairConfig = PairConfig()) -> SpeedResult:
     """Dense and compact interleaved in one process; ``dense``/``compact`` are ONNX paths or modules."""
@@ -69,13 +78,10 @@ def measure_speedup(backend: Backend, dense, compact, input_shape: tuple[int, in
     td, tc, ratios = Timing([]), Timing([]), []
 
     def one_pair():
-        fns = [backend.model_runner(a, input_shape), backend.model_runner(b, input_shape)]
-        backend.measure(fns, 1, cfg.min_round_s / 4)  # throwaway round: first measurements run slow
-        d, c = backend.measure(fns, cfg.rounds, cfg.min_round_s)
+        d, c = _one_set(backend, [a, b], input_shape, cfg)
         td.rounds.extend(d.rounds)
         tc.rounds.extend(c.rounds)
         ratios.append(1 / paired_ratio(d, c))
-        del fns  # release both sessions before the next pair
 
     for _ in range(cfg.repeats):
         one_pair()
@@ -89,6 +95,28 @@ def measure_speedup(backend: Backend, dense, compact, input_shape: tuple[int, in
     log.info("dense %.3f ms, compact %.3f ms (pooled medians): speedup %.2fx [%.2f, %.2f] paired by round, pairs %s",
              td.median_ms, tc.median_ms, speedup, lo, hi, ", ".join(f"{r:.3f}" for r in ratios))
     return SpeedResult(td.summary(), tc.summary(), speedup, (lo, hi), 1 / speedup, ratios)
+
+
+def measure_side_by_side(backend: Backend, models: dict[str, Any], input_shape: tuple[int, int, int],
+                         cfg: PairConfig = PairConfig()) -> dict[str, dict[str, Any]]:
+    """Several models (ONNX paths or modules) timed interleaved in ``cfg.repeats`` sets of fresh
+    sessions; per model its pooled timing summary and its ``ratio`` to the first model (paired
+    by round, with a 95 % bootstrap interval over rounds), and ``ms`` = the first model's median
+    x that ratio, so drift between rounds cancels as in :func:`measure_speedup`."""
+    names = list(models)
+    prepared = [backend.prepare_model(models[k], input_shape) for k in names]
+    pooled = [Timing([]) for _ in names]
+    for _ in range(cfg.repeats):
+        for t, new in zip(pooled, _one_set(backend, prepared, input_shape, cfg)):
+            t.rounds.extend(new.rounds)
+    ref = pooled[0]
+    out = {}
+    for k, t in zip(names, pooled):
+        ratio = 1 / paired_ratio(ref, t)
+        lo, hi = bootstrap_ratio_ci(ref, t)
+        out[k] = {**t.summary(), "ratio": ratio, "ratio_ci95": [1 / hi, 1 / lo], "ms": ref.median_ms * ratio}
+    log.info("side by side: %s", ", ".join(f"{k} {v['ms']:.3f} ms" for k, v in out.items()))
+    return out
 
 
 # ---- what the table predicts for a model ------------------------------------------------------

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from latprune.errors import BadInput, LatpruneError, TooNoisy
 from latprune.export.bench import BenchConfig, render, run_bench
-from latprune.latency_tables.runtimes import RUNTIMES, runtime_class
+from latprune.latency_tables.runtimes import PRECISIONS, RUNTIMES, runtime_class
+from latprune.latency_tables.runtimes.quantize import CALIBRATION_METHODS
 from latprune.models.registry import available_models
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import METHODS, NEURON_SCORES, RHO_NORMS
@@ -26,6 +27,10 @@ __all__ = ["main", "config_from_args"]
 
 COMMANDS = ("run", *STOPS, "export", "sweep")
 FP16_RUNTIMES = ", ".join(n for n in RUNTIMES if runtime_class(n).supports_fp16)
+INT8_RUNTIMES = ", ".join(n for n in RUNTIMES if runtime_class(n).supports_int8)
+PRECISION_HELP = (f"what the deployed model computes in: fp32 (default), fp16 ({FP16_RUNTIMES}) or int8 "
+                  f"({INT8_RUNTIMES}: ONNX Runtime's static QDQ quantization, per-channel int8 weights, 8-bit "
+                  "activations in the runtime's fast form: uint8 on ort, symmetric int8 for TensorRT)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,14 +47,27 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--budget-ms", type=float, help="latency budget in ms per deployment batch")
     g.add_argument("--runtime", choices=RUNTIMES,
                    help="deployment runtime (default ort: ONNX Runtime CPU); the GPU ones are unverified (README)")
-    g.add_argument("--fp16", action="store_true", default=None, help=f"half precision ({FP16_RUNTIMES})")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help=PRECISION_HELP + "; at int8 the tables, the plan and the budget speak int8 latency (the "
+                        "budget is a fraction of the dense model's int8 latency), model.int8.onnx is exported and the "
+                        "accuracy gates judge it")
+    g.add_argument("--fp16", action="store_true", default=None, help="the same as --precision fp16")
+    g.add_argument("--calibration", choices=CALIBRATION_METHODS,
+                   help="int8: how activation ranges are calibrated (ONNX Runtime's MinMax, Entropy or Percentile; "
+                        "default minmax)")
+    g.add_argument("--calibration-images", type=int, metavar="N",
+                   help="int8: training images the activation ranges are calibrated on (default 512)")
+    g.add_argument("--int8-min-top1", type=float, metavar="F",
+                   help="int8 parity gate (exit 3): model.int8.onnx must agree with model.onnx on the top-1 class "
+                        "of at least F of the test images (default 0.98)")
     g.add_argument("--deploy-batch", type=int, help="batch the budget is measured at (default 32)")
     g.add_argument("--dynamic-batch", action="store_true", default=None,
                    help="export ONNX with a dynamic batch axis (default: static, at --deploy-batch)")
     g.add_argument("--opset", type=int, help="ONNX opset of the exported files (default 17)")
     g.add_argument("--max-accuracy-drop", type=float, metavar="F",
                    help="gate: fail (exit 5) if clean test accuracy drops by more than F (0.01 = one point); "
-                        "also the corruption-accuracy gate unless --max-corruption-drop is given")
+                        "also the corruption-accuracy gate unless --max-corruption-drop is given. At --precision "
+                        "int8 the deployed model.int8.onnx is judged against the dense (fp32) model")
     g.add_argument("--max-corruption-drop", type=float, metavar="F",
                    help="gate: fail (exit 5) if corruption accuracy (mean of 75) drops by more than F")
     g.add_argument("--threads", type=int, help="runtime threads (default 2)")
@@ -174,7 +192,10 @@ def _bench_parser(sub) -> None:
     b.add_argument("--iterations", type=int, default=300, help="timed calls per model (default 300)")
     b.add_argument("--batch", type=int, help="batch size (default: the files' batch; others are re-exported)")
     b.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
-    b.add_argument("--fp16", action="store_true", help=f"half precision (--runtime {FP16_RUNTIMES})")
+    b.add_argument("--precision", choices=PRECISIONS,
+                   help=PRECISION_HELP + "; int8 times a run's dense.int8.onnx and model.int8.onnx (float files are "
+                        "quantized first, calibrated on random inputs: latency does not depend on the scales)")
+    b.add_argument("--fp16", action="store_true", help="the same as --precision fp16")
     b.add_argument("--block", type=int, default=10, help="calls per model per interleaved block (default 10)")
     b.add_argument("--max-cv", type=float, default=0.25,
                    help="noisy above this per-call coefficient of variation (default 0.25)")
@@ -189,7 +210,8 @@ def _bench_parser(sub) -> None:
 def bench_main(a: argparse.Namespace) -> int:
     if a.run_dir and (a.dense or a.compact):
         raise BadInput("give a run directory or --dense/--compact files, not both")
-    cfg = BenchConfig(runtime=a.runtime, batch=a.batch, threads=a.threads, fp16=a.fp16, warmup_ms=a.warmup,
+    cfg = BenchConfig(runtime=a.runtime, batch=a.batch, threads=a.threads, fp16=a.fp16, precision=a.precision,
+                      warmup_ms=a.warmup,
                       iterations=a.iterations, block=a.block, max_cv=a.max_cv, max_ci=a.max_ci,
                       allow_noisy=a.allow_noisy, seed=a.seed)
     r = run_bench(cfg, a.run_dir, a.dense, a.compact, a.json)
@@ -235,8 +257,10 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         force=a.force,
         cache_dir=a.cache_dir, progress=False if a.no_progress else None,
         data={"name": a.data, "train_subset": a.train_subset, "test_subset": a.test_subset, "val_size": a.val_size},
-        deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads, "fp16": a.fp16,
-                "dynamic_batch": a.dynamic_batch, "opset": a.opset},
+        deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads, "precision": a.precision,
+                "fp16": a.fp16 if a.fp16 or a.precision is None else a.precision == "fp16",
+                "calibration": a.calibration, "calibration_images": a.calibration_images,
+                "int8_min_top1": a.int8_min_top1, "dynamic_batch": a.dynamic_batch, "opset": a.opset},
         gates={"max_accuracy_drop": a.max_accuracy_drop, "max_corruption_drop": a.max_corruption_drop},
         budget=budget,
         plan={"round_to": a.round_to, "importance": importance, "sensitivity_passes": a.sensitivity_passes,
@@ -302,7 +326,8 @@ def _print_summary(r: dict) -> None:
     print(f"{goal}compact {r['compact']['latency_ms']:.3f} ms"
           + (f" vs target {b['target_ms']:.3f} ms" if b.get("target_ms") is not None else "")
           + f" (dense {r['dense']['latency_ms']:.3f} ms), speedup {r['speedup']:.2f}x, "
-          f"accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}", file=sys.stderr)
+          f"accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}"
+          + (f" (model.int8.onnx {r['int8']['compact']['accuracy']:.4f})" if r.get("int8") else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Errors with the exit status the CLI maps them to.
 
 0 success; 2 bad input (the message names the fix); 3 the exported model failed verification
-(parity with torch, or a compact file no smaller than the dense one); 4 the latency budget was
+(parity with torch, int8 top-1 parity with the fp32 file, or a compact file no smaller than the
+dense one); 4 the latency budget was
 missed; 5 an accuracy gate (``--max-accuracy-drop``, ``--max-corruption-drop``) failed; 6
 ``latprune bench`` refused a claim its timings are too noisy to support (``--allow-noisy``).
 A run that fails a gate (3, 4, 5) still writes its whole report first.
@@ -47,6 +48,6 @@ class TooNoisy(LatpruneError):
 
 # the exit status of each deployment gate of a run (report.json "gates"), in the order checked
 GATE_EXIT = {"parity": ParityError.exit_code, "onnx_shrink": ParityError.exit_code,
-             "tensorrt_parity": ParityError.exit_code,
+             "int8_parity": ParityError.exit_code, "tensorrt_parity": ParityError.exit_code,
              "latency": BudgetMissed.exit_code, "params": BudgetMissed.exit_code,
              "accuracy": AccuracyGateFailed.exit_code, "corruption_accuracy": AccuracyGateFailed.exit_code}

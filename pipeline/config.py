@@ -14,7 +14,8 @@ from typing import Any
 from latprune.errors import BadInput
 from latprune.latency_tables.endtoend import PairConfig
 from latprune.latency_tables.profile import ProfileConfig
-from latprune.latency_tables.runtimes import RUNTIMES, runtime_class
+from latprune.latency_tables.runtimes import PRECISIONS, RUNTIMES, runtime_class
+from latprune.latency_tables.runtimes.quantize import CALIBRATION_METHODS
 from latprune.pipeline.adasap import OptimizerConfig
 from latprune.pipeline.data import DataConfig
 from latprune.pipeline.plan import PlanConfig
@@ -70,10 +71,21 @@ class BudgetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DeployConfig:
+    """Where and how the compact model is deployed. ``precision`` int8: the tables, the closed loop
+    and the budget speak int8 latency, and ``model.int8.onnx`` is exported (``export.int8``: ONNX
+    Runtime's static QDQ quantization in the runtime's form, ``Backend.quant_config``, calibrated
+    on ``calibration_images`` training images with ``calibration``; parity is top-1 agreement with
+    the fp32 file, at least ``int8_min_top1``). ``fp16`` is the older spelling of ``precision: fp16`` (configs and run
+    directories written before issue 14 keep working)."""
+
     runtime: str = "ort"  # one of latency_tables.runtimes.RUNTIMES
     batch: int = 32
     threads: int = 2
-    fp16: bool = False  # torch-cuda, ort-trt and trt only
+    precision: str = "fp32"  # one of latency_tables.runtimes.PRECISIONS
+    fp16: bool = False  # alias of precision fp16 (torch-cuda, ort-trt and trt only)
+    calibration: str = "minmax"  # int8: one of runtimes.quantize.CALIBRATION_METHODS
+    calibration_images: int = 512  # int8: training images the activation ranges are calibrated on
+    int8_min_top1: float = 0.98  # int8 parity: top-1 agreement of model.int8.onnx with model.onnx
     dynamic_batch: bool = False  # ONNX export: the batch axis named "batch" instead of fixed
     opset: int = 17
 
@@ -84,6 +96,23 @@ class DeployConfig:
             raise BadInput(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.batch < 1 or self.threads < 1:
             raise BadInput(f"--deploy-batch and --threads must be >= 1, got {self.batch}, {self.threads}")
+        if self.precision not in PRECISIONS:
+            raise BadInput(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.fp16 and self.precision == "fp32":  # the alias
+            object.__setattr__(self, "precision", "fp16")
+        if self.fp16 != (self.precision == "fp16"):
+            if self.fp16:
+                raise BadInput(f"--fp16 and --precision {self.precision} disagree: give one of them")
+            object.__setattr__(self, "fp16", self.precision == "fp16")
+        runtime_class(self.runtime, precision=self.precision)  # fp16 / int8 only where the runtime has it
+        if self.calibration not in CALIBRATION_METHODS:
+            raise BadInput(f"--calibration must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration!r}")
+        if self.calibration_images < 1 or not (0 < self.int8_min_top1 <= 1):
+            raise BadInput(f"--calibration-images must be >= 1 and --int8-min-top1 in (0, 1], got "
+                           f"{self.calibration_images}, {self.int8_min_top1}")
+        if self.precision == "int8" and not self.dynamic_batch and self.calibration_images < self.batch:
+            raise BadInput(f"--calibration-images {self.calibration_images} is less than one deployment batch "
+                           f"({self.batch}): the static-batch file is calibrated in whole batches; raise it")
         if self.dynamic_batch and runtime_class(self.runtime).static_shapes:
             raise BadInput("TensorRT engines here are built for static shapes (no optimisation profiles): "
                            "drop --dynamic-batch with this runtime")

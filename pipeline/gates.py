@@ -1,9 +1,10 @@
 """Deployment gates: verdicts read off a report, and the exit status they give.
 
 The gates, in the order the exit status is chosen (``latprune.errors.GATE_EXIT``): ``parity`` and
-``onnx_shrink`` (3), ``tensorrt_parity`` (3, runtime ``trt``), ``latency`` or ``params`` (4: the
-budget), ``accuracy`` and ``corruption_accuracy`` (5, with ``--max-accuracy-drop`` /
-``--max-corruption-drop``). A new gate is a verdict here and an exit status in ``GATE_EXIT``.
+``onnx_shrink`` (3), ``int8_parity`` (3, ``--precision int8``), ``tensorrt_parity`` (3, runtime
+``trt``), ``latency`` or ``params`` (4: the budget), ``accuracy`` and ``corruption_accuracy`` (5,
+with ``--max-accuracy-drop`` / ``--max-corruption-drop``; at int8 they judge the deployed int8
+file against the dense model the user gave). A new gate is a verdict here and an exit status in ``GATE_EXIT``.
 Nothing here measures: every value comes from the report the stages' artifacts made.
 """
 from __future__ import annotations
@@ -35,6 +36,9 @@ def check_gates(cfg: GateConfig, r: dict[str, Any]) -> list[dict[str, Any]]:
     gates = [{"name": "parity", "ok": p["ok"], "detail": p["detail"]},
              {"name": "onnx_shrink", "ok": sh["ok"], "detail": sh.get("detail") or
               f"model.onnx is {sh['ratio']:.2f} of dense.onnx ({sh['compact_bytes']:,} / {sh['dense_bytes']:,} bytes)"}]
+    q = r.get("int8")
+    if q:
+        gates.append({"name": "int8_parity", "ok": q["parity"]["ok"], "detail": q["parity"]["detail"]})
     if r.get("tensorrt"):
         trt = r["tensorrt"]["parity"]
         gates.append({"name": "tensorrt_parity", "ok": trt["ok"], "detail": trt["detail"]})
@@ -46,18 +50,21 @@ def check_gates(cfg: GateConfig, r: dict[str, Any]) -> list[dict[str, Any]]:
         c = r["compact"]["latency_ms"]
         gates.append({"name": "latency", "ok": b["met"], "limit": b["target_ms"], "value": c,
                       "detail": f"compact {c:.3f} ms for a budget of {b['target_ms']:.3f} ms"})
+    deployed = q["compact"] if q else r["compact"]  # what ships: at int8, model.int8.onnx
+    what = "model.int8.onnx" if q else "compact"
     limit = cfg.max_accuracy_drop
     if limit is not None:
-        drop = r["dense"]["accuracy"] - r["compact"]["accuracy"]
+        drop = r["dense"]["accuracy"] - deployed["accuracy"]
         gates.append({"name": "accuracy", "ok": drop <= limit + 1e-12, "limit": limit, "value": drop,
-                      "detail": f"clean accuracy {r['dense']['accuracy']:.4f} -> {r['compact']['accuracy']:.4f}: "
-                                f"drop {drop:.4f} for at most {limit:.4f}"})
+                      "detail": f"clean accuracy {r['dense']['accuracy']:.4f} (dense) -> {deployed['accuracy']:.4f} "
+                                f"({what}): drop {drop:.4f} for at most {limit:.4f}"})
     limit, rob = cfg.corruption_limit, r.get("robustness")
-    if limit is not None and rob:
-        drop = rob["dense"]["corruption_acc"] - rob["corruption_acc"]
+    deployed_rob = (q["compact"].get("robustness") if q else rob)
+    if limit is not None and rob and deployed_rob:
+        drop = rob["dense"]["corruption_acc"] - deployed_rob["corruption_acc"]
         gates.append({"name": "corruption_accuracy", "ok": drop <= limit + 1e-12, "limit": limit, "value": drop,
-                      "detail": f"corruption accuracy {rob['dense']['corruption_acc']:.4f} -> "
-                                f"{rob['corruption_acc']:.4f}: "
+                      "detail": f"corruption accuracy {rob['dense']['corruption_acc']:.4f} (dense) -> "
+                                f"{deployed_rob['corruption_acc']:.4f} ({what}): "
                                 f"drop {drop:.4f} for at most {limit:.4f}"})
     return gates
 

@@ -126,6 +126,11 @@ class LatencyPruner:
             :class:`Backend` instance, or None (nothing is timed: :meth:`verify` is unavailable and
             ``table`` is required; a caller that measures by other means, as ``latprune run``).
         threads: the runtime's threads (a runtime name only).
+        precision: what the deployed model computes in, ``fp32`` (default), ``fp16`` or ``int8``
+            (a runtime name only; with a :class:`Backend`, its own precision holds): at ``int8``
+            the table, the budget and :meth:`verify` speak int8 latency (QDQ models in the
+            runtime's form, ``latency_tables.runtimes.quantize``); the deployed int8 file comes
+            from ``latprune.export.int8.export_int8``.
         ignored_layers: modules, module names or ``fnmatch`` patterns (``"head.*"``) never pruned
             on their output side; a container is ignored whole.
         steps: removals R; the last one lands on ``target_ms``.
@@ -157,7 +162,8 @@ class LatencyPruner:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float, *,
                  table: LatencyTable | str | os.PathLike | None = None, runtime: str | Backend | None = "ort",
-                 threads: int = 2, ignored_layers: Iterable[IgnoredLayer] = (), steps: int = 10, every: int = 30,
+                 threads: int = 2, precision: str = "fp32", ignored_layers: Iterable[IgnoredLayer] = (),
+                 steps: int = 10, every: int = 30,
                  importance: str = "halp", round_to: int = 8, profile: ProfileConfig = ProfileConfig(),
                  timing: PairConfig = PairConfig(), window: tuple[float, float] = (0.90, 0.97),
                  target_ms: float | None = None, min_widths: dict[str, int] | None = None, floor: bool = True,
@@ -197,9 +203,12 @@ class LatencyPruner:
         if runtime is not None:  # a model torch.onnx refuses at this size is refused now, not after training
             onnx_bytes(model, (1, *self.input_shape))
         if runtime is None or isinstance(runtime, Backend):
+            if precision != "fp32" and getattr(runtime, "precision", None) != precision:
+                raise BadInput(f"precision={precision!r} applies to a runtime given by name: get_backend(..., "
+                               f"precision={precision!r}) makes a runtime object that computes in it")
             self.backend = runtime
         else:
-            self.backend = get_backend(runtime, threads, int(example_inputs.shape[0]))
+            self.backend = get_backend(runtime, threads, int(example_inputs.shape[0]), precision=precision)
         self.table = self._table(table, profile)
         self.dense_predicted_ms = predicted_latency(self.graph, self.table)
         self.target_ms = float(target_ms) if target_ms is not None else self.budget * self.dense_predicted_ms

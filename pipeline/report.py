@@ -1,6 +1,7 @@
 """Stage 5: the run's report, ``report.json`` (schema below), ``report.md`` and its plots.
 
-report.json, ``schema_version`` 5 (3: ``training.emerging``, ``training.corrections``,
+report.json, ``schema_version`` 6 (6: ``int8``, and the ``int8_parity`` gate;
+3: ``training.emerging``, ``training.corrections``,
 ``training.corrected_e2e`` and each removal's ``predicted_ratio`` / ``measured_ratio``; the default
 planner became the emerging ``halp`` schedule. 4: ``plan.search``, ``training.searched``. 5:
 ``robustness.informative`` and ``informative_acc``; ``training.phases`` carry their ``lr_span``).
@@ -25,9 +26,9 @@ schema-2 reports said ``l2`` (README, "Migration note").
   ``speedup_ci95`` [lo, hi], bootstrap over rounds; ``verify``: ``pair_ratios`` (compact/dense of each
   pair of sessions), ``timing``.
 - ``gates``: list of {``name``, ``ok``, ``detail``, and for thresholds ``limit`` and ``value``},
-  in order: ``parity``, ``onnx_shrink``, [``tensorrt_parity``], ``latency`` or ``params``,
-  [``accuracy``], [``corruption_accuracy``] (drops are dense minus compact). The exit status is
-  the first failed gate's (3, 3, 3, 4, 5, 5).
+  in order: ``parity``, ``onnx_shrink``, [``int8_parity``], [``tensorrt_parity``], ``latency`` or
+  ``params``, [``accuracy``], [``corruption_accuracy``] (drops are dense minus compact; at int8,
+  dense minus the int8 compact file). The exit status is the first failed gate's (3, 3, 3, 3, 4, 5, 5).
 - ``parity``: ``ok``, ``failed_output`` (name or null), ``max_abs_diff``, ``top1_agreement``,
   ``images``, ``batches``, ``atol``, ``rtol``, ``min_top1``, ``reference``, ``runtime``,
   ``outputs`` (per output: ``name``, ``max_abs_diff``, ``max_rel_diff``, ``worst_excess``,
@@ -75,8 +76,20 @@ schema-2 reports said ``l2`` (README, "Migration note").
   ``corruption_acc`` (mean of 75), ``R_C``, ``per_corruption``, ``eval_images``, ``suite``,
   ``informative`` (the corruptions on which the dense model's accuracy is above 1.5 x chance;
   added in schema 5) and ``informative_acc`` (the mean over them), and the same for ``dense``.
+- ``int8``: null unless ``--precision int8``; else ``quantization`` (``method``, ``per_channel``,
+  ``activations`` (uint8 or int8), ``symmetric_activations``, ``format``, ``weights``, ``calibration_images``,
+  ``source``), ``dense`` / ``compact`` (the files ``dense.int8.onnx`` / ``model.int8.onnx`` as in
+  ``onnx``, plus ``accuracy`` (test set, ONNX Runtime) and ``robustness`` (as ``robustness`` above,
+  or null)), ``parity`` (model.int8.onnx against model.onnx: top-1 agreement only), ``latencies``
+  (``dense_fp32``, ``dense_int8``, ``compact_fp32``, ``compact_int8``, timed side by side in the
+  same sets of sessions: per-call ``median_ms``, ``p90_ms``, ``cv``, ``ratio`` to dense fp32 paired
+  by round with ``ratio_ci95``, and ``ms`` = dense fp32 median x ratio). At int8 ``dense`` /
+  ``compact`` ``latency_ms`` and the budget are int8 latencies (the deployed files); their
+  ``accuracy`` stays the torch models'; the ``accuracy`` and ``corruption_accuracy`` gates judge
+  the int8 compact file against the dense (fp32) model.
 - ``runtime``: ``name``, ``backend``, ``version``, ``provider``, ``threads``, ``batch``,
-  ``input_shape``, ``device``, ``dtype``.
+  ``input_shape``, ``device``, ``dtype`` (at ``--precision int8`` the form: ``int8-u8s8`` on ``ort``,
+  ``int8-s8s8`` for TensorRT).
 - ``plan``: the knapsack's ``importance``, ``round_to``, ``table_target_ms``,
   ``table_predicted_ms``, ``table_layers_ms``, ``e2e``, ``unpruned``, ``knapsack_iterations``,
   ``value_cost`` (``sensitivity``: ``passes``, ``evaluated``, ``interpolated``, ``seconds``; else {}),
@@ -108,16 +121,18 @@ from latprune.pipeline.stages import CompactModel, DenseModel, Diagnosis, Evalua
 
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report", "render_markdown"]
 
-SCHEMA_VERSION = 5  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output. 3: emerging
-# schedule, per-removal measured latency, corrective checks. 4: the plan search. 5: informative corruptions
+SCHEMA_VERSION = 6  # 2: gates, onnx, tensorrt, layer_latency, why_not_faster; parity per output. 3: emerging
+# schedule, per-removal measured latency, corrective checks. 4: the plan search. 5: informative corruptions.
+# 6: int8 (files, parity, accuracies, the four latencies side by side)
 ROBUSTNESS_SUITE = "CIFAR-10-C-style (imagecorruptions-imaug: 15 corruptions x 5 severities)"
 
 
 def build_report(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactModel, table: LatencyTable,
                  cal: CalibratedPlan, ex: ExportResult, speed: SpeedResult, ev: Evaluation,
-                 diag: Diagnosis) -> dict[str, Any]:
+                 diag: Diagnosis, side_by_side: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """report.json (without ``schema_version``) from the stages' artifacts; ``table`` is the
-    profiled table, ``cal.table`` the one the closed loop corrected. Measures nothing."""
+    profiled table, ``cal.table`` the one the closed loop corrected; ``side_by_side`` the int8
+    run's four latencies (``stages.precision_stage``). Measures nothing."""
     cfg, fp = inp.cfg, inp.backend.fingerprint(inp.input_shape)
     dense_ms, compact_ms = speed.dense["median_ms"], speed.compact_ms
     ft = compact.training
@@ -144,6 +159,9 @@ def build_report(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactMod
         "onnx": {"dense": ex.dense.to_dict(), "compact": ex.compact.to_dict(), "shrink": ex.shrink,
                  "contract": ex.contract},
         "tensorrt": ex.tensorrt,
+        "int8": None if ex.int8 is None else {**ex.int8.to_dict(), "latencies": side_by_side,
+                                               "dense": {**ex.int8.dense.to_dict(), **ev.int8["dense"]},
+                                               "compact": {**ex.int8.compact.to_dict(), **ev.int8["compact"]}},
         "layer_latency": diag.layers,
         "why_not_faster": diag.why_not_faster,
         "runtime": {"name": runtime_class(fp.runtime).library, "backend": fp.runtime,
@@ -174,6 +192,8 @@ def _validation_summary(table: LatencyTable) -> dict[str, Any] | None:
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
     report = {"schema_version": SCHEMA_VERSION, **report}
     plot_channels(report, run_dir / "channels.png")
+    if (report.get("int8") or {}).get("latencies"):
+        plot_precision_latency(report, run_dir / "precision_latency.png")
     if report.get("layer_latency"):
         plot_layer_latency(report, run_dir / "layer_latency.png")
     write_bytes_atomic(run_dir / "report.md", render_markdown(report).encode())
@@ -200,6 +220,38 @@ def plot_channels(r: dict[str, Any], path: Path) -> Path:
         fontsize=8,
     )
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+PRECISION_LABELS = {"dense_fp32": "dense fp32", "dense_int8": "dense int8", "compact_fp32": "compact fp32",
+                    "compact_int8": "compact int8"}
+
+
+def plot_precision_latency(r: dict[str, Any], path: Path) -> Path:
+    """The int8 run's four latencies (timed side by side), with the budget and each model's accuracy."""
+    plt = pyplot()
+
+    q, lat = r["int8"], r["int8"]["latencies"]
+    acc = {"dense_fp32": r["dense"]["accuracy"], "dense_int8": q["dense"]["accuracy"],
+           "compact_fp32": r["compact"]["accuracy"], "compact_int8": q["compact"]["accuracy"]}
+    names = [k for k in PRECISION_LABELS if k in lat]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colors = {"dense_fp32": "#9aa5b1", "dense_int8": "#c9d1d9", "compact_fp32": "#9ecae1", "compact_int8": "#1f77b4"}
+    bars = ax.bar([PRECISION_LABELS[k] for k in names], [lat[k]["ms"] for k in names],
+                  yerr=[[max(lat[k]["ms"] - lat[k]["ratio_ci95"][0] * lat["dense_fp32"]["ms"], 0.0) for k in names],
+                        [max(lat[k]["ratio_ci95"][1] * lat["dense_fp32"]["ms"] - lat[k]["ms"], 0.0) for k in names]],
+                  color=[colors[k] for k in names], capsize=3)
+    for bar, k in zip(bars, names):
+        ax.annotate(f"acc {acc[k]:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
+    b = r["budget"]
+    if b.get("target_ms") is not None:
+        ax.axhline(b["target_ms"] * lat["dense_int8"]["ms"] / r["dense"]["latency_ms"], color="#d62728", ls="--",
+                   lw=1, label="budget (of dense int8)")
+        ax.legend(fontsize=7)
+    ax.set_ylabel(f"ms per batch of {r['runtime']['batch']} (side by side, paired to dense fp32)")
+    ax.set_title(f"{r['model']} on {r['runtime']['name']}: fp32 and int8, dense and compact", fontsize=8)
     fig.tight_layout()
     return save_png(fig, path)
 
@@ -357,6 +409,31 @@ def _export_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _int8_section(r: dict[str, Any]) -> list[str]:
+    q = r.get("int8")
+    if not q:
+        return []
+    k, lat, p = q["quantization"], q.get("latencies") or {}, q["parity"]
+    lines = ["## Int8", "",
+             f"Both files quantized by ONNX Runtime's static quantization ({k['format']}, int8 weights "
+             f"{'per channel' if k['per_channel'] else 'per tensor'}, {k['activations']} activations "
+             f"{'symmetric (zero point 0)' if k['symmetric_activations'] else 'asymmetric'}), {k['method']} "
+             f"calibration on {k['source']}. The budget is a fraction of the dense model's int8 latency.", "",
+             "| | latency (ms, side by side) | / dense fp32 (95% interval) | test accuracy | corruption accuracy |",
+             "|---|---:|---:|---:|---:|"]
+    acc = {"dense_fp32": (r["dense"]["accuracy"], (r.get("robustness") or {}).get("dense", {}).get("corruption_acc")),
+           "dense_int8": (q["dense"]["accuracy"], (q["dense"].get("robustness") or {}).get("corruption_acc")),
+           "compact_fp32": (r["compact"]["accuracy"], (r.get("robustness") or {}).get("corruption_acc")),
+           "compact_int8": (q["compact"]["accuracy"], (q["compact"].get("robustness") or {}).get("corruption_acc"))}
+    for name, label in PRECISION_LABELS.items():
+        t = lat.get(name)
+        timing = (f"{t['ms']:.3f} | {t['ratio']:.3f} ({t['ratio_ci95'][0]:.3f}-{t['ratio_ci95'][1]:.3f})" if t
+                  else "n/a | n/a")
+        lines.append(f"| {label} | {timing} | {acc[name][0]:.4f} | {_fmt(acc[name][1], 4)} |")
+    lines += ["", f"Int8 parity: {p['detail']}. ![fp32 and int8 latencies](precision_latency.png)"]
+    return lines
+
+
 def _why_section(r: dict[str, Any]) -> list[str]:
     w = r.get("why_not_faster")
     if not w:
@@ -468,7 +545,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     else:
         lines += ["", "No calibration: a parameter target does not constrain latency."]
     lines += ["", *_search_section(r["plan"].get("search") or {}), *_table_section(r), "", *_export_section(r), "",
-              *_why_section(r)]
+              *_int8_section(r), "", *_why_section(r)]
     rob = r.get("robustness")
     if rob:
         lines += ["", f"## Robustness: {rob['suite']}, first {rob['eval_images']} test images", "",

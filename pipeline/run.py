@@ -18,6 +18,7 @@ from latprune.pipeline.stages import (
     evaluate_stage,
     export_stage,
     plan_stage,
+    precision_stage,
     prepare,
     profile_stage,
     prune_stage,
@@ -68,8 +69,10 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
             return RunResult(rd.path, None, None, rd / "arch.json")
         exported = export_stage(inp, rd, dense, compact)
         speed = verify_stage(inp, rd, exported, dense, compact)
-        evaluation = evaluate_stage(inp, rd, dense, compact)
+        side_by_side = precision_stage(inp, rd, exported)
+        evaluation = evaluate_stage(inp, rd, dense, compact, exported)
         diagnosis = diagnose_stage(inp, rd, dense, compact, plan, exported)
-        report = build_report(inp, rd, dense, compact, table, plan, exported, speed, evaluation, diagnosis)
+        report = build_report(inp, rd, dense, compact, table, plan, exported, speed, evaluation, diagnosis,
+                              side_by_side)
         path = write_report(rd.path, report)
     return RunResult(rd.path, path, report, path)

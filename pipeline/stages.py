@@ -7,9 +7,10 @@
 | :func:`profile_stage` | dense model | :class:`LatencyTable` (``table.json``, plots) |
 | :func:`plan_stage` | dense model, table | :class:`CalibratedPlan` (``plan.json``, ``calibration.json``) |
 | :func:`prune_stage` | dense model, plan | :class:`CompactModel` (``model.pt``, ``arch.json``, ``training.json``) |
-| :func:`export_stage` | dense, compact | :class:`ExportResult` (``dense.onnx``, ``model.onnx``, ``dense.pt``) |
-| :func:`verify_stage` | export | :class:`SpeedResult` (dense and compact timed interleaved) |
-| :func:`evaluate_stage` | dense, compact | :class:`Evaluation` (accuracy, corruption accuracy, size) |
+| :func:`export_stage` | dense, compact | :class:`ExportResult` (``dense.onnx``, ``model.onnx``, ``dense.pt``; int8) |
+| :func:`verify_stage` | export | :class:`SpeedResult` (dense and compact timed interleaved, as deployed) |
+| :func:`precision_stage` | export | int8: dense and compact in fp32 and int8 timed side by side |
+| :func:`evaluate_stage` | dense, compact, export | :class:`Evaluation` (accuracy, corruption accuracy, size) |
 | :func:`diagnose_stage` | dense, compact, plan, export | :class:`Diagnosis` (per-layer timing, "why not faster") |
 
 Each stage that writes an artifact keys it by its inputs in ``stages.json``; running again with the
@@ -31,17 +32,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from latprune.errors import BadInput
+from latprune.export.int8 import INT8_FILES, OnnxClassifier, export_int8, int8_parity
 from latprune.export.onnx_export import OnnxArtifact, check_shrink, contract_metadata, export_onnx
 from latprune.export.parity import Parity, check_parity
 from latprune.export.tensorrt import UNVERIFIED, build_engines, engine_latency, engine_parity
 from latprune.io import cache_key, save_torch_atomic, write_json_atomic
 from latprune.latency_tables.device import environment, latprune_version
-from latprune.latency_tables.endtoend import PairConfig, SpeedResult, measure_speedup, validate_table
+from latprune.latency_tables.endtoend import (
+    PairConfig,
+    SpeedResult,
+    measure_side_by_side,
+    measure_speedup,
+    validate_table,
+)
 from latprune.latency_tables.plots import plot_staircases, plot_validation
 from latprune.latency_tables.profile import check_layers, layer_signatures, profile_model
 from latprune.latency_tables.runtimes import Backend, get_backend
@@ -60,9 +69,9 @@ from latprune.pipeline.robustness import Robustness, corrupted_test_set, evaluat
 from latprune.pipeline.schedule import LatencyGoal, TrainPruneConfig, floors_at_plan, step_time_ratio, train_and_prune_
 from latprune.pipeline.train import evaluate, pretrained
 
-__all__ = ["Inputs", "RunDir", "DenseModel", "CompactModel", "ExportResult", "Evaluation", "Diagnosis", "prepare",
-           "untrained_dense", "dense_stage", "profile_stage", "plan_stage", "prune_stage", "export_stage",
-           "verify_stage", "evaluate_stage", "diagnose_stage"]
+__all__ = ["Inputs", "RunDir", "DenseModel", "CompactModel", "Int8Export", "ExportResult", "Evaluation", "Diagnosis",
+           "prepare", "untrained_dense", "dense_stage", "profile_stage", "plan_stage", "prune_stage", "export_stage",
+           "verify_stage", "precision_stage", "evaluate_stage", "diagnose_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +141,7 @@ def prepare(cfg: RunConfig) -> tuple[Inputs, RunDir]:
     data = load_dataset(cfg.data, cache_dir=Path(cfg.cache_dir).expanduser())
     spec = ModelSpec(cfg.model, data.num_classes)
     spec.build()  # unknown names and broken factories fail here
-    backend = get_backend(cfg.deploy.runtime, cfg.deploy.threads, cfg.deploy.batch, cfg.deploy.fp16)
+    backend = get_backend(cfg.deploy.runtime, cfg.deploy.threads, cfg.deploy.batch, precision=cfg.deploy.precision)
     if cfg.weights and not Path(cfg.weights).exists():
         raise BadInput(f"--weights {cfg.weights} does not exist: pass a state_dict saved with torch.save")
     if cfg.table:
@@ -171,6 +180,21 @@ class CompactModel:
 
 
 @dataclasses.dataclass(frozen=True)
+class Int8Export:
+    """``dense.int8.onnx`` and ``model.int8.onnx`` (``export.int8``), how they were quantized, and
+    the compact file's top-1 parity with ``model.onnx``."""
+
+    dense: OnnxArtifact
+    compact: OnnxArtifact
+    parity: Parity
+    quantization: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense": self.dense.to_dict(), "compact": self.compact.to_dict(), "parity": self.parity.to_dict(),
+                "quantization": self.quantization}
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportResult:
     dense: OnnxArtifact
     compact: OnnxArtifact
@@ -178,6 +202,14 @@ class ExportResult:
     shrink: dict[str, Any]
     contract: dict[str, Any]
     tensorrt: dict[str, Any] | None = None  # runtime trt only (unverified on a GPU)
+    int8: Int8Export | None = None  # --precision int8
+
+    @property
+    def deployed(self) -> tuple[Path, Path]:
+        """The dense and compact files as deployed (at int8, the QDQ files)."""
+        if self.int8 is not None:
+            return self.int8.dense.path, self.int8.compact.path
+        return self.dense.path, self.compact.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +224,7 @@ class Evaluation:
     compact_macs: int
     robustness: Robustness | None  # the compact model's; None with --robust-images 0
     dense_robustness: Robustness | None
+    int8: dict[str, Any] | None = None  # --precision int8: the same of dense.int8.onnx and model.int8.onnx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,8 +415,9 @@ def prune_stage(inp: Inputs, rd: RunDir, dense: DenseModel, cal: CalibratedPlan)
 def export_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactModel) -> ExportResult:
     """Both models to single-file ONNX with the preprocessing contract; the dense weights saved
     beside the compact ones (``latprune.load_dense(run_dir)``); parity on real test batches; the
-    compact file must be smaller; TensorRT engines when the runtime is ``trt``. Failed checks are
-    recorded for the report's gates, not raised."""
+    compact file must be smaller; at int8 both files quantized (``export.int8``, calibrated on
+    training images) with top-1 parity against the fp32 file; TensorRT engines when the runtime
+    is ``trt``. Failed checks are recorded for the report's gates, not raised."""
     cfg = inp.cfg
     shape = (cfg.deploy.batch, *inp.input_shape)
     contract = inp.data.preprocessing()
@@ -404,46 +438,94 @@ def export_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactMod
         parity = check_parity(compact.model, c.path, batches, cfg.verify.atol, cfg.verify.rtol)
         (log.info if parity.ok else log.error)("parity: %s", parity.message())
         shrink = check_shrink(d, c, count_params(dense.model), count_params(compact.model))
+        int8 = _int8_export(inp, rd, d, c, [b.numpy() for b in batches]) if cfg.deploy.precision == "int8" else None
         trt = None
         if inp.backend.name == TensorrtBackend.name:
-            trt = _tensorrt_export(rd, cfg.deploy.fp16, d.path, c.path, [b.numpy() for b in batches[:2]])
-    return ExportResult(d, c, parity, shrink, contract, trt)
+            files = (int8.dense.path, int8.compact.path) if int8 else (d.path, c.path)
+            trt = _tensorrt_export(rd, cfg.deploy.precision, *files, [b.numpy() for b in batches[:2]])
+    return ExportResult(d, c, parity, shrink, contract, trt, int8)
 
 
-def _tensorrt_export(rd: RunDir, fp16: bool, dense_onnx: Path, compact_onnx: Path, batches) -> dict[str, Any]:
-    """Engines (dense and compact, one timing cache), layer information, parity against ONNX
-    Runtime, GPU compute and end-to-end latency. Unverified on a GPU (export/tensorrt.py)."""
-    eng = build_engines({"dense": dense_onnx, "model": compact_onnx}, rd.path, TrtConfig(fp16=fp16))
-    parity = engine_parity(eng["model"].path, compact_onnx, batches, fp16)
+def _int8_export(inp: Inputs, rd: RunDir, d: OnnxArtifact, c: OnnxArtifact, test_batches: list) -> Int8Export:
+    """Both fp32 files quantized by ONNX Runtime's static QDQ quantization, calibrated on
+    ``calibration_images`` training images (shuffled with the run's seed, without augmentation),
+    and the compact int8 file's top-1 agreement with the compact fp32 file on the parity images."""
+    cfg = inp.cfg.deploy
+    rng = np.random.default_rng(inp.cfg.seed)
+    calib = [x.numpy() for x, _ in inp.data.batches(inp.data.train, cfg.batch, shuffle=True, rng=rng,
+                                                    limit=cfg.calibration_images)
+             if cfg.dynamic_batch or len(x) == cfg.batch]
+    source = (f"{sum(len(x) for x in calib)} training images of {inp.data.name}, drawn with seed {inp.cfg.seed}, "
+              "preprocessed as deployed")
+    quant = inp.backend.quant_config(cfg.calibration)
+    dq = export_int8(d.path, rd / INT8_FILES["dense"], calib, quant, source)
+    cq = export_int8(c.path, rd / INT8_FILES["compact"], calib, quant, source)
+    parity = int8_parity(c.path, cq.path, test_batches, cfg.int8_min_top1, cfg.threads)
+    (log.info if parity.ok else log.error)("int8 parity: %s", parity.message())
+    return Int8Export(dq, cq, parity, {**quant.to_dict(), "calibration_images": sum(len(x) for x in calib),
+                                       "source": source})
+
+
+def _tensorrt_export(rd: RunDir, precision: str, dense_onnx: Path, compact_onnx: Path, batches) -> dict[str, Any]:
+    """Engines (dense and compact, one timing cache; int8 from the QDQ files), layer information,
+    parity against ONNX Runtime on the file they were built from, GPU compute and end-to-end
+    latency. Unverified on a GPU (export/tensorrt.py)."""
+    trt_cfg = TrtConfig(fp16=precision == "fp16", int8=precision == "int8")
+    eng = build_engines({"dense": dense_onnx, "model": compact_onnx}, rd.path, trt_cfg)
+    parity = engine_parity(eng["model"].path, compact_onnx, batches, precision)
     latency = {k: engine_latency(e.path) for k, e in eng.items()}
     return {"engines": {k: e.to_dict() for k, e in eng.items()}, "parity": parity.to_dict(), "latency": latency,
             "verified_on_gpu": False, "note": UNVERIFIED}
 
 
 def verify_stage(inp: Inputs, rd: RunDir, ex: ExportResult, dense: DenseModel, compact: CompactModel) -> SpeedResult:
-    """Dense and compact timed interleaved on the deployment runtime. With runtime ``trt`` the
-    backend builds its own engines from the ONNX files: the export stage's engines are not reused
-    (a second build of each; unverified on a GPU, like the rest of that path)."""
-    a, b = (ex.dense.path, ex.compact.path) if inp.backend.loads_onnx else (dense.model, compact.model)
+    """Dense and compact timed interleaved on the deployment runtime, as deployed (at int8 the
+    QDQ files). With runtime ``trt`` the backend builds its own engines from the ONNX files: the
+    export stage's engines are not reused (a second build of each; unverified on a GPU, like the
+    rest of that path)."""
+    a, b = ex.deployed if inp.backend.loads_onnx else (dense.model, compact.model)
     with rd.timed("verify"):
         return measure_speedup(inp.backend, a, b, inp.input_shape, inp.cfg.verify.timing)
 
 
-def evaluate_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactModel) -> Evaluation:
-    """Test accuracy, corruption accuracy (``--robust-images``) and size of both models."""
+def precision_stage(inp: Inputs, rd: RunDir, ex: ExportResult) -> dict[str, dict[str, Any]] | None:
+    """At int8: dense and compact, fp32 and int8 (the exported files), timed side by side in the
+    same sessions sets (``measure_side_by_side``), each as a ratio to dense fp32. None otherwise."""
+    if ex.int8 is None:
+        return None
+    fp32 = get_backend(inp.cfg.deploy.runtime, inp.cfg.deploy.threads, inp.cfg.deploy.batch)  # files as they are
+    files = {"dense_fp32": ex.dense.path, "dense_int8": ex.int8.dense.path, "compact_fp32": ex.compact.path,
+             "compact_int8": ex.int8.compact.path}
+    with rd.timed("precision_latencies"):
+        return measure_side_by_side(fp32, files, inp.input_shape, inp.cfg.budget.timing)
+
+
+def evaluate_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactModel,
+                   ex: ExportResult | None = None) -> Evaluation:
+    """Test accuracy, corruption accuracy (``--robust-images``) and size of both models; at int8
+    the same evaluation of the deployed ``dense.int8.onnx`` and ``model.int8.onnx`` (ONNX Runtime)."""
     cfg, data = inp.cfg, inp.data
     example = torch.zeros(1, *inp.input_shape)
     d_macs, d_params = tp.utils.count_ops_and_params(dense.model, example)
     c_macs, c_params = tp.utils.count_ops_and_params(compact.model, example)
     with rd.timed("evaluate"):
         d_acc, c_acc = evaluate(dense.model, data, data.test), evaluate(compact.model, data, data.test)
+    quantized = None
+    if ex is not None and ex.int8 is not None:
+        quantized = {k: OnnxClassifier(path, cfg.deploy.threads) for k, path in zip(("dense", "compact"), ex.deployed)}
+        with rd.timed("evaluate"):
+            int8 = {k: {"accuracy": evaluate(m, data, data.test), "robustness": None} for k, m in quantized.items()}
     dense_rob = compact_rob = None
     if cfg.robustness.images:
         with rd.timed("robustness"):
             clean, corrupted = corrupted_test_set(data, cfg.robustness.images, inp.cache, cfg.seed, cfg.progress)
             dense_rob = evaluate_robustness(dense.model, data, clean, corrupted)
             compact_rob = evaluate_robustness(compact.model, data, clean, corrupted, informative=dense_rob.informative)
-    return Evaluation(d_acc, c_acc, int(d_params), int(c_params), int(d_macs), int(c_macs), compact_rob, dense_rob)
+            for k, m in (quantized or {}).items():
+                rob = evaluate_robustness(m, data, clean, corrupted, informative=dense_rob.informative)
+                int8[k]["robustness"] = dataclasses.asdict(rob)
+    return Evaluation(d_acc, c_acc, int(d_params), int(c_params), int(d_macs), int(c_macs), compact_rob, dense_rob,
+                      int8 if quantized else None)
 
 
 def diagnose_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactModel, cal: CalibratedPlan,
@@ -454,5 +536,5 @@ def diagnose_stage(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactM
     be = inp.backend
     factory = (lambda path, prefix: be.session(path, prefix)) if hasattr(be, "session") else None
     why = diagnose(dense.graph, compact.graph, cal.table, cal.plan.unpruned, cal.plan.round_to,
-                   be.fingerprint(inp.input_shape), be.provider, ex.compact.path, factory)
+                   be.fingerprint(inp.input_shape), be.provider, ex.deployed[1], factory)
     return Diagnosis(layers, why)

@@ -2,7 +2,7 @@
 
 | name | runtime | timed with |
 |---|---|---|
-| ``ort`` | ONNX Runtime, CPU execution provider | host clock |
+| ``ort`` | ONNX Runtime, CPU execution provider (fp32; int8: QDQ files, ``runtimes.quantize``) | host clock |
 | ``torch`` | PyTorch eager, CPU | host clock |
 | ``torch-cuda`` | PyTorch eager, CUDA (fp32/fp16) | CUDA events |
 | ``ort-cuda`` | ONNX Runtime, CUDA execution provider, IO binding | host clock (``Run`` syncs) |
@@ -16,8 +16,15 @@ module here, imported below. The GPU rows are written against the documented API
 **not run on a GPU yet** (README).
 """
 from latprune.latency_tables.runtimes import ort, tensorrt, torch_eager  # noqa: F401 (they register)
-from latprune.latency_tables.runtimes.base import Backend, get_backend, register_backend, runtime_class, runtime_names
+from latprune.latency_tables.runtimes.base import (
+    PRECISIONS,
+    Backend,
+    get_backend,
+    register_backend,
+    runtime_class,
+    runtime_names,
+)
 
-__all__ = ["Backend", "get_backend", "register_backend", "runtime_class", "runtime_names", "RUNTIMES"]
+__all__ = ["PRECISIONS", "Backend", "get_backend", "register_backend", "runtime_class", "runtime_names", "RUNTIMES"]
 
 RUNTIMES = runtime_names()

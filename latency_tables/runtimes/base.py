@@ -12,17 +12,20 @@ import logging
 import math
 from typing import Callable, ClassVar
 
+import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from latprune.errors import BadInput
 from latprune.latency_tables.device import cpu_description, latprune_version
 from latprune.latency_tables.runtimes.convert import onnx_bytes
+from latprune.latency_tables.runtimes.quantize import TENSORRT, QuantConfig, is_quantized, quantize_int8
 from latprune.latency_tables.table import Fingerprint, LayerSignature
 from latprune.latency_tables.timing import Timing, time_interleaved, wall_clock_ms
 
 __all__ = ["PRECISIONS", "Backend", "register_backend", "get_backend", "runtime_names", "runtime_class",
-           "cuda_event_ms", "require_cuda"]
+           "cuda_event_ms", "require_cuda", "resolve_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def runtime_class(name: str, fp16: bool = False, precision: str | None = None) -
     if name not in _BACKENDS:
         raise BadInput(f"unknown runtime {name!r}: use one of {', '.join(sorted(_BACKENDS))}")
     cls = _BACKENDS[name]
-    precision = _precision(fp16, precision)
+    precision = resolve_precision(fp16, precision)
     if precision == "fp16" and not cls.supports_fp16:
         fp16_ok = ", ".join(n for n, c in _BACKENDS.items() if c.supports_fp16)
         raise BadInput(f"--fp16 is not available on runtime {name}: use {fp16_ok}")
@@ -61,10 +64,12 @@ def get_backend(name: str, threads: int = 2, batch: int = 32, fp16: bool = False
                 precision: str | None = None) -> "Backend":
     """Runtime ``name`` for ``batch`` images on ``threads`` threads, computing in ``precision``
     (``fp16=True`` is the older spelling of ``precision="fp16"``)."""
-    return runtime_class(name, fp16, precision)(threads=threads, batch=batch, precision=_precision(fp16, precision))
+    cls = runtime_class(name, fp16, precision)
+    return cls(threads=threads, batch=batch, precision=resolve_precision(fp16, precision))
 
 
-def _precision(fp16: bool, precision: str | None) -> str:
+def resolve_precision(fp16: bool, precision: str | None) -> str:
+    """The precision asked for by ``--precision`` and its older alias ``--fp16`` (None: fp32)."""
     if precision is None:
         return "fp16" if fp16 else "fp32"
     if precision not in PRECISIONS:
@@ -87,15 +92,19 @@ class Backend(abc.ABC):
         if threads < 1 or batch < 1:
             raise BadInput(f"threads and batch must be >= 1, got threads={threads}, batch={batch}")
         self.threads, self.batch = threads, batch
-        self.precision = _precision(fp16, precision)
+        self.precision = resolve_precision(fp16, precision)
         if not {"fp32": True, "fp16": self.supports_fp16, "int8": self.supports_int8}[self.precision]:
             raise BadInput(f"runtime {self.name} does not run {self.precision} here: use fp32 on it")
         self.fp16 = self.precision == "fp16"
 
     @property
     def dtype(self) -> str:
-        """The precision as the table's fingerprint names it: a table of another precision is refused."""
-        return DTYPES[self.precision]
+        """The precision as the table's fingerprint names it: a table of another precision is
+        refused. Int8 names the activation form too (``int8-u8s8``, ``int8-s8s8``): the two run at
+        very different speeds (``runtimes.quantize``)."""
+        if self.precision != "int8":
+            return DTYPES[self.precision]
+        return f"int8-{'u8' if self.quant_config().activations == 'uint8' else 's8'}s8"
 
     # ---- public, validating ------------------------------------------------------------------
     def device(self) -> str:
@@ -123,10 +132,26 @@ class Backend(abc.ABC):
 
     def prepare_model(self, model, input_shape: tuple[int, int, int]):
         """Convert ``model`` once into what this runtime loads (ONNX bytes, where ``loads_onnx``),
-        so timing it in several fresh sessions does not export it each time."""
+        so timing it in several fresh sessions does not export it each time. At int8 a float
+        model is quantized first; a QDQ file (such as ``model.int8.onnx``) is timed as it is."""
         if self.loads_onnx and isinstance(model, nn.Module):
-            return onnx_bytes(model, (self.batch, *input_shape))
-        return model
+            model = onnx_bytes(model, (self.batch, *input_shape))
+        if self.precision != "int8" or not self.loads_onnx:
+            return model
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+        return model if is_quantized(proto) else self.quantized(proto, (self.batch, *input_shape))
+
+    def quant_config(self, method: str = "minmax") -> QuantConfig:
+        """How int8 files for this runtime are quantized (``runtimes.quantize``): signed symmetric
+        activations (TensorRT's rule) unless the runtime runs another form faster."""
+        return TENSORRT.with_method(method)
+
+    def quantized(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> bytes:
+        """``model`` quantized for timing (int8) as :meth:`quant_config` says. Latency does not
+        depend on the calibrated scales, so one seeded standard-normal batch calibrates it; the
+        deployed file is calibrated on images (``export.int8``). Both go through ``runtimes.quantize``."""
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        return quantize_int8(model, [x], self.quant_config())
 
     def time_call(self, fn: Callable[[], object]) -> float:
         """Latency of one call of ``fn``, in ms, on this runtime's clock."""

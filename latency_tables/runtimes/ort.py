@@ -17,7 +17,7 @@ from latprune.errors import BadInput
 from latprune.latency_tables.device import gpu_description
 from latprune.latency_tables.layers import layer_input_shape, layer_onnx
 from latprune.latency_tables.runtimes.base import Backend, register_backend
-from latprune.latency_tables.runtimes.quantize import QuantConfig, is_quantized, quantize_int8
+from latprune.latency_tables.runtimes.quantize import ORT_CPU, QuantConfig, is_quantized
 
 __all__ = ["import_ort", "ort_session", "check_provider", "OrtCpuBackend", "OrtCudaBackend", "OrtTensorrtBackend"]
 
@@ -92,23 +92,8 @@ class _OrtBackend(Backend):
     def _layer_runner(self, sig, c_in, c_out):
         model = layer_onnx(sig, c_in, c_out, self.batch)
         shape = layer_input_shape(sig, self.batch, c_in)
-        data = self._int8(model, shape) if self.precision == "int8" else model.SerializeToString()
+        data = self.quantized(model, shape) if self.precision == "int8" else model.SerializeToString()
         return self._runner(self.session(data), shape)
-
-    def prepare_model(self, model, input_shape):
-        """As :meth:`Backend.prepare_model`; at int8, a float model is quantized first (a QDQ file,
-        such as ``model.int8.onnx``, is timed as it is)."""
-        model = super().prepare_model(model, input_shape)
-        if self.precision != "int8":
-            return model
-        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
-        return model if is_quantized(proto) else self._int8(proto, (self.batch, *input_shape))
-
-    def _int8(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> bytes:
-        """``model`` quantized for timing: int8 latency does not depend on the calibrated scales,
-        so one seeded standard-normal batch calibrates it (deployment calibrates on images)."""
-        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-        return quantize_int8(model, [x], QuantConfig())
 
     def _model_runner(self, model, input_shape):
         model = self.prepare_model(model, input_shape)
@@ -133,6 +118,10 @@ class OrtCpuBackend(_OrtBackend):
     name = "ort"
     provider = "CPUExecutionProvider"
     supports_int8 = True  # QDQ int8 (runtimes.quantize); its kernels use AVX2 / AVX-512 VNNI where present
+
+    def quant_config(self, method: str = "minmax") -> QuantConfig:
+        """Asymmetric uint8 activations (U8S8): S8S8 runs slower than fp32 here (runtimes.quantize)."""
+        return ORT_CPU.with_method(method)
 
 
 class _OrtGpuBackend(_OrtBackend):
@@ -170,13 +159,24 @@ class OrtTensorrtBackend(_OrtGpuBackend):
     static_shapes = True
     provider = "TensorrtExecutionProvider"
     supports_fp16 = True
+    supports_int8 = True  # explicit quantization: the QDQ file's scales (trt_int8_enable, no calibration table)
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.cache_dir = tempfile.mkdtemp(prefix="latprune-ort-trt-")  # engines of this process only
 
+    def session(self, model_bytes_or_path, profile_prefix: str | None = None):
+        """As deployed; a QDQ file gets ``trt_int8_enable`` whatever the backend's precision (its
+        Q/DQ nodes say int8, and carry the scales: no calibration table). Parses the model once per
+        session to decide; never run on a GPU (unverified, as the rest of this class)."""
+        proto = (onnx.load_from_string(model_bytes_or_path) if isinstance(model_bytes_or_path, bytes)
+                 else onnx.load(str(model_bytes_or_path)))
+        options = {**self._provider_options(), "trt_int8_enable": self.precision == "int8" or is_quantized(proto)}
+        return ort_session(model_bytes_or_path, self.provider, self.threads, options, profile_prefix)
+
     def _provider_options(self):
-        return {"device_id": 0, "trt_fp16_enable": self.fp16, "trt_builder_optimization_level": 3,
+        return {"device_id": 0, "trt_fp16_enable": self.fp16, "trt_int8_enable": self.precision == "int8",
+                "trt_builder_optimization_level": 3,
                 "trt_timing_cache_enable": True, "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": self.cache_dir}
 

@@ -9,8 +9,13 @@ buffers; no GPU has been lent to this project, so it has never run (its tests ar
 ``tensorrt`` and skip here).
 
 Build settings are fixed so two builds are comparable: the same builder optimisation level, static
-shapes (the ONNX file's), fp32 or fp16, and one timing cache shared by every build (dense and
+shapes (the ONNX file's), fp32, fp16 or int8, and one timing cache shared by every build (dense and
 compact), so the compact engine cannot win by a luckier tactic search (TensorRT #4730).
+
+Int8 is TensorRT's *explicit* quantization: the engine is built from a QDQ file
+(``runtimes.quantize``: signed int8, zero point 0 for weights and activations, which is what
+TensorRT accepts) with the INT8 builder flag and no calibrator; the FP16 flag is set beside it so
+layers the file leaves in float may run in half precision, as TensorRT's own int8 guidance does.
 """
 from __future__ import annotations
 
@@ -19,12 +24,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from latprune.errors import BadInput
 from latprune.latency_tables.device import gpu_description
-from latprune.latency_tables.layers import layer_onnx
+from latprune.latency_tables.layers import layer_input_shape, layer_onnx
 from latprune.latency_tables.runtimes.base import Backend, cuda_event_ms, register_backend, require_cuda
+from latprune.latency_tables.runtimes.quantize import is_quantized
 
 __all__ = ["TrtConfig", "import_tensorrt", "build_serialized", "EngineRunner", "TensorrtBackend"]
 
@@ -49,6 +56,7 @@ def torch_dtype(trt, dt):
 @dataclasses.dataclass(frozen=True)
 class TrtConfig:
     fp16: bool = False
+    int8: bool = False  # explicit quantization from a QDQ file (the FP16 flag is set beside it)
     opt_level: int = 3  # builder optimisation level, fixed for every build (0-5)
     workspace_mib: int = 2048
 
@@ -67,8 +75,10 @@ def build_serialized(onnx_model: bytes, cfg: TrtConfig, timing_cache: bytes = b"
     config.builder_optimization_level = cfg.opt_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names and tactics in the inspector
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
-    if cfg.fp16:
+    if cfg.fp16 or cfg.int8:
         config.set_flag(trt.BuilderFlag.FP16)
+    if cfg.int8:  # the scales come from the file's Q/DQ nodes: no calibrator
+        config.set_flag(trt.BuilderFlag.INT8)
     cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
@@ -146,7 +156,7 @@ class EngineRunner:
 @register_backend
 class TensorrtBackend(Backend):
     """TensorRT through its native Python API (the ``[trt]`` extra): each layer micro-model and each
-    whole model is parsed from ONNX and built into an engine (fp32 or fp16, builder optimisation
+    whole model is parsed from ONNX and built into an engine (fp32, fp16 or int8 from a QDQ file, builder optimisation
     level fixed, one timing cache shared by every build of this backend), run with
     ``execute_async_v3`` on its own stream and timed with CUDA events on that stream. Device
     buffers are torch CUDA tensors. Unverified on a GPU (module docstring)."""
@@ -157,6 +167,7 @@ class TensorrtBackend(Backend):
     on_gpu = True
     provider = "TensorRT"
     supports_fp16 = True
+    supports_int8 = True  # from QDQ files (runtimes.quantize), explicit quantization
     OPT_LEVEL = 3  # fixed, so builds of the dense and compact models are comparable
 
     def __init__(self, *a, **kw):
@@ -173,16 +184,22 @@ class TensorrtBackend(Backend):
         return gpu_description()
 
     def build_engine(self, onnx_model: bytes) -> bytes:
-        """Serialised engine for an ONNX model (static shapes), through the shared timing cache."""
-        plan, self.timing_cache = build_serialized(onnx_model, TrtConfig(self.fp16, self.OPT_LEVEL),
-                                                   self.timing_cache, self.logger)
+        """Serialised engine for an ONNX model (static shapes), through the shared timing cache; a
+        QDQ file is built with the INT8 flag whatever the backend's precision (its Q/DQ nodes say
+        int8), so an fp32 backend times an fp32 file and an int8 file side by side."""
+        int8 = self.precision == "int8" or is_quantized(onnx.load_from_string(onnx_model))
+        cfg = TrtConfig(self.fp16, int8, self.OPT_LEVEL)
+        plan, self.timing_cache = build_serialized(onnx_model, cfg, self.timing_cache, self.logger)
         return plan
 
     def _engine_runner(self, onnx_model: bytes) -> EngineRunner:
         return EngineRunner(self.build_engine(onnx_model), self.logger)
 
     def _layer_runner(self, sig, c_in, c_out):
-        return self._engine_runner(layer_onnx(sig, c_in, c_out, self.batch).SerializeToString())
+        model = layer_onnx(sig, c_in, c_out, self.batch)
+        if self.precision == "int8":
+            return self._engine_runner(self.quantized(model, layer_input_shape(sig, self.batch, c_in)))
+        return self._engine_runner(model.SerializeToString())
 
     def _model_runner(self, model, input_shape):
         model = self.prepare_model(model, input_shape)

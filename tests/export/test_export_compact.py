@@ -153,3 +153,24 @@ def test_gates_pick_the_exit_status_of_the_first_failure():
     assert RunResult(None, None, {**r, "gates": _gates(RunConfig(), r)}).exit_code == 3
     with pytest.raises(BadInput, match="fraction of accuracy"):
         GateConfig(max_accuracy_drop=2)
+
+
+def test_at_int8_the_gates_judge_the_int8_file_and_its_parity_fails_with_3():
+    from latprune.pipeline.config import GateConfig
+    from latprune.pipeline.gates import check_gates, exit_code
+
+    r = {"parity": {"ok": True, "detail": "ok"}, "onnx": {"shrink": {"ok": True, "ratio": 0.5, "compact_bytes": 1,
+                                                                    "dense_bytes": 2}},
+         "budget": {"target": "latency", "met": True, "target_ms": 5.0},
+         "compact": {"latency_ms": 4.0, "accuracy": 0.82}, "dense": {"accuracy": 0.83},
+         "robustness": {"corruption_acc": 0.39, "dense": {"corruption_acc": 0.40}},
+         "int8": {"parity": {"ok": True, "detail": "top-1 0.99"},
+                  "compact": {"accuracy": 0.77, "robustness": {"corruption_acc": 0.31}}}}
+    gates = check_gates(GateConfig(max_accuracy_drop=0.05), r)
+    assert [g["name"] for g in gates] == ["parity", "onnx_shrink", "int8_parity", "latency", "accuracy",
+                                          "corruption_accuracy"]
+    assert gates[4]["value"] == pytest.approx(0.06) and not gates[4]["ok"]  # 0.83 -> 0.77, not 0.83 -> 0.82
+    assert gates[5]["value"] == pytest.approx(0.09) and "model.int8.onnx" in gates[5]["detail"]
+    assert exit_code(gates) == 5
+    r["int8"]["parity"]["ok"] = False
+    assert exit_code(check_gates(GateConfig(), r)) == 3

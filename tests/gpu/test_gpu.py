@@ -3,14 +3,17 @@
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
 from latprune.export.bench import BenchConfig, run_bench
 from latprune.export.tensorrt import build_engines, engine_latency, engine_parity
+from latprune.io import write_bytes_atomic
 from latprune.latency_tables.profile import ProfileConfig, profile_model
 from latprune.latency_tables.runtimes import get_backend
+from latprune.latency_tables.runtimes.quantize import quantize_int8
 from latprune.latency_tables.runtimes.tensorrt import TrtConfig
 from latprune.latency_tables.table import LayerSignature
 from latprune.models.graph import ModelGraph
@@ -53,14 +56,25 @@ def test_tensorrt_layer_engine_and_shared_timing_cache(fp16):
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("fp16", [False, True])
-def test_tensorrt_export_parity_and_latency(run_dir, fp16):
-    eng = build_engines({"dense": run_dir / "dense.onnx", "model": run_dir / "model.onnx"}, run_dir,
-                        TrtConfig(fp16=fp16))
+def test_tensorrt_int8_layer_engine_from_a_qdq_micro_model():
+    b = get_backend("trt", 1, 2, precision="int8")
+    (t,) = b.measure([b.layer_runner(CONV, 16, 16)], 2, 0.01)
+    assert t.median_ms > 0 and b.fingerprint((3, 8, 8)).dtype == "int8-s8s8"
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_export_parity_and_latency(run_dir, tmp_path, precision):
+    x = np.random.default_rng(0).standard_normal((4, *BENCH_SHAPE), dtype=np.float32)
+    files = {"dense": run_dir / "dense.onnx", "model": run_dir / "model.onnx"}
+    if precision == "int8":  # explicit quantization: engines from the QDQ files
+        files = {k: write_bytes_atomic(tmp_path / f"{k}.int8.onnx", quantize_int8(onnx.load(str(f)), [x]))
+                 for k, f in files.items()}
+    eng = build_engines(files, run_dir, TrtConfig(fp16=precision == "fp16", int8=precision == "int8"))
     assert (run_dir / "model.engine").exists() and (run_dir / "timing.cache").stat().st_size > 0
     assert json.loads((run_dir / "model.layers.json").read_text())["Layers"]
-    x = np.random.default_rng(0).standard_normal((4, *BENCH_SHAPE), dtype=np.float32)
-    assert engine_parity(eng["model"].path, run_dir / "model.onnx", [x], fp16).ok
+    assert engine_parity(eng["model"].path, files["model"], [x], precision).ok
     lat = engine_latency(eng["model"].path, iterations=50)
     assert lat["end_to_end"]["p50_ms"] >= lat["gpu_compute"]["p50_ms"] > 0
 

@@ -7,6 +7,7 @@ from latprune.errors import BadInput, BudgetBelowFloor
 from latprune.latency_tables.endtoend import (
     PairConfig,
     fit_end_to_end,
+    measure_side_by_side,
     predicted_latency,
     smallest_widths,
     validate_table,
@@ -164,3 +165,17 @@ def test_axes_no_plan_can_change_are_measured_once_and_a_wider_plan_is_refused()
     build_plan(ModelGraph(model, SHAPE, ["b1"]), lean, 0.7 * lean.dense_ms, PlanConfig(importance="magnitude"))
     with pytest.raises(BadInput, match="profile again with the same ignored layers"):
         build_plan(ModelGraph(model, SHAPE), lean, 0.7 * lean.dense_ms, PlanConfig(importance="magnitude"))
+
+
+def test_side_by_side_gives_each_model_its_ratio_to_the_first():
+    dense = residual_net().eval()
+    graph = ModelGraph(dense, SHAPE)
+    half = pruned_copy(dense, {g: max(n // 2, 1) for g, n in graph.sizes().items()}, SHAPE)
+    r = measure_side_by_side(FakeBackend(intercept_ms=0.5), {"dense": dense, "half": half, "again": dense}, SHAPE,
+                             FAST)
+    assert list(r) == ["dense", "half", "again"]
+    assert r["dense"]["ratio"] == 1.0 and r["again"]["ratio"] == pytest.approx(1.0)
+    want = (0.5 + model_cost_ms(half, SHAPE)) / (0.5 + model_cost_ms(dense, SHAPE))
+    assert r["half"]["ratio"] == pytest.approx(want) and r["half"]["ms"] == pytest.approx(want * r["dense"]["ms"])
+    lo, hi = r["half"]["ratio_ci95"]
+    assert lo <= r["half"]["ratio"] <= hi

@@ -12,6 +12,7 @@ import latprune
 from latprune.errors import BadInput, ParityError
 from latprune.latency_tables.endtoend import PairConfig
 from latprune.latency_tables.profile import ProfileConfig, profile_model
+from latprune.latency_tables.runtimes import get_backend
 from latprune.models.graph import ModelGraph, resolve_ignored
 from latprune.models.outputs import classification_loss, flatten_outputs
 from latprune.pipeline.train import sgd_step
@@ -363,3 +364,19 @@ def test_a_model_torch_onnx_cannot_export_at_this_size_is_one_clear_error(tmp_pa
     assert not list((tmp_path / "d").glob("*.onnx"))
     with pytest.raises(BadInput, match="torch.onnx cannot export"):  # refused before anything is pruned
         _pruner(model, 0.5, table=None, runtime=FakeBackend(batch=1), batch=1)
+
+
+def test_precision_int8_plans_against_an_int8_table_and_refuses_an_fp32_one():
+    model = plain_net().eval()
+    fp32_table = fake_table(model, SHAPE, batch=2)
+    with pytest.raises(BadInput, match="int8-u8s8"):  # the fp32 table's fingerprint says float32
+        latprune.LatencyPruner(model, torch.zeros(2, *SHAPE), 0.5, table=fp32_table, runtime="ort", threads=1,
+                               precision="int8")
+    with pytest.raises(BadInput, match="precision='int8' applies to a runtime given by name"):
+        _pruner(plain_net().eval(), precision="int8")  # a FakeBackend object computes in fp32
+    table = profile_model(model, SHAPE, get_backend("ort", 1, 2, precision="int8"),
+                          ProfileConfig(step=16, rounds=1, min_round_s=0.001, model_rounds=1, model_min_round_s=0.005,
+                                        fit_configs=1, fit_rounds=1), progress=False)
+    p = latprune.LatencyPruner(model, torch.zeros(2, *SHAPE), 0.9, table=table, runtime="ort", threads=1,
+                               precision="int8")
+    assert p.backend.precision == "int8" and p.table.fingerprint.dtype == "int8-u8s8"
