@@ -33,9 +33,9 @@ import numpy as np
 
 from latprune.errors import BadInput
 from latprune.export.int8 import INT8_FILES
-from latprune.export.onnx_export import read_contract
+from latprune.export.onnx_export import check_onnx, read_contract
 from latprune.export.tensorrt import UNVERIFIED, build_engines
-from latprune.io import write_bytes_atomic, write_json_atomic
+from latprune.io import check_writable_file, write_bytes_atomic, write_json_atomic
 from latprune.latency_tables.device import environment, gpu_description
 from latprune.latency_tables.runtimes import RUNTIMES, get_backend, runtime_class
 from latprune.latency_tables.runtimes.base import resolve_precision
@@ -163,10 +163,13 @@ def run_bench(cfg: BenchConfig, run_dir: str | Path | None = None, dense: str | 
             dense, compact = run_dir / INT8_FILES["dense"], run_dir / INT8_FILES["compact"]
     elif dense is None or compact is None:
         raise BadInput("bench needs a run directory, or both --dense and --compact ONNX files")
+    if json_path is not None:
+        check_writable_file(json_path, "--json")
     dense, compact = Path(dense), Path(compact)
     for p in (dense, compact):
         if not p.exists():
             raise BadInput(f"{p} does not exist: pass the directory of a finished `latprune run` (or `export`)")
+        check_onnx(p)
     shape = read_contract(compact).get("input_shape") or _onnx_chw(compact)
     shape = tuple(int(v) for v in shape)
     file_batch = onnx_batch(compact)

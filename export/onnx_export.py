@@ -15,12 +15,14 @@ import os
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
 from torch import nn
 
-from latprune.io import write_bytes_atomic
+from latprune.errors import BadInput
+from latprune.io import check_file, write_bytes_atomic
 from latprune.latency_tables.runtimes.convert import OPSET, onnx_bytes
 
-__all__ = ["OnnxArtifact", "contract_metadata", "export_onnx", "read_contract", "check_shrink"]
+__all__ = ["OnnxArtifact", "contract_metadata", "export_onnx", "check_onnx", "read_contract", "check_shrink"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     log.info("exported %s (%.1f kB)", p, len(data) / 1e3)
     shape = ("batch", *input_shape[1:]) if dynamic_batch else tuple(input_shape)
     return OnnxArtifact(p, opset, shape, len(data), hashlib.sha256(data).hexdigest())
+
+
+def check_onnx(path: str | os.PathLike) -> Path:
+    """``path`` is a readable ONNX model file (its graph, without external data), or :class:`BadInput`
+    naming it."""
+    p = check_file(path, "the ONNX file", "an .onnx file written by `latprune run` or torch.onnx.export")
+    fix = "pass an .onnx file written by `latprune run` or torch.onnx.export"
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as e:  # what protobuf and onnx raise on a foreign file
+        why = " ".join(str(e).split())[:80]
+        raise BadInput(f"{p} is not an ONNX model ({type(e).__name__}: {why}): {fix}") from None
+    if not m.graph.input or not m.graph.output:  # an empty file parses as an empty model
+        raise BadInput(f"{p} is not an ONNX model (no graph inputs or outputs): {fix}")
+    return p
 
 
 def read_contract(path: str | os.PathLike) -> dict:

@@ -302,7 +302,10 @@ class LatencyTable:
     def load(cls, path: str | os.PathLike) -> "LatencyTable":
         p = Path(path)
         try:
-            return cls.from_dict(json.loads(p.read_text()))
+            d = json.loads(p.read_text())
+            if not isinstance(d, dict):
+                raise TypeError(f"the file holds a JSON {type(d).__name__}, not a table object")
+            return cls.from_dict(d)
         except StaleSchema as e:
             raise BadInput(
                 f"latency table {p} has schema {e.found!r}, this latprune reads schema {SCHEMA_VERSION}: "
@@ -311,9 +314,11 @@ class LatencyTable:
             ) from None
         except FileNotFoundError:
             raise BadInput(f"latency table {p} does not exist: run `latprune profile` first") from None
+        except IsADirectoryError:
+            raise BadInput(f"latency table {p} is a folder: pass the table.json file itself") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise BadInput(
-                f"latency table {p} is truncated or corrupted ({type(e).__name__}: {e}): "
+                f"latency table {p} is truncated or corrupted ({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
                 "delete it and re-profile"
             ) from None
 

@@ -1,12 +1,14 @@
-"""``latprune``: the command line. Exit status (latprune.errors): 0 success, 2 bad input, 3 the
-export failed verification (parity, file size), 4 latency budget missed, 5 accuracy gate failed
-(the report is written first in 3-5), 6 ``bench`` timings too noisy for the claim."""
+"""``latprune``: the command line. Exit status (latprune.errors): 0 success, 1 a bug (its traceback
+is shown), 2 bad input (one line naming the fix; a failed write too), 3 the export failed
+verification (parity, file size), 4 latency budget missed, 5 accuracy gate failed (the report is
+written first in 3-5), 6 ``bench`` timings too noisy for the claim, 130 interrupted."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -31,6 +33,14 @@ INT8_RUNTIMES = ", ".join(n for n in RUNTIMES if runtime_class(n).supports_int8)
 PRECISION_HELP = (f"what the deployed model computes in: fp32 (default), fp16 ({FP16_RUNTIMES}) or int8 "
                   f"({INT8_RUNTIMES}: ONNX Runtime's static QDQ quantization, per-channel int8 weights, 8-bit "
                   "activations in the runtime's fast form: uint8 on ort, symmetric int8 for TensorRT)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with a one-line error: ``latprune run: error: ... (see latprune run --help)``
+    and exit 2, like every other bad input (the subcommands' parsers are of this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -160,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where pre-trained checkpoints and tables are cached (default ~/.cache/latprune)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p = argparse.ArgumentParser(prog="latprune", description="Latency-aware pruning of CNNs to a measured budget.")
+    p = _Parser(prog="latprune", description="Latency-aware pruning of CNNs to a measured budget.")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {
         "run": "the whole pipeline: profile, plan, prune and fine-tune, export, verify, report",
@@ -281,42 +291,56 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI's error boundary. A :class:`LatpruneError` (bad input, a failed gate) is one line on
+    stderr and its exit status (``-v`` adds the traceback); anything else is a bug in latprune or a
+    library under it: its traceback, one line saying so, and exit 1. Bad flags exit 2 in one line."""
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # third-party notices
     warnings.filterwarnings("default", category=DeprecationWarning, module="latprune")  # our deprecated aliases
     try:
-        if a.command == "bench":
-            return bench_main(a)
-        cfg = config_from_args(a)
-        if a.command == "sweep":
-            res = sweep(cfg, parse_budgets(a.budgets))
-            print(res.path)
-            return res.exit_code
-        distributed.init_from_env()  # under torchrun: join the process group (data-parallel training)
-        result = run(cfg, stop_after=a.command if a.command in STOPS else None)
-        if a.command in STOPS:
-            v = result.validation
-            if v:
-                print(f"table prediction error on {v['k']} random pruned configurations: median "
-                      f"{100 * v['median_rel_err']:.1f} %, p90 {100 * v['p90_rel_err']:.1f} %", file=sys.stderr)
-            print(result.artifact)
-            return 0
-        r = result.report
-        if r is None:  # a torchrun rank other than 0: rank 0 reports
-            return 0
-        _print_summary(r)
-        for g in result.failed_gates:
-            print(f"latprune: gate '{g['name']}' FAILED: {g['detail']}", file=sys.stderr)
-        print(result.report_path)
-        return result.exit_code
+        return _command(a)
     except LatpruneError as e:
+        if a.verbose:
+            traceback.print_exc()
         print(f"latprune: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("latprune: interrupted; run again with the same --out to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # not an input latprune knows to be bad: a bug, shown as one
+        traceback.print_exc()
+        print(f"latprune: internal error ({type(e).__name__}), a bug rather than bad input: please report it "
+              "with the traceback above; the same command resumes the run", file=sys.stderr)
+        return 1
+
+
+def _command(a: argparse.Namespace) -> int:
+    if a.command == "bench":
+        return bench_main(a)
+    cfg = config_from_args(a)
+    if a.command == "sweep":
+        res = sweep(cfg, parse_budgets(a.budgets))
+        print(res.path)
+        return res.exit_code
+    distributed.init_from_env()  # under torchrun: join the process group (data-parallel training)
+    result = run(cfg, stop_after=a.command if a.command in STOPS else None)
+    if a.command in STOPS:
+        v = result.validation
+        if v:
+            print(f"table prediction error on {v['k']} random pruned configurations: median "
+                  f"{100 * v['median_rel_err']:.1f} %, p90 {100 * v['p90_rel_err']:.1f} %", file=sys.stderr)
+        print(result.artifact)
+        return 0
+    r = result.report
+    if r is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    _print_summary(r)
+    for g in result.failed_gates:
+        print(f"latprune: gate '{g['name']}' FAILED: {g['detail']}", file=sys.stderr)
+    print(result.report_path)
+    return result.exit_code
 
 
 def _print_summary(r: dict) -> None:

@@ -8,7 +8,8 @@ missed; 5 an accuracy gate (``--max-accuracy-drop``, ``--max-corruption-drop``) 
 A run that fails a gate (3, 4, 5) still writes its whole report first.
 """
 
-__all__ = ["LatpruneError", "BadInput", "BudgetBelowFloor", "ParityError", "BudgetMissed", "AccuracyGateFailed",
+__all__ = ["LatpruneError", "BadInput", "CannotWrite",
+           "BudgetBelowFloor", "ParityError", "BudgetMissed", "AccuracyGateFailed",
            "TooNoisy", "GATE_EXIT"]
 
 
@@ -20,6 +21,17 @@ class BadInput(LatpruneError):
     """The user asked for something we cannot do; the message names the fix."""
 
     exit_code = 2
+
+
+class CannotWrite(BadInput):
+    """Writing a file failed (a full disk, a read-only or vanished folder, an I/O error): nothing was
+    left under the file's final name, and the same command resumes once the cause is fixed."""
+
+    @classmethod
+    def of(cls, path, e: OSError) -> "CannotWrite":
+        why = e.strerror or type(e).__name__
+        return cls(f"cannot write {path}: {why} (errno {e.errno}); nothing partial was left under that name: "
+                   "free disk space or fix the folder's permissions, then run the same command again to resume")
 
 
 class BudgetBelowFloor(BadInput):

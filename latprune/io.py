@@ -2,7 +2,9 @@
 
 Each writer writes a temporary file in the destination folder, flushes and fsyncs it, then
 renames it over the destination (``os.replace`` is atomic on POSIX and Windows), so a run killed
-mid-write (OOM killer, pre-emption, a full disk) never leaves a truncated artifact. Free of torch:
+mid-write (OOM killer, pre-emption, a full disk) never leaves a truncated artifact. A write that
+fails (ENOSPC, EIO, EACCES: any ``OSError``) removes its temporary file and raises
+:class:`~latprune.errors.CannotWrite`, one line naming the file. Free of torch:
 ``save_torch_atomic`` takes torch from the object's own module when it is called.
 """
 from __future__ import annotations
@@ -16,23 +18,73 @@ from typing import IO, Any, Callable
 
 import numpy as np
 
-__all__ = ["write_atomic", "write_bytes_atomic", "write_json_atomic", "save_npy_atomic", "save_torch_atomic",
+from latprune.errors import BadInput, CannotWrite
+
+__all__ = ["check_file", "check_writable_dir", "check_writable_file",
+           "write_atomic", "write_bytes_atomic", "write_json_atomic", "save_npy_atomic", "save_torch_atomic",
            "cache_key"]
+
+
+def check_file(path: str | os.PathLike, flag: str, what: str) -> Path:
+    """``path`` is an existing, readable regular file, or :class:`BadInput` naming ``flag`` and ``what``
+    to pass instead (checked where an input enters, before anything is written)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise BadInput(f"{flag} {path} does not exist: pass {what}")
+    if p.is_dir():
+        raise BadInput(f"{flag} {path} is a folder: pass {what}, the file itself")
+    if not os.access(p, os.R_OK):
+        raise BadInput(f"{flag} {path} is not readable: fix its permissions")
+    return p
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` is a folder latprune can create or write in: not a file, not under a file, its nearest
+    existing folder writable; otherwise :class:`BadInput` naming ``flag``."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"{flag} {path} is a file, not a folder: pass a folder path")
+    _check_creatable(p, path, flag)
+    return p
+
+
+def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` is a file latprune can create or replace: not a folder, not under a file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise BadInput(f"{flag} {path} is a folder: pass a file path")
+    _check_creatable(p.parent, path, flag)
+    return p
+
+
+def _check_creatable(p: Path, shown: str | os.PathLike, flag: str) -> None:
+    up = p
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir():
+        raise BadInput(f"{flag} {shown} lies under {up}, which is a file, not a folder: pass a path under a folder")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {shown}: {up} is not writable: pass a writable folder or fix its permissions")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:
+        raise CannotWrite.of(p, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CannotWrite.of(p, e) from e
         raise
     return p
 

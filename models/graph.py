@@ -106,6 +106,40 @@ def output_channels(model: nn.Module) -> dict[str, int]:
     return {n: dims[1] for n, m in model.named_modules() if (dims := layer_dims(m)) is not None}
 
 
+def _failing_operation(e: BaseException, model: nn.Module) -> str:
+    """Where in ``model`` torch-pruning's tracer failed: the step it was in (its function's name) and
+    the graph node it was handling, placed by the nearest named modules before and after it."""
+    names = {m: n for n, m in model.named_modules()}
+    tb, step, node = e.__traceback__, None, None
+    while tb is not None:  # the innermost torch-pruning frame that holds a graph node
+        f = tb.tb_frame
+        if f.f_globals.get("__name__", "").startswith("torch_pruning"):
+            step = f.f_code.co_name
+            node = next((v for v in f.f_locals.values() if hasattr(v, "inputs") and hasattr(v, "outputs")
+                         and hasattr(v, "module")), node)
+        tb = tb.tb_next
+    if node is None:
+        return f"in {step}" if step else "while tracing"
+
+    def nearest(start, side: str) -> str | None:
+        seen, todo = set(), list(getattr(start, side))
+        while todo:
+            n = todo.pop(0)
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if names.get(n.module):
+                return names[n.module]
+            todo += list(getattr(n, side))
+        return None
+
+    op = type(node.module).__name__.strip("_").removesuffix("Op") if node.module is not None else "operation"
+    before, after = nearest(node, "inputs"), nearest(node, "outputs")
+    where = names.get(node.module) or " ".join(filter(None, (f"after '{before}'" if before else None,
+                                                             f"before '{after}'" if after else None)))
+    return f"in {step}, at a {op} {where}".rstrip()
+
+
 class ModelGraph:
     """torch-pruning's DependencyGraph of ``model`` as it is now, traced once on a zero batch of
     ``input_shape``, and the channel groups the planner may shrink. Never pruned on their output
@@ -132,9 +166,11 @@ class ModelGraph:
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward,
                                                             verbose=False)
         except Exception as e:  # the user's model inside a third-party tracer: every failure is about the model
-            raise BadInput(f"torch-pruning cannot trace {type(model).__name__} ({type(e).__name__}: {str(e)[:120]}), "
-                           "so its channels cannot be grouped: rewrite the operation it fails on (e.g. a "
-                           "reshape-based channel shuffle) or prune another architecture") from e
+            raise BadInput(f"torch-pruning cannot trace {type(model).__name__}: {type(e).__name__} "
+                           f"({str(e)[:100]}) {_failing_operation(e, model)}, so its channels cannot be grouped: "
+                           "rewrite that operation (a reshape-based channel shuffle, for one, as indexing or "
+                           "torch.cat), or prune another architecture (ignored_layers does not help: torch-pruning "
+                           "traces every operation)") from e
         finally:
             model.train(was_training)
             restore_bn_stats(bn)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Callable
@@ -77,9 +78,15 @@ def _build_user_model(ref: str, num_classes: int) -> nn.Module:
             "and the factory name after ':'"
         ) from None
     try:
-        model = factory(num_classes=num_classes)
-    except TypeError:
-        model = factory()
+        params = inspect.signature(factory).parameters.values()
+        takes_classes = any(q.name == "num_classes" or q.kind is q.VAR_KEYWORD for q in params)
+    except (TypeError, ValueError):  # a callable without an inspectable signature
+        takes_classes = True
+    try:
+        model = factory(num_classes=num_classes) if takes_classes else factory()
+    except Exception as e:  # the user's own code failed: say whose, and what it said
+        raise BadInput(f"model factory {ref!r} raised {type(e).__name__}: {str(e)[:160]}: fix the factory "
+                       "(run it in Python to see its traceback, or pass -v)") from e
     if not isinstance(model, nn.Module):
         raise BadInput(f"model factory {ref!r} returned {type(model).__name__}, not an nn.Module")
     return model

@@ -7,11 +7,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
 
 from latprune.errors import BadInput
+from latprune.io import check_file
 from latprune.latency_tables.endtoend import PairConfig
 from latprune.latency_tables.profile import ProfileConfig
 from latprune.latency_tables.runtimes import PRECISIONS, RUNTIMES, runtime_class
@@ -62,6 +65,8 @@ class BudgetConfig:
                            f"{self.window_low}, {self.window_high}")
         if self.calibrate_rounds < 1 or self.calibrate_round_s <= 0 or self.calibrate_repeats < 1:
             raise BadInput("calibrate rounds and repeats must be >= 1 and the round length > 0 s")
+        if self.calibrate_iters < 0:
+            raise BadInput(f"--calibrate-iters must be >= 0 (0: no closed loop), got {self.calibrate_iters}")
 
     @property
     def timing(self) -> PairConfig:
@@ -192,6 +197,11 @@ class RunConfig:
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
     progress: bool = True
 
+    def __post_init__(self):
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise BadInput(f"--seed must be an integer >= 0 (numpy's generators take no negative seed), "
+                           f"got {self.seed}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -215,15 +225,21 @@ class RunConfig:
             if k not in fields:
                 raise BadInput(f"unknown config key {k!r}: valid keys are {', '.join(fields)}")
             default = getattr(cls(), k) if k != "cache_dir" else None
-            if dataclasses.is_dataclass(default) and isinstance(v, dict):
+            if dataclasses.is_dataclass(default) and not isinstance(v, dict):
+                raise BadInput(f"config section {k!r} must be a mapping of its settings, got {v!r}")
+            if dataclasses.is_dataclass(default):
                 sub = {f.name for f in dataclasses.fields(default)}
                 bad = set(v) - sub
                 if bad:
                     raise BadInput(f"unknown key(s) {sorted(bad)} in config section {k!r}: valid are {sorted(sub)}")
+                hints = typing.get_type_hints(type(default))
+                v = {kk: check_type(f"{k}.{kk}", hints[kk], vv) for kk, vv in v.items()}
                 try:
                     v = dataclasses.replace(default, **v)
                 except (TypeError, ValueError) as e:
                     raise BadInput(f"config section {k!r}: {e}") from None
+            else:
+                v = check_type(k, typing.get_type_hints(cls)[k], v)
             kwargs[k] = v
         return cls(**kwargs)
 
@@ -238,15 +254,41 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def check_type(where: str, hint: Any, v: Any) -> Any:
+    """``v`` as the config field ``where`` of type ``hint`` takes it, or :class:`BadInput` naming the
+    field: bool, int, float (finite; an int is accepted), str, and their optionals are checked here;
+    other types (tuples, unions of several) are left to the dataclass's own validation."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if v is None and len(args) < len(typing.get_args(hint)):
+            return v
+        return check_type(where, args[0], v) if len(args) == 1 else v
+    if hint not in _TYPE_NAMES:
+        return v
+    ok = (isinstance(v, bool) if hint is bool else isinstance(v, str) if hint is str else
+          isinstance(v, (int, float) if hint is float else int) and not isinstance(v, bool))
+    if ok and hint is float and not math.isfinite(v):
+        ok = False
+    if not ok:
+        raise BadInput(f"config {where} must be {_TYPE_NAMES[hint]}, got {v!r}: fix the flag or the YAML key")
+    return v
+
+
 def load_config(path: str | os.PathLike | None) -> RunConfig:
     if path is None:
         return RunConfig()
     import yaml
 
+    if not Path(path).exists():
+        raise BadInput(f"config file {path} does not exist: check the --config path")
+    check_file(path, "--config", "a YAML config file")
     try:
         d = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise BadInput(f"config file {path} does not exist: check the --config path") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"config file {path} is not text (not UTF-8): pass a YAML config file") from None
     except yaml.YAMLError as e:
         raise BadInput(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax") from None
     if not isinstance(d, dict):

@@ -20,6 +20,7 @@ import gzip
 import logging
 import os
 import pickle
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +38,7 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 _FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +190,20 @@ def _find_fashion_mnist(cache_dir: Path | None) -> Path:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    """An IDX file (gzip): magic 0x0000 08 NDIM (unsigned bytes), NDIM big-endian sizes, the values."""
+    fix = "reinstall the dataset (apt-get install --reinstall dataset-fashion-mnist) or replace the file"
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, unreadable
+        raise BadInput(f"{path} is not a readable gzip file ({e}): {fix}") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
+        raise BadInput(f"{path} is not an IDX file of unsigned bytes (magic {data[:4].hex() or 'missing'}): {fix}")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
-        raise BadInput(f"{path} is truncated ({arr.size} of {int(np.prod(dims))} values): reinstall the dataset")
+        raise BadInput(f"{path} is truncated ({arr.size} of {int(np.prod(dims))} values): {fix}")
     return arr.reshape(dims)
 
 
@@ -202,6 +211,7 @@ def _load_fashion(folder: Path) -> tuple[Split, Split, list[str]]:
     def split(prefix):
         x = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
         y = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+        _check_split(folder / f"{prefix}-images-idx3-ubyte.gz", x, y, (28, 28), len(FASHION_CLASSES))
         x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None]  # 28x28 -> 32x32
         return Split(np.ascontiguousarray(np.repeat(x, 3, axis=1)), y)
 
@@ -218,29 +228,62 @@ def _load_path(path: Path, cfg: DataConfig):
     return _load_imagefolder(path, cfg.image_size)
 
 
+def _check_split(path: Path, x: np.ndarray, y: np.ndarray, shape: tuple[int, ...], num_classes: int) -> None:
+    """Images of the expected shape, one label per image, labels in [0, num_classes)."""
+    fix = "re-download or replace it"
+    if tuple(x.shape[1:]) != shape:
+        raise BadInput(f"{path}: images of shape {tuple(x.shape[1:])}, expected {shape}: {fix}")
+    if len(y) != len(x) or y.ndim != 1:
+        raise BadInput(f"{path}: {len(x)} images but {len(y)} labels: {fix}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise BadInput(f"{path}: labels span [{y.min()}, {y.max()}], expected [0, {num_classes - 1}]: {fix}")
+
+
 def _load_cifar(path: Path):
     def unpickle(f):
-        with open(f, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
+        try:
+            with open(f, "rb") as fh:
+                return pickle.load(fh, encoding="latin1")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+                IndexError, KeyError, OSError) as e:  # what a damaged or foreign pickle raises while loading
+            raise BadInput(f"{f} is not a readable CIFAR python batch ({type(e).__name__}: {str(e)[:80]}): "
+                           "re-download the dataset or replace the file") from None
 
-    if (path / "data_batch_1").exists():  # CIFAR-10
-        parts = [unpickle(path / f"data_batch_{i}") for i in range(1, 6) if (path / f"data_batch_{i}").exists()]
-        test, key = unpickle(path / "test_batch"), "labels"
-        classes = unpickle(path / "batches.meta")["label_names"] if (path / "batches.meta").exists() else None
-        name = "cifar10"
-    else:  # CIFAR-100
-        parts, test, key = [unpickle(path / "train")], unpickle(path / "test"), "fine_labels"
-        classes = unpickle(path / "meta")["fine_label_names"] if (path / "meta").exists() else None
-        name = "cifar100"
+    def field(d, f, key):
+        if not isinstance(d, dict) or key not in d:
+            raise BadInput(f"{f} holds no {key!r} entry: not a CIFAR python batch; re-download the dataset")
+        return d[key]
 
-    def split(ds):
-        x = np.concatenate([np.asarray(d["data"], np.uint8) for d in ds]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(d[key], np.int64) for d in ds])
-        return Split(x, y)
+    cifar10 = (path / "data_batch_1").exists()
+    if cifar10:
+        names = [f"data_batch_{i}" for i in range(1, 6) if (path / f"data_batch_{i}").exists()]
+        test_name, key, meta, meta_key, name, k = "test_batch", "labels", "batches.meta", "label_names", "cifar10", 10
+    else:
+        names, test_name, key, meta, meta_key, name, k = ["train"], "test", "fine_labels", "meta", \
+            "fine_label_names", "cifar100", 100
+    if not (path / test_name).is_file():
+        raise BadInput(f"{path} has no {test_name} file: a CIFAR python folder holds the training batches and "
+                       f"{test_name}; re-download it")
+    classes = field(unpickle(path / meta), path / meta, meta_key) if (path / meta).exists() else None
+    classes = list(classes) if classes is not None else [str(i) for i in range(k)]
 
-    train, test = split(parts), split([test])
-    classes = classes or [str(i) for i in range(int(train.y.max()) + 1)]
-    return train, test, list(classes), name
+    def split(files: list[str]) -> Split:
+        xs, ys = [], []
+        for fn in files:
+            d = unpickle(path / fn)
+            x = np.asarray(field(d, path / fn, "data"))
+            y = np.asarray(field(d, path / fn, key))
+            if (x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or not np.issubdtype(x.dtype, np.integer)
+                    or (x.size and (x.min() < 0 or x.max() > 255))):
+                raise BadInput(f"{path / fn}: data of shape {x.shape} and type {x.dtype}, expected pixel values "
+                               "0-255 as [N, 3072] (32x32 RGB): re-download the dataset")
+            x = x.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+            _check_split(path / fn, x, y.astype(np.int64, copy=False), (3, 32, 32), len(classes))
+            xs.append(x)
+            ys.append(y.astype(np.int64))
+        return Split(np.concatenate(xs), np.concatenate(ys))
+
+    return split(names), split([test_name]), classes, name
 
 
 def _load_imagefolder(path: Path, size: int):
@@ -255,18 +298,31 @@ def _load_imagefolder(path: Path, size: int):
     classes = sorted(d.name for d in (path / "train").iterdir() if d.is_dir())
     if not classes:
         raise BadInput(f"{path / 'train'} has no class folders: put images in train/<class>/")
+    extra = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in classes)
+    if extra:
+        raise BadInput(f"{test_dir} has class folders with no training folder ({', '.join(extra[:5])}): "
+                       f"add them to {path / 'train'} or remove them")
 
-    def split(root: Path) -> Split:
+    def split(root: Path, need_every_class: bool) -> Split:
         xs, ys = [], []
         for ci, c in enumerate(classes):
+            n = len(xs)
             for f in sorted((root / c).glob("*")) if (root / c).is_dir() else []:
-                if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                img = Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)
+                try:
+                    with Image.open(f) as im:
+                        img = im.convert("RGB").resize((size, size), Image.BILINEAR)
+                except (OSError, ValueError, Image.DecompressionBombError) as e:  # unidentified, truncated
+                    raise BadInput(f"{f} is not a readable image ({type(e).__name__}: {str(e)[:80]}): "
+                                   "remove or replace it") from None
                 xs.append(np.asarray(img, np.uint8).transpose(2, 0, 1))
                 ys.append(ci)
+            if need_every_class and len(xs) == n:
+                raise BadInput(f"class {c!r} has no images in {root / c} ({', '.join(IMAGE_SUFFIXES)}): "
+                               "add images or remove the folder")
         if not xs:
             return Split(np.zeros((0, 3, size, size), np.uint8), np.zeros(0, np.int64))
         return Split(np.stack(xs), np.asarray(ys, np.int64))
 
-    return split(path / "train"), split(test_dir), classes, path.name
+    return split(path / "train", True), split(test_dir, False), classes, path.name

@@ -42,7 +42,7 @@ from latprune.export.int8 import INT8_FILES, OnnxClassifier, export_int8, int8_p
 from latprune.export.onnx_export import OnnxArtifact, check_shrink, contract_metadata, export_onnx
 from latprune.export.parity import Parity, check_parity
 from latprune.export.tensorrt import UNVERIFIED, build_engines, engine_latency, engine_parity
-from latprune.io import cache_key, save_torch_atomic, write_json_atomic
+from latprune.io import cache_key, check_file, check_writable_dir, save_torch_atomic, write_json_atomic
 from latprune.latency_tables.device import environment, latprune_version
 from latprune.latency_tables.endtoend import (
     PairConfig,
@@ -138,12 +138,19 @@ class RunDir:
 def prepare(cfg: RunConfig) -> tuple[Inputs, RunDir]:
     """Validate everything that can be validated before writing a single file, then create the run
     directory with ``config.json`` and ``environment.json``."""
+    check_writable_dir(cfg.cache_dir, "--cache-dir")
+    if cfg.out:
+        check_writable_dir(cfg.out, "--out")
+    if cfg.weights:
+        check_file(cfg.weights, "--weights", "a state_dict saved with torch.save (.pt)")
+    if cfg.table:
+        check_file(cfg.table, "--table", "a latency table.json written by `latprune profile`")
     data = load_dataset(cfg.data, cache_dir=Path(cfg.cache_dir).expanduser())
     spec = ModelSpec(cfg.model, data.num_classes)
-    spec.build()  # unknown names and broken factories fail here
+    # unknown names, broken factories and graphs torch-pruning cannot trace fail here, before pre-training
+    # or profiling (the trace takes a second; the dense stage traces its trained model again)
+    ModelGraph(spec.build(), data.input_shape)
     backend = get_backend(cfg.deploy.runtime, cfg.deploy.threads, cfg.deploy.batch, precision=cfg.deploy.precision)
-    if cfg.weights and not Path(cfg.weights).exists():
-        raise BadInput(f"--weights {cfg.weights} does not exist: pass a state_dict saved with torch.save")
     if cfg.table:
         LatencyTable.load(cfg.table).check_compatible(backend.fingerprint(data.input_shape), cfg.force)
     if cfg.gates.max_corruption_drop is not None and not cfg.robustness.images:
@@ -253,7 +260,8 @@ def dense_stage(inp: Inputs, rd: RunDir) -> DenseModel:
                 state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
                 model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
             except Exception as e:
-                raise BadInput(f"cannot load --weights {cfg.weights} into {inp.spec.name} ({str(e)[:120]}): "
+                why = " ".join(str(e).split())[:160]  # one line: load_state_dict's message has several
+                raise BadInput(f"cannot load --weights {cfg.weights} into {inp.spec.name} ({why}): "
                                "pass a matching state_dict") from None
             info = {"source": str(cfg.weights)}
         elif cfg.bundled_weights and (path := bundled_weights(inp.spec.name, inp.data.name, inp.spec.num_classes)):

@@ -89,7 +89,9 @@ def test_run_writes_a_complete_report(mini_run, capsys):
     assert (len(r["layer_latency"]) == len(json.loads((out / "table.json").read_text())["layer_keys"])
             and all(x["measured_ms"] > 0 for x in r["layer_latency"]))
     w = r["why_not_faster"]
-    assert 0 < w["untouchable"]["floor_ms"] < w["untouchable"]["predicted_ms"] and w["hardware_multiple"] in (4, 8, 16)
+    # at most equal: a compact model already at every group's floor predicts its own floor (to rounding)
+    assert 0 < w["untouchable"]["floor_ms"] <= 1.001 * w["untouchable"]["predicted_ms"]
+    assert w["hardware_multiple"] in (4, 8, 16)
     assert w["providers"]["fallback_nodes"] == 0 and w["providers"]["per_provider"]["CPUExecutionProvider"] > 10
     md = (out / "report.md").read_text()
     assert "## Why is it not faster?" in md and "## Deployment gates" in md and "| logits |" in md
