@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +23,9 @@ from latprune.errors import BadInput, CannotWrite
 
 __all__ = ["check_file", "check_writable_dir", "check_writable_file",
            "write_atomic", "write_bytes_atomic", "write_json_atomic", "save_npy_atomic", "save_torch_atomic",
-           "cache_key"]
+           "seal", "verified", "cache_key"]
+
+log = logging.getLogger(__name__)
 
 
 def check_file(path: str | os.PathLike, flag: str, what: str) -> Path:
@@ -109,6 +112,44 @@ def save_torch_atomic(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def seal(path: str | os.PathLike) -> Path:
+    """Record the sha256 of the whole file ``path`` beside it (``.NAME.sha256``): a cache entry is
+    trusted on a later read only while its content still matches (:func:`verified`)."""
+    p = Path(path)
+    write_bytes_atomic(_digest_path(p), _sha256(p).encode())
+    return p
+
+
+def verified(path: str | os.PathLike) -> Path | None:
+    """``path`` if it exists and still matches the digest :func:`seal` recorded. A damaged entry (or
+    one with no digest, from an older latprune or a write cut short) is named in the log, deleted
+    with its digest, and None is returned: the caller rebuilds it, never uses it."""
+    p = Path(path)
+    digest = _digest_path(p)
+    if not p.exists():
+        digest.unlink(missing_ok=True)
+        return None
+    if digest.exists() and digest.read_text().strip() == _sha256(p):
+        return p
+    log.warning("cached %s is damaged (%s): deleted, rebuilding it", p,
+                "its sha256 does not match" if digest.exists() else "no digest recorded")
+    p.unlink(missing_ok=True)
+    digest.unlink(missing_ok=True)
+    return None
+
+
+def _digest_path(p: Path) -> Path:
+    return p.with_name(f".{p.name}.sha256")
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_key(**parts: Any) -> str:

@@ -190,6 +190,7 @@ class FakeBackend(Backend):
 
     name = "fake"
     provider = "none"
+    library = "latprune.testing"
     loads_onnx = False  # it "times" nn.Modules
 
     def __init__(self, intercept_ms: float = 0.0, slope: float = 1.0, batch: int = 1):

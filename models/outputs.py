@@ -23,9 +23,9 @@ AUX_WEIGHT = 0.4
 def input_shape_of(example_inputs: Any) -> tuple[int, int, int]:
     """(C, H, W) of ``example_inputs``, one image batch ``(N, C, H, W)``; anything else is bad input
     (the API's and the exporter's one check of what users pass)."""
-    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4 or 0 in example_inputs.shape:
         got = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs)
-        raise BadInput(f"example_inputs must be one image batch tensor (N, C, H, W), got {got}")
+        raise BadInput(f"example_inputs must be one image batch tensor (N, C, H, W), none of them 0, got {got}")
     return tuple(int(d) for d in example_inputs.shape[1:])
 
 

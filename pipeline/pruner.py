@@ -174,10 +174,22 @@ class LatencyPruner:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
             raise BadInput(f"budget is a fraction of the dense latency in (0, 1], e.g. 0.5, got {budget!r}")
         self.input_shape = input_shape_of(example_inputs)
-        if steps < 1 or every < 1:
-            raise BadInput(f"steps and every must be >= 1, got {steps}, {every}")
-        if not 0 < window[0] <= window[1]:
-            raise BadInput(f"window must be (low, high) with 0 < low <= high, got {window}")
+        for name, v in (("steps", steps), ("every", every), ("threads", threads), ("round_to", round_to)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise BadInput(f"{name} must be an integer >= 1, got {v!r}")
+        if not (isinstance(window, (tuple, list)) and len(window) == 2
+                and all(isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) for w in window)
+                and 0 < window[0] <= window[1]):
+            raise BadInput(f"window must be (low, high) with 0 < low <= high, got {window!r}")
+        for name, v, kind in (("profile", profile, ProfileConfig), ("timing", timing, PairConfig),
+                              ("plan_config", plan_config, (PlanConfig, type(None)))):
+            if not isinstance(v, kind):
+                raise BadInput(f"{name} must be a {getattr(kind, '__name__', 'PlanConfig')}, got {v!r}")
+        if table is not None and not isinstance(table, (LatencyTable, str, os.PathLike)):
+            raise BadInput(f"table must be a LatencyTable or the path of a table.json, got {type(table).__name__}")
+        if min_widths is not None and not (isinstance(min_widths, dict) and all(
+                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in min_widths.values())):
+            raise BadInput(f"min_widths maps group names to widths >= 1, got {min_widths!r}")
         if target_ms is not None and not target_ms > 0:
             raise BadInput(f"target_ms must be a positive latency in the table's milliseconds, got {target_ms!r}")
         if plan_config is not None and (importance, round_to) != ("halp", 8):
@@ -199,6 +211,11 @@ class LatencyPruner:
         if not self.graph.groups:
             raise BadInput("no channel group of this model can be pruned (every layer is ignored or produces an "
                            "output): ignore fewer layers")
+        names = [g.name for g in self.graph.groups]
+        unknown = sorted(set(self.min_widths or ()) - set(names))
+        if unknown:
+            raise BadInput(f"min_widths names no channel group of this model ({', '.join(unknown[:3])}): the groups "
+                           f"are {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
         self._check_outputs_kept()  # before a table is profiled: seconds, where profiling takes minutes
         if runtime is not None:  # a model torch.onnx refuses at this size is refused now, not after training
             onnx_bytes(model, (1, *self.input_shape))

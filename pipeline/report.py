@@ -111,7 +111,6 @@ from latprune.io import write_bytes_atomic, write_json_atomic
 from latprune.latency_tables.device import environment
 from latprune.latency_tables.endtoend import SpeedResult
 from latprune.latency_tables.plots import pyplot, save_png
-from latprune.latency_tables.runtimes import runtime_class
 from latprune.latency_tables.table import LatencyTable
 from latprune.models.graph import output_channels
 from latprune.pipeline.calibrate import CalibratedPlan
@@ -164,7 +163,7 @@ def build_report(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactMod
                                                "compact": {**ex.int8.compact.to_dict(), **ev.int8["compact"]}},
         "layer_latency": diag.layers,
         "why_not_faster": diag.why_not_faster,
-        "runtime": {"name": runtime_class(fp.runtime).library, "backend": fp.runtime,
+        "runtime": {"name": type(inp.backend).library, "backend": fp.runtime,
                     "version": fp.runtime_version, "provider": fp.provider, "threads": fp.threads, "batch": fp.batch,
                     "input_shape": [fp.batch, *fp.input_shape], "device": fp.device, "dtype": fp.dtype},
         "plan": {"importance": cal.plan.importance, "round_to": cal.plan.round_to,

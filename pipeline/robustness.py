@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latprune.errors import BadInput
-from latprune.io import save_npy_atomic
+from latprune.io import save_npy_atomic, seal, verified
 from latprune.pipeline.data import Dataset, Split
 from latprune.pipeline.train import evaluate
 
@@ -79,7 +79,7 @@ def corrupted_test_set(data: Dataset, images: int, cache_dir: Path, seed: int = 
     clean = Split(data.test.x[:n], data.test.y[:n])
     digest = hashlib.sha256(clean.x.tobytes()).hexdigest()[:16]
     path = Path(cache_dir) / "corruptions" / f"{data.name}-{n}-{digest}-s{seed}.npy"
-    if path.exists():
+    if verified(path):
         arr = np.load(path)
         if arr.shape == (len(CORRUPTIONS), len(SEVERITIES), *clean.x.shape):
             return clean, arr
@@ -100,7 +100,7 @@ def corrupted_test_set(data: Dataset, images: int, cache_dir: Path, seed: int = 
         bar.close()
     finally:
         np.random.set_state(state)
-    save_npy_atomic(out, path)
+    seal(save_npy_atomic(out, path))
     log.info("corrupted test set: %d images x %d corruptions x %d severities, cached at %s", n, len(CORRUPTIONS),
              len(SEVERITIES), path)
     return clean, out

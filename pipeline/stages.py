@@ -37,12 +37,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from latprune.errors import BadInput
+from latprune.errors import BadInput, CannotWrite
 from latprune.export.int8 import INT8_FILES, OnnxClassifier, export_int8, int8_parity
 from latprune.export.onnx_export import OnnxArtifact, check_shrink, contract_metadata, export_onnx
 from latprune.export.parity import Parity, check_parity
 from latprune.export.tensorrt import UNVERIFIED, build_engines, engine_latency, engine_parity
-from latprune.io import cache_key, check_file, check_writable_dir, save_torch_atomic, write_json_atomic
+from latprune.io import cache_key, check_file, check_writable_dir, save_torch_atomic, seal, verified, write_json_atomic
 from latprune.latency_tables.device import environment, latprune_version
 from latprune.latency_tables.endtoend import (
     PairConfig,
@@ -127,10 +127,12 @@ class RunDir:
 
     @contextlib.contextmanager
     def removed_on_bad_input(self):
+        """A run this call created is removed again if it fails on bad input; not on a failed write
+        (a full disk): what it finished is kept, and the same command resumes from it."""
         try:
             yield
-        except BadInput:
-            if self.created:
+        except BadInput as e:
+            if self.created and not isinstance(e, CannotWrite):
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
 
@@ -149,7 +151,8 @@ def prepare(cfg: RunConfig) -> tuple[Inputs, RunDir]:
     spec = ModelSpec(cfg.model, data.num_classes)
     # unknown names, broken factories and graphs torch-pruning cannot trace fail here, before pre-training
     # or profiling (the trace takes a second; the dense stage traces its trained model again)
-    ModelGraph(spec.build(), data.input_shape)
+    with torch.random.fork_rng():  # the run's own random state is left as it was
+        ModelGraph(spec.build(), data.input_shape)
     backend = get_backend(cfg.deploy.runtime, cfg.deploy.threads, cfg.deploy.batch, precision=cfg.deploy.precision)
     if cfg.table:
         LatencyTable.load(cfg.table).check_compatible(backend.fingerprint(data.input_shape), cfg.force)
@@ -164,6 +167,9 @@ def prepare(cfg: RunConfig) -> tuple[Inputs, RunDir]:
     rd = RunDir(out, created and distributed.is_main())
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(".*.tmp"):  # a write that a kill cut short never reached its final name
+            log.info("removing %s, left by an interrupted write", tmp.name)
+            tmp.unlink(missing_ok=True)
         write_json_atomic(out / "config.json", cfg.to_dict())
         write_json_atomic(out / "environment.json", {**environment(), **distributed.describe()})
     distributed.barrier()
@@ -252,8 +258,12 @@ def untrained_dense(inp: Inputs) -> DenseModel:
 def dense_stage(inp: Inputs, rd: RunDir) -> DenseModel:
     """The trained dense model: ``--weights``; the package's bundled weights for this model and
     dataset (``models.registry.BUNDLED_WEIGHTS``) unless ``bundled_weights`` is off; else pre-trained
-    here and cached for the next run."""
-    cfg, model = inp.cfg, inp.spec.build()
+    here and cached for the next run, from initial weights drawn with the run's seed (so a run
+    pre-trains the same model in any process, and a killed pre-training restarts exactly)."""
+    cfg = inp.cfg
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = inp.spec.build()
     with rd.timed("pretrain"):
         if cfg.weights:
             try:
@@ -290,20 +300,20 @@ def profile_stage(inp: Inputs, rd: RunDir, dense: DenseModel) -> LatencyTable:
         key = cache_key(fp=dataclasses.asdict(fp), layers=sigs, profile=cfg.profile.measurement_key(),
                         schema=SCHEMA_VERSION)
         source = inp.cache / "tables" / f"{inp.spec.name.replace(':', '_')}-{key}.json"
-        if source.exists():
+        if verified(source):
             table = LatencyTable.load(source)
             log.info("using cached latency table %s", source)
         else:
             with rd.timed("profile"):
                 table = profile_model(dense.model, inp.input_shape, inp.backend, cfg.profile, cfg.progress)
-            table.save(source)
+            seal(table.save(source))
     k = cfg.profile.validate
     if k and (table.validation or {}).get("k", 0) < k:
         with rd.timed("validate"):
             table.meta["validation"] = validate_table(dense.graph, table, inp.backend, k, cfg.profile.step,
                                                       cfg.profile.pair, seed=cfg.seed, progress=cfg.progress)
         if source is not None:
-            table.save(source)
+            seal(table.save(source))
     table.save(rd / "table.json")
     plot_staircases(table, rd / "table_staircases.png")
     if table.validation:

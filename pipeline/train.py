@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from latprune.io import cache_key, save_torch_atomic
+from latprune.io import cache_key, save_torch_atomic, seal, verified
 from latprune.models.outputs import classification_loss
 from latprune.models.surgery import Removal, follow_removal_
 from latprune.pipeline import distributed
@@ -294,26 +294,27 @@ def pretrained(model: nn.Module, data: Dataset, cfg: TrainConfig, cache_dir: Pat
                seed: int = 0, progress: bool = True) -> tuple[nn.Module, dict]:
     """Pre-train the dense model, or load it from the cache when the same setting was trained before."""
     path = Path(cache_dir) / "checkpoints" / f"dense-{cache_key(**key, train=dataclasses.asdict(cfg), seed=seed)}.pt"
-    if path.exists():
+    if verified(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log.info("loaded cached pre-trained weights %s", path)
         return model, {"cached": True, "path": str(path)}
     partial = path.with_suffix(".partial.pt")
     resume = None
-    if partial.exists():
+    if verified(partial):
         ck = torch.load(partial, map_location="cpu", weights_only=True)
         if isinstance(ck, dict) and "train" in ck:  # an older latprune's partial checkpoint: start over
             model.load_state_dict(ck["model"])
             resume = Resume.from_dict(ck["train"])
 
     def save(m: nn.Module, r: Resume) -> None:
-        save_torch_atomic({"model": m.state_dict(), "train": r.to_dict()}, partial)
+        seal(save_torch_atomic({"model": m.state_dict(), "train": r.to_dict()}, partial))
 
     per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     res = train(model, data, cfg, seed=seed, progress=progress, desc="pre-train", resume=resume, save=save,
                 save_every=per_epoch)
     if distributed.is_main():
-        save_torch_atomic(model.state_dict(), path)
+        seal(save_torch_atomic(model.state_dict(), path))
         partial.unlink(missing_ok=True)
+        verified(partial)  # and its digest
     log.info("pre-trained dense model: val accuracy %.4f, cached at %s", res.val_accuracy, path)
     return model, {"cached": False, "path": str(path), "val_accuracy": res.val_accuracy}

@@ -395,3 +395,70 @@ def test_exit_codes_as_a_shell_sees_them(argv, code, tmp_path):
                         str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert p.returncode == code, p.stderr
     assert "Traceback" not in p.stderr and len(_error_lines(p.stderr)) == 1, p.stderr
+
+
+# ---- the Python API: LatencyPruner's every parameter ----------------------------------------------
+
+def _api_cases(tmp: Path) -> dict[str, list]:
+    """LatencyPruner(**{param: value}) for each bad value, on a tiny model and a known table."""
+    return {
+        "model": [42, "resnet20"],
+        "example_inputs": ["x", torch.zeros(3, 16, 16), torch.zeros(0, 3, 16, 16)],
+        "budget": [float("nan"), 0, 1.5, "0.5", True, float("inf")],
+        "table": [str(tmp / "missing.json"), str(tmp), 42],
+        "runtime": ["nope", 42],
+        "threads": [0, "two"],
+        "precision": ["int4"],
+        "ignored_layers": [["nope"], [42], "stem"],
+        "steps": [0, float("nan"), "3"],
+        "every": [0, -1],
+        "importance": ["nope", 3],
+        "round_to": [0, -8, 2.5],
+        "profile": ["fast"],
+        "timing": ["fast"],
+        "window": [(0.9, 0.5), (float("nan"), 1.0), (0.5,), "wide"],
+        "target_ms": [-1.0, float("nan"), 0],
+        "min_widths": [{"nope": 8}, {"stem.0": -1}, [8]],
+        "scoring_batches": [42],
+        "held_out": [42],
+        "plan_config": ["halp"],
+    }
+
+
+API_ANY = {"floor": "any value is read as a bool (floor=bool(floor))"}
+
+
+def test_every_api_parameter_has_cases(tmp_path):
+    import inspect
+
+    from latprune.pipeline.pruner import LatencyPruner
+
+    params = set(inspect.signature(LatencyPruner.__init__).parameters) - {"self"}
+    assert params == set(_api_cases(tmp_path)) | set(API_ANY), params ^ (set(_api_cases(tmp_path)) | set(API_ANY))
+
+
+def _api_matrix():
+    return [(p, i) for p, vals in _api_cases(Path("/")).items() for i in range(len(vals))]
+
+
+@pytest.mark.parametrize("param,i", _api_matrix(), ids=[f"{p}-{i}" for p, i in _api_matrix()])
+def test_api_bad_input(param, i, tmp_path):
+    from latprune.errors import BadInput
+    from latprune.pipeline.pruner import LatencyPruner
+    from latprune.testing import fake_table, residual_net
+
+    model = residual_net()
+    value = _api_cases(tmp_path)[param][i]
+    kwargs = {"table": fake_table(model, (3, 16, 16)), "runtime": None, "importance": "magnitude"}
+    if param == "runtime" or param == "threads":
+        kwargs["runtime"] = "ort"
+    if param in ("scoring_batches", "held_out"):
+        kwargs["importance"] = "sensitivity"
+    kwargs[param] = value
+    args = {"model": model, "example_inputs": torch.zeros(1, 3, 16, 16), "budget": 0.5}
+    for k in list(args):
+        if k in kwargs:
+            args[k] = kwargs.pop(k)
+    with pytest.raises(BadInput) as e:
+        LatencyPruner(args["model"], args["example_inputs"], args["budget"], **kwargs)
+    assert "\n" not in str(e.value)

@@ -27,8 +27,8 @@ def test_corrupted_set_is_generated_deterministically_and_cached(tmp_path):
     assert arr.shape == (15, 5, 4, 3, 32, 32) and arr.dtype == np.uint8 and len(clean) == 4
     assert not np.array_equal(arr[0, 0], clean.x)  # gaussian noise changed the pixels
     assert np.abs(arr[0, 4].astype(int) - clean.x).mean() > np.abs(arr[0, 0].astype(int) - clean.x).mean()
-    files = list((tmp_path / "corruptions").iterdir())
-    assert len(files) == 1 and not files[0].name.startswith(".")
+    entry = next((tmp_path / "corruptions").glob("*.npy"))  # the set and its digest, no temporary file
+    assert sorted(f.name for f in entry.parent.iterdir()) == [f".{entry.name}.sha256", entry.name]
     again_dir = tmp_path / "again"
     _, arr2 = corrupted_test_set(d, 4, again_dir, seed=0, progress=False)
     np.testing.assert_array_equal(arr, arr2)  # same seed, same set
