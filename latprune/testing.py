@@ -10,6 +10,8 @@ that cost summed over layers): the closed loop and the end-to-end fit are tested
 from __future__ import annotations
 
 import collections
+import errno
+import os
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from latprune.pipeline.data import Dataset, Split
 
 __all__ = ["PlainNet", "ResidualNet", "DepthwiseNet", "ConcatNet", "BrokenExportNet", "TwoHeadNet", "plain_net",
            "residual_net", "depthwise_net", "concat_net", "broken_export_net", "TINY_MODELS", "fake_cost_ms",
-           "fake_table", "model_cost_ms", "FakeBackend", "tiny_dataset"]
+           "fake_table", "model_cost_ms", "FakeBackend", "tiny_dataset", "DiskFull"]
 
 
 def _cbr(c_in, c_out, k=3, s=1, groups=1):
@@ -233,3 +235,24 @@ def tiny_dataset(n: int = 64, shape=(3, 16, 16), num_classes: int = 10, seed: in
 
     return Dataset("tiny", "memory", split(n), split(16), split(16), [str(i) for i in range(num_classes)],
                    (0.5,) * shape[0], (0.25,) * shape[0])
+
+
+class DiskFull:
+    """A file on a disk that fills up: its first ``write`` puts half the bytes down, then raises
+    ENOSPC; everything else is the wrapped file's. For the write-fault tests."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b):
+        self.f.write(bytes(b)[: max(len(b) // 2, 1)])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, k):
+        return getattr(self.f, k)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

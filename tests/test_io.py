@@ -1,5 +1,4 @@
 """The one atomic writer and the cache's integrity check (latprune.io), with a disk that fills up."""
-import errno
 import logging
 import os
 
@@ -10,24 +9,7 @@ import torch
 import latprune.io as lio
 from latprune.errors import CannotWrite
 from latprune.io import save_npy_atomic, save_torch_atomic, seal, verified, write_json_atomic
-
-
-class _Full:
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, b):
-        self.f.write(bytes(b)[: max(len(b) // 2, 1)])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, k):
-        return getattr(self.f, k)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
+from latprune.testing import DiskFull
 
 
 @pytest.mark.parametrize("writer", [
@@ -40,7 +22,7 @@ def test_a_write_that_fails_half_way_leaves_nothing_and_says_so_in_one_line(tmp_
     path.parent.mkdir()
     path.write_bytes(b"the previous version")
     fdopen = os.fdopen
-    monkeypatch.setattr(lio.os, "fdopen", lambda fd, mode: _Full(fdopen(fd, mode)))
+    monkeypatch.setattr(lio.os, "fdopen", lambda fd, mode: DiskFull(fdopen(fd, mode)))
     with pytest.raises(CannotWrite) as e:
         writer(path)
     msg = str(e.value)

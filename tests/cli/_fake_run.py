@@ -11,7 +11,6 @@ PATH_PART fail half-way with ENOSPC. STAGE ``none`` runs to the end. The events:
   plan       a whole model timed by the closed loop prune  an optimizer step of warm-up/pruning/fine-tuning
   export     a file written by the export stage    robustness  an image corrupted for the robustness set
 """
-import errno
 import os
 import signal
 import sys
@@ -22,7 +21,7 @@ import latprune.io as lio
 import latprune.pipeline.run as run_module
 import latprune.pipeline.stages as stages
 from latprune.cli import main
-from latprune.testing import FakeBackend
+from latprune.testing import DiskFull, FakeBackend
 
 STAGE_FUNCS = {"dense": "dense_stage", "profile": "profile_stage", "plan": "plan_stage", "prune": "prune_stage",
                "export": "export_stage", "robustness": "evaluate_stage"}
@@ -41,20 +40,6 @@ def fire(stage: str, target: str, n: int, fault: str | None) -> bool:
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return True
-
-
-class Full:
-    """A file on a disk that fills up: the first write puts half its bytes down, then ENOSPC."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, b):
-        self.f.write(bytes(b)[: max(len(b) // 2, 1)])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, k):
-        return getattr(self.f, k)
 
 
 def install(target: str, n: int | str, fault: str | None) -> None:
@@ -92,7 +77,7 @@ def install(target: str, n: int | str, fault: str | None) -> None:
             fire("export" if current["stage"] == "export" else None, target, n, fault)
         elif n in str(path) and not count["n"]:
             count["n"] = 1
-            return write(path, lambda f: w(Full(f)))
+            return write(path, lambda f: w(DiskFull(f)))
         return write(path, w)
 
     lio.write_atomic = counted_write
