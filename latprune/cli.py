@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--weights",
                    help="trained dense state_dict (.pt); without it the dense model is pre-trained and cached")
     g.add_argument("--data", help="fashion-mnist (default) or a folder: ImageFolder tree or CIFAR-10/100 python folder")
+    g.add_argument("--input-size", type=int, metavar="S",
+                   help="`profile` only: build the table for a 3 x S x S input without reading any data (latency "
+                        "depends on shapes, not on weights or images): profile on the target device first, train "
+                        "elsewhere")
+    g.add_argument("--num-classes", type=int, metavar="K",
+                   help="with --input-size: the model's number of classes (default 1000)")
     b = g.add_mutually_exclusive_group()
     b.add_argument("--budget", type=float,
                    help="latency budget as a fraction of the measured dense latency (default 0.5)")
@@ -266,7 +272,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         model=a.model, weights=a.weights, bundled_weights=a.bundled_weights, seed=a.seed, out=a.out, table=a.table,
         force=a.force,
         cache_dir=a.cache_dir, progress=False if a.no_progress else None,
-        data={"name": a.data, "train_subset": a.train_subset, "test_subset": a.test_subset, "val_size": a.val_size},
+        data={"name": a.data, "train_subset": a.train_subset, "test_subset": a.test_subset, "val_size": a.val_size,
+              "input_size": a.input_size, "num_classes": a.num_classes},
         deploy={"runtime": a.runtime, "batch": a.deploy_batch, "threads": a.threads, "precision": a.precision,
                 "fp16": a.fp16 if a.fp16 or a.precision is None else a.precision == "fp16",
                 "calibration": a.calibration, "calibration_images": a.calibration_images,

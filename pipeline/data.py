@@ -51,11 +51,18 @@ class DataConfig:
     # which training images are held out for validation: fixed, not the run's --seed, so every seed
     # (and the bundled dense model, trained on this split) sees the same validation images
     split_seed: int = 0
+    # `latprune profile` without data: the model's input is 3 x input_size x input_size and it has
+    # num_classes outputs (0: 1000, ImageNet's); 0 reads both from the data
+    input_size: int = 0
+    num_classes: int = 0
 
     def __post_init__(self):
-        for f in ("val_size", "train_subset", "test_subset"):
+        for f in ("val_size", "train_subset", "test_subset", "input_size", "num_classes"):
             if getattr(self, f) < 0:
                 raise ValueError(f"data.{f} must be >= 0, got {getattr(self, f)}")
+        if self.num_classes and not self.input_size:
+            raise ValueError("data.num_classes (--num-classes) goes with --input-size (profiling without data); "
+                             "with data, the classes are the data's")
 
 
 @dataclasses.dataclass

@@ -54,7 +54,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
     Raises BadInput (2); failed deployment gates are in the result (``exit_code``)."""
     if stop_after not in (None, *STOPS):
         raise ValueError(f"stop_after must be one of {STOPS}, got {stop_after!r}")
-    inp, rd = prepare(cfg)
+    inp, rd = prepare(cfg, profile_only=stop_after == "profile")
     with rd.removed_on_bad_input():
         # under torchrun every rank trains (data-parallel); rank 0 measures and writes, the others read
         dense = untrained_dense(inp) if stop_after == "profile" else dense_stage(inp, rd)

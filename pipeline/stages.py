@@ -80,16 +80,14 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-    """The validated inputs of a run: its config, data, dense model spec and deployment runtime."""
+    """The validated inputs of a run: its config, data, dense model spec, deployment runtime and the
+    model's input shape. ``data`` is None when ``latprune profile`` runs without data (``--input-size``)."""
 
     cfg: RunConfig
-    data: Dataset
+    data: Dataset | None
     spec: ModelSpec
     backend: Backend
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.data.input_shape
+    input_shape: tuple[int, int, int]
 
     @property
     def cache(self) -> Path:
@@ -137,9 +135,10 @@ class RunDir:
             raise
 
 
-def prepare(cfg: RunConfig) -> tuple[Inputs, RunDir]:
+def prepare(cfg: RunConfig, profile_only: bool = False) -> tuple[Inputs, RunDir]:
     """Validate everything that can be validated before writing a single file, then create the run
-    directory with ``config.json`` and ``environment.json``."""
+    directory with ``config.json`` and ``environment.json``. ``profile_only``: the run stops after
+    the table, so ``--input-size`` may stand in for the data (latency depends on shapes alone)."""
     check_writable_dir(cfg.cache_dir, "--cache-dir")
     if cfg.out:
         check_writable_dir(cfg.out, "--out")
@@ -147,15 +146,22 @@ def prepare(cfg: RunConfig) -> tuple[Inputs, RunDir]:
         check_file(cfg.weights, "--weights", "a state_dict saved with torch.save (.pt)")
     if cfg.table:
         check_file(cfg.table, "--table", "a latency table.json written by `latprune profile`")
-    data = load_dataset(cfg.data, cache_dir=Path(cfg.cache_dir).expanduser())
-    spec = ModelSpec(cfg.model, data.num_classes)
+    if cfg.data.input_size and not profile_only:
+        raise BadInput("--input-size profiles without data, so it applies to `latprune profile` alone: training "
+                       "needs --data (whose images give the input size)")
+    if cfg.data.input_size:  # no image is read: the table needs the shapes only
+        data, shape = None, (3, cfg.data.input_size, cfg.data.input_size)
+        spec = ModelSpec(cfg.model, cfg.data.num_classes or 1000)
+    else:
+        data = load_dataset(cfg.data, cache_dir=Path(cfg.cache_dir).expanduser())
+        spec, shape = ModelSpec(cfg.model, data.num_classes), data.input_shape
     # unknown names, broken factories and graphs torch-pruning cannot trace fail here, before pre-training
     # or profiling (the trace takes a second; the dense stage traces its trained model again)
     with torch.random.fork_rng():  # the run's own random state is left as it was
-        ModelGraph(spec.build(), data.input_shape)
+        ModelGraph(spec.build(), shape)
     backend = get_backend(cfg.deploy.runtime, cfg.deploy.threads, cfg.deploy.batch, precision=cfg.deploy.precision)
     if cfg.table:
-        LatencyTable.load(cfg.table).check_compatible(backend.fingerprint(data.input_shape), cfg.force)
+        LatencyTable.load(cfg.table).check_compatible(backend.fingerprint(shape), cfg.force)
     if cfg.gates.max_corruption_drop is not None and not cfg.robustness.images:
         raise BadInput("a corruption-accuracy gate needs the corruption evaluation: set --robust-images > 0 "
                        "(or drop --max-corruption-drop)")
@@ -173,7 +179,7 @@ def prepare(cfg: RunConfig) -> tuple[Inputs, RunDir]:
         write_json_atomic(out / "config.json", cfg.to_dict())
         write_json_atomic(out / "environment.json", {**environment(), **distributed.describe()})
     distributed.barrier()
-    return Inputs(cfg, data, spec, backend), rd
+    return Inputs(cfg, data, spec, backend, shape), rd
 
 
 # ---- artifacts -----------------------------------------------------------------------------

@@ -394,3 +394,23 @@ def test_sweep_records_the_floor_and_draws_the_front(mini_run, cache, tmp_path, 
     assert (out / "budget-0.90" / "report.json").exists() and (out / "sweep.png").stat().st_size > 10_000
     assert "below floor" in (out / "sweep.md").read_text()
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "sweep.json")
+
+
+def test_profile_without_data_at_the_deployment_input_size(tmp_path, capsys):
+    """`latprune profile --input-size S` builds the table for a 3 x S x S input without reading any
+    data (the --data path does not even exist), with --num-classes outputs; training commands refuse
+    --input-size before writing anything."""
+    out = tmp_path / "p"
+    code = main(["profile", "--model", "latprune.testing:residual_net", "--input-size", "24", "--num-classes", "7",
+                 "--data", "/nonexistent/images", "--deploy-batch", "1", "--profile-step", "16",
+                 "--profile-round-s", "0.002", "--fit-configs", "1", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    t = json.loads((out / "table.json").read_text())
+    assert t["header"]["input_shape"] == [3, 24, 24] and t["header"]["batch"] == 1
+    assert json.loads((out / "config.json").read_text())["data"]["input_size"] == 24
+    assert t["layer_keys"]["fc"].startswith("linear:32x7:") and "in24x24" in t["layer_keys"]["stem.0"]
+    capsys.readouterr()
+    code = main(["run", "--input-size", "24", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2 and "applies to `latprune profile` alone" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
