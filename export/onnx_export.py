@@ -18,7 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from latprune.errors import BadInput
+from latprune.errors import BadInput, one_line
 from latprune.io import check_file, write_bytes_atomic
 from latprune.latency_tables.runtimes.convert import OPSET, onnx_bytes
 
@@ -70,13 +70,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
 def check_onnx(path: str | os.PathLike) -> Path:
     """``path`` is a readable ONNX model file (its graph, without external data), or :class:`BadInput`
     naming it."""
-    p = check_file(path, "the ONNX file", "an .onnx file written by `latprune run` or torch.onnx.export")
-    fix = "pass an .onnx file written by `latprune run` or torch.onnx.export"
+    what = "an .onnx file written by `latprune run` or torch.onnx.export"
+    p, fix = check_file(path, "the ONNX file", what), f"pass {what}"
     try:
         m = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, OSError) as e:  # what protobuf and onnx raise on a foreign file
-        why = " ".join(str(e).split())[:80]
-        raise BadInput(f"{p} is not an ONNX model ({type(e).__name__}: {why}): {fix}") from None
+        raise BadInput(f"{p} is not an ONNX model ({type(e).__name__}: {one_line(e, 80)}): {fix}") from None
     if not m.graph.input or not m.graph.output:  # an empty file parses as an empty model
         raise BadInput(f"{p} is not an ONNX model (no graph inputs or outputs): {fix}")
     return p

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from latprune.errors import BadInput
+from latprune.errors import BadInput, one_line
 from latprune.io import write_json_atomic
 
 __all__ = ["SCHEMA_VERSION", "LayerSignature", "Fingerprint", "LayerTable", "EndToEnd", "LatencyTable", "StaleSchema"]
@@ -318,7 +318,7 @@ class LatencyTable:
             raise BadInput(f"latency table {p} is a folder: pass the table.json file itself") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise BadInput(
-                f"latency table {p} is truncated or corrupted ({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
+                f"latency table {p} is truncated or corrupted ({type(e).__name__}: {one_line(e)}): "
                 "delete it and re-profile"
             ) from None
 

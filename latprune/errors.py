@@ -8,9 +8,15 @@ missed; 5 an accuracy gate (``--max-accuracy-drop``, ``--max-corruption-drop``) 
 A run that fails a gate (3, 4, 5) still writes its whole report first.
 """
 
-__all__ = ["LatpruneError", "BadInput", "CannotWrite",
+__all__ = ["one_line", "LatpruneError", "BadInput", "CannotWrite",
            "BudgetBelowFloor", "ParityError", "BudgetMissed", "AccuracyGateFailed",
            "TooNoisy", "GATE_EXIT"]
+
+
+def one_line(e: BaseException, limit: int = 120) -> str:
+    """A third-party exception's message on one line, at most ``limit`` characters, for the one-line
+    errors latprune prints (load_state_dict's and protobuf's messages span several lines)."""
+    return " ".join(str(e).split())[:limit]
 
 
 class LatpruneError(Exception):

@@ -14,7 +14,7 @@ from typing import Callable
 
 from torch import nn
 
-from latprune.errors import BadInput
+from latprune.errors import BadInput, one_line
 from latprune.models import cifar_resnet
 
 __all__ = ["ModelSpec", "register_model", "available_models", "BUNDLED_WEIGHTS", "bundled_weights"]
@@ -85,7 +85,7 @@ def _build_user_model(ref: str, num_classes: int) -> nn.Module:
     try:
         model = factory(num_classes=num_classes) if takes_classes else factory()
     except Exception as e:  # the user's own code failed: say whose, and what it said
-        raise BadInput(f"model factory {ref!r} raised {type(e).__name__}: {str(e)[:160]}: fix the factory "
+        raise BadInput(f"model factory {ref!r} raised {type(e).__name__}: {one_line(e, 160)}: fix the factory "
                        "(run it in Python to see its traceback, or pass -v)") from e
     if not isinstance(model, nn.Module):
         raise BadInput(f"model factory {ref!r} returned {type(model).__name__}, not an nn.Module")

@@ -282,8 +282,6 @@ def load_config(path: str | os.PathLike | None) -> RunConfig:
         return RunConfig()
     import yaml
 
-    if not Path(path).exists():
-        raise BadInput(f"config file {path} does not exist: check the --config path")
     check_file(path, "--config", "a YAML config file")
     try:
         d = yaml.safe_load(Path(path).read_text()) or {}

@@ -37,7 +37,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from latprune.errors import BadInput, CannotWrite
+from latprune.errors import BadInput, CannotWrite, one_line
 from latprune.export.int8 import INT8_FILES, OnnxClassifier, export_int8, int8_parity
 from latprune.export.onnx_export import OnnxArtifact, check_shrink, contract_metadata, export_onnx
 from latprune.export.parity import Parity, check_parity
@@ -276,8 +276,7 @@ def dense_stage(inp: Inputs, rd: RunDir) -> DenseModel:
                 state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
                 model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
             except Exception as e:
-                why = " ".join(str(e).split())[:160]  # one line: load_state_dict's message has several
-                raise BadInput(f"cannot load --weights {cfg.weights} into {inp.spec.name} ({why}): "
+                raise BadInput(f"cannot load --weights {cfg.weights} into {inp.spec.name} ({one_line(e, 160)}): "
                                "pass a matching state_dict") from None
             info = {"source": str(cfg.weights)}
         elif cfg.bundled_weights and (path := bundled_weights(inp.spec.name, inp.data.name, inp.spec.num_classes)):

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gzip
+import inspect
 import pickle
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -25,9 +27,12 @@ import torch
 from PIL import Image
 
 from latprune.cli import _parser, main
+from latprune.errors import BadInput
 from latprune.models.registry import ModelSpec
 from latprune.pipeline import run as run_module
 from latprune.pipeline.config import RunConfig
+from latprune.pipeline.pruner import LatencyPruner
+from latprune.testing import fake_table, residual_net
 
 FRAGMENT = "latprune"  # every error line starts with the program's name
 
@@ -227,8 +232,6 @@ BENCH_POSITIONAL = [("missing", ["/nonexistent/run"], "does not exist"), ("empty
 # sweep's own flag
 SWEEP = {"--budgets": [("not numbers", "a,b", "comma-separated"), ("out of range", "0.5,1.5", "(0, 1]"),
                        ("empty", "", "fractions"), ("NaN", "nan", "(0, 1]")]}
-# what a switch is never given
-SWITCHES = {a for c in ("run", "bench") for f, a in flags(c).items() if a.nargs == 0}
 
 
 def _fill(value: str, w: dict) -> str:
@@ -306,7 +309,7 @@ def _config_keys() -> list[str]:
 
 def _wrong_value(hint) -> object:
     """A value of the wrong type for a field annotated ``hint`` (None where any value is allowed)."""
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return _wrong_value(args[0]) if len(args) == 1 else None
     return {bool: "yes", int: "three", float: "fast", str: 12}.get(hint, None)
@@ -429,10 +432,6 @@ API_ANY = {"floor": "any value is read as a bool (floor=bool(floor))"}
 
 
 def test_every_api_parameter_has_cases(tmp_path):
-    import inspect
-
-    from latprune.pipeline.pruner import LatencyPruner
-
     params = set(inspect.signature(LatencyPruner.__init__).parameters) - {"self"}
     assert params == set(_api_cases(tmp_path)) | set(API_ANY), params ^ (set(_api_cases(tmp_path)) | set(API_ANY))
 
@@ -443,10 +442,6 @@ def _api_matrix():
 
 @pytest.mark.parametrize("param,i", _api_matrix(), ids=[f"{p}-{i}" for p, i in _api_matrix()])
 def test_api_bad_input(param, i, tmp_path):
-    from latprune.errors import BadInput
-    from latprune.pipeline.pruner import LatencyPruner
-    from latprune.testing import fake_table, residual_net
-
     model = residual_net()
     value = _api_cases(tmp_path)[param][i]
     kwargs = {"table": fake_table(model, (3, 16, 16)), "runtime": None, "importance": "magnitude"}
