@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 from typing import Iterable
 
 import numpy as np
@@ -20,14 +22,19 @@ from tqdm.auto import tqdm
 from latprune.errors import BadInput
 from latprune.latency_tables.endtoend import PairConfig, fit_end_to_end
 from latprune.latency_tables.runtimes import Backend
+from latprune.latency_tables.sampling import AxisGrid, LayerGrid, detect_period, refine, spread, step_tops
+from latprune.latency_tables.store import Entry, LatencyStore, device_key, shape_key
 from latprune.latency_tables.table import EndToEnd, LatencyTable, LayerSignature, LayerTable
 from latprune.models.graph import IgnoredLayer, ModelGraph
-from latprune.models.widths import candidate_widths
 
-__all__ = ["ProfileConfig", "layer_signatures", "isolated_outliers", "fixed_axes", "check_axes", "profile_model",
-           "check_layers"]
+__all__ = ["SAMPLINGS", "ProfileConfig", "layer_signatures", "isolated_outliers", "fixed_axes", "check_axes",
+           "profile_model", "check_layers"]
 
 log = logging.getLogger(__name__)
+
+SAMPLINGS = ("grid", "adaptive")  # how a layer's (c_in, c_out) grid is chosen (CLI --sampling)
+ADAPTIVE_ONLY = ("sampling", "coarse", "refine_tol", "refine_budget", "max_minutes")
+ETA_AFTER_S = 60.0  # the profiler's ETA comes from the rate over this first stretch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +49,24 @@ class ProfileConfig:
     fit_rounds: int = 7  # interleaved rounds (against the dense model) per configuration
     fit_round_s: float | None = None  # seconds per round; None: 10 x min_round_s
     validate: int = 0  # random pruned configurations timed end to end to measure the prediction error
+    # "grid": every candidate pair; "adaptive": step period, coarse grid, refinement (latency_tables.sampling)
+    sampling: str = "grid"
+    coarse: int = 4  # adaptive: step tops per axis in the coarse grid
+    refine_tol: float = 0.03  # adaptive: neighbours closer than this (relative, or their noise) agree
+    refine_budget: float = 1.0  # adaptive: refinement entries, as a multiple of the coarse pass's
+    max_minutes: float | None = None  # adaptive: stop refining (never the coarse pass) after this long
 
     def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"profile sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.coarse < 2 or self.refine_tol <= 0 or self.refine_budget < 0:
+            raise ValueError("adaptive sampling needs coarse >= 2 widths per axis, refine_tol > 0 and "
+                             "refine_budget >= 0")
+        if self.max_minutes is not None and not (self.max_minutes > 0 and math.isfinite(self.max_minutes)):
+            raise ValueError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
+        if self.max_minutes is not None and self.sampling != "adaptive":
+            raise ValueError("--max-minutes bounds the adaptive refinement: add --sampling adaptive (the full grid "
+                             "has no refinement to stop)")
         if self.step < 1:
             raise ValueError(f"profile step must be >= 1 channel, got {self.step}")
         if self.rounds < 1 or self.model_rounds < 1:
@@ -59,6 +82,9 @@ class ProfileConfig:
         """The settings that change what the table holds (validation only adds its error)."""
         d = dataclasses.asdict(self)
         d.pop("validate")
+        if self.sampling == "grid":  # the adaptive settings change nothing on the full grid
+            for k in ADAPTIVE_ONLY:
+                d.pop(k)
         return d
 
     @property
@@ -171,14 +197,94 @@ def check_axes(graph: ModelGraph, table: LatencyTable) -> None:
                        "it: profile again with the same ignored layers as the plan")
 
 
+class _Entries:
+    """The layer entries of one profile: measured once each, taken from the latency store where it
+    has them (and written to it as they are measured), with the progress bar and the ETA."""
+
+    def __init__(self, backend: Backend, cfg: ProfileConfig, unique: dict[str, LayerSignature],
+                 store: LatencyStore | None, input_shape, progress: bool):
+        self.backend, self.cfg, self.unique, self.store = backend, cfg, unique, store
+        self.f: dict[tuple[str, int, int], tuple[float, float]] = {}  # (key, c_in, c_out) -> (median ms, cv)
+        self.count: dict[tuple[str, int, int], int] = {}
+        self.dev = device_key(backend.fingerprint(input_shape)) if store is not None else ""
+        self.stored = {k: store.get_layer(self.dev, shape_key(s)) for k, s in unique.items()} if store else {}
+        self.new = self.reused = 0
+        self.bar = tqdm(total=0, desc="profile", unit="entry", disable=not progress)
+        self.t0 = time.monotonic()
+        self.eta_said = False
+        self.warmed = False
+
+    def in_store(self, key: str, c_in: int, c_out: int) -> bool:
+        return (c_in, c_out) in self.stored.get(key, {})
+
+    def plan(self, entries: list[tuple[str, int, int]], what: str) -> None:
+        """Say how many entries ``what`` needs and how many of them the store already has."""
+        todo = [e for e in dict.fromkeys(entries) if e not in self.f]
+        have = sum(self.in_store(*e) for e in todo)
+        self.bar.total += len(todo)
+        self.bar.refresh()
+        log.info("%s: %d entries planned, %d of them in the latency store, %d to measure", what, len(todo), have,
+                 len(todo) - have)
+
+    def __call__(self, key: str, c_in: int, c_out: int) -> tuple[float, float]:
+        at = (key, c_in, c_out)
+        if at in self.f:
+            return self.f[at]
+        hit = self.stored.get(key, {}).get((c_in, c_out))
+        if hit is not None:
+            self.f[at], self.count[at] = (hit.median_ms, hit.cv), hit.count
+            self.reused += 1
+        else:
+            self.measure(key, c_in, c_out, self.cfg.rounds)
+            self.new += 1
+            self._eta()
+        self.bar.update(1)
+        return self.f[at]
+
+    def measure(self, key: str, c_in: int, c_out: int, rounds: int) -> None:
+        """Time one entry now (again, if it was measured), keep it and store it."""
+        cfg, s = self.cfg, self.unique[key]
+        if not self.warmed:  # a throwaway measurement: the first one in a process can be 2x slow
+            self.backend.measure([self.backend.layer_runner(s, 1, 1)], 1, cfg.min_round_s)
+            self.warmed = True
+        runner = self.backend.layer_runner(s, c_in, c_out)
+        t = self.backend.measure([runner], rounds, cfg.min_round_s)[0]
+        if t.cv > cfg.max_cv:  # noisy: measure again, longer, and keep the steadier of the two
+            t2 = self.backend.measure([runner], 2 * rounds, cfg.min_round_s)[0]
+            t = t2 if t2.cv < t.cv else t
+        at = (key, c_in, c_out)
+        self.f[at], self.count[at] = (t.median_ms, t.cv), int(t.samples.size)
+        if self.store is not None:
+            self.store.put(self.dev, shape_key(s), c_in, c_out, Entry(t.median_ms, t.cv, int(t.samples.size)))
+
+    def _eta(self) -> None:
+        elapsed = time.monotonic() - self.t0
+        if self.eta_said or elapsed < ETA_AFTER_S:
+            return
+        self.eta_said = True
+        left = max(self.bar.total - self.bar.n - 1, 0)
+        rate = self.new / elapsed
+        log.info("profile: %d entries measured in the first %.0f s (%.1f/s); %d planned entries left: about %.0f "
+                 "min more at this rate (entries in the store cost nothing)", self.new, elapsed, rate, left,
+                 left / rate / 60)
+
+    def close(self) -> None:
+        self.bar.close()
+        log.info("profile: %d entries measured, %d taken from the latency store, in %.0f s", self.new, self.reused,
+                 time.monotonic() - self.t0)
+
+
 def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: Backend,
                   cfg: ProfileConfig = ProfileConfig(), progress: bool = True,
-                  ignored: Iterable[IgnoredLayer] = ()) -> LatencyTable:
+                  ignored: Iterable[IgnoredLayer] = (), store: LatencyStore | None = None) -> LatencyTable:
     """Every Conv2d and Linear layer of ``model`` timed alone on ``backend`` over a grid of widths
-    (``cfg.step``), the dense model end to end, and the end-to-end term fitted on pruned
-    configurations of the groups the planner may shrink (``ignored`` layers and the output layers
-    stay whole in them, as in every plan: ``models.graph.ModelGraph``). An axis no plan can change
-    (:func:`fixed_axes`) is measured at its dense width only."""
+    (``cfg.sampling``: every pair at ``cfg.step`` spacing, or an adaptive grid,
+    ``latency_tables.sampling``), the dense model end to end, and the end-to-end term fitted on
+    pruned configurations of the groups the planner may shrink (``ignored`` layers and the output
+    layers stay whole in them, as in every plan: ``models.graph.ModelGraph``). An axis no plan can
+    change (:func:`fixed_axes`) is measured at its dense width only. With a ``store``
+    (``latency_tables.store``), entries it holds for this device are not measured again, and new
+    ones are added to it as they are measured (a killed profile keeps them)."""
     graph = ModelGraph(model, input_shape, ignored)  # an untraceable model fails here, before any timing
     unmeasured: dict[str, str] = {}
     sigs = layer_signatures(model, input_shape, unmeasured)
@@ -202,59 +308,170 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
     # measured at its dense width only
     varies = {key: ({"in", "out"} - set.intersection(*[set(fixed.get(n, ())) for n, t in sigs.items() if t.key == key]))
               for key in unique}
-    grids, plan = {}, []
-    for key, s in unique.items():
-        ci = ([s.c_in] if s.kind == "dwconv" or "in" not in varies[key] else
-              candidate_widths(s.c_in, cfg.step).tolist())
-        co = candidate_widths(s.c_out, cfg.step).tolist() if "out" in varies[key] else [s.c_out]
-        shape = (len(ci), len(co))
-        grids[key] = (ci, co, np.zeros(shape), np.zeros(shape), np.zeros(shape, int))
-        plan += [(key, i, o) for i in range(len(ci)) for o in range(len(co))]
-    log.info("profiling %d layers (%d signatures, %d entries) on %s", len(sigs), len(unique), len(plan), backend.name)
-
-    # A throwaway measurement: the first one in a process can be 2x slow even after warm-up.
-    backend.measure([backend.layer_runner(next(iter(unique.values())), 1, 1)], 1, cfg.min_round_s)
-
-    def measure_entry(key, i, o, rounds):
-        s = unique[key]
-        ci_grid, co_grid, med, cv, cnt = grids[key]
-        c_out = co_grid[o]
-        c_in = c_out if s.kind == "dwconv" else ci_grid[i]
-        runner = backend.layer_runner(s, c_in, c_out)
-        t = backend.measure([runner], rounds, cfg.min_round_s)[0]
-        if t.cv > cfg.max_cv:  # noisy: measure again, longer, and keep the steadier of the two
-            t2 = backend.measure([runner], 2 * rounds, cfg.min_round_s)[0]
-            t = t2 if t2.cv < t.cv else t
-        med[i, o], cv[i, o], cnt[i, o] = t.median_ms, t.cv, t.samples.size
-
-    for key, i, o in tqdm(plan, desc="profile", unit="entry", disable=not progress):
-        measure_entry(key, i, o, cfg.rounds)
-    # An entry can be steady within itself and still wrong (the machine was slow for its whole
-    # measurement): entries that break monotonicity against a grid neighbour are measured again.
-    spikes = [(key, i, o) for key, g in grids.items() for i, o in isolated_outliers(g[2])]
-    for key, i, o in spikes:
-        measure_entry(key, i, o, 2 * cfg.rounds)
-    if spikes:
-        log.info("re-measured %d entries that broke monotonicity", len(spikes))
+    entries = _Entries(backend, cfg, unique, store, input_shape, progress)
+    log.info("profiling %d layers (%d signatures, %s sampling) on %s", len(sigs), len(unique), cfg.sampling,
+             backend.name)
+    try:
+        if cfg.sampling == "adaptive":
+            axes, periods, sampling = _adaptive(sigs, unique, varies, cfg, entries)
+        else:
+            axes, periods, sampling = _full_grid(unique, varies, cfg, entries), {}, None
+        grids = {}
+        for key, (ci, co) in axes.items():
+            shape = (len(ci), len(co))
+            med, cv, cnt = np.zeros(shape), np.zeros(shape), np.zeros(shape, int)
+            for i, c_in in enumerate(ci):
+                for o, c_out in enumerate(co):
+                    med[i, o], cv[i, o] = entries(key, _c_in(unique[key], c_in, c_out), c_out)
+                    cnt[i, o] = entries.count[(key, _c_in(unique[key], c_in, c_out), c_out)]
+            grids[key] = (ci, co, med, cv, cnt)
+        # An entry can be steady within itself and still wrong (the machine was slow for its whole
+        # measurement): entries that break monotonicity against a grid neighbour are measured again.
+        spikes = [(key, i, o) for key, g in grids.items() for i, o in isolated_outliers(g[2])]
+        for key, i, o in spikes:
+            ci, co, med, cv, cnt = grids[key]
+            c_in = _c_in(unique[key], ci[i], co[o])
+            entries.measure(key, c_in, co[o], 2 * cfg.rounds)
+            (med[i, o], cv[i, o]), cnt[i, o] = entries.f[(key, c_in, co[o])], entries.count[(key, c_in, co[o])]
+        if spikes:
+            log.info("re-measured %d entries that broke monotonicity", len(spikes))
+    finally:
+        entries.close()
 
     dense = backend.measure([backend.model_runner(model, input_shape)], cfg.model_rounds, cfg.model_min_round_s)[0]
-    layers = {k: LayerTable(unique[k], g[0], g[1], g[2], g[3], g[4]) for k, g in grids.items()}
+    layers = {k: LayerTable(unique[k], g[0], g[1], g[2], g[3], g[4], *periods.get(k, (1, 1)))
+              for k, g in grids.items()}
     layer_keys = {name: s.key for name, s in sigs.items()}
     covered = sum(layers[layer_keys[n]].lookup(s.c_in, s.c_out) for n, s in sigs.items())
     log.info("dense %.3f ms end to end; layer tables sum to %.3f ms", dense.median_ms, covered)
+    meta = {"profile": dataclasses.asdict(cfg), "dense": dense.summary(),
+            "entries": int(sum(g[2].size for g in grids.values())), "measured": entries.new,
+            "from_store": entries.reused, "remeasured_outliers": len(spikes),
+            "unmeasured": unmeasured, "fixed_axes": fixed, "ignored": list(graph.ignored)}
+    if sampling is not None:
+        meta["sampling"] = sampling
     table = LatencyTable(
         fingerprint=backend.fingerprint(input_shape),
         layers=layers,
         layer_keys=layer_keys,
         dense_ms=dense.median_ms,
         e2e=EndToEnd.fit([{"label": "dense", "layers_ms": covered, "measured_ms": dense.median_ms}]),
-        meta={"profile": dataclasses.asdict(cfg), "dense": dense.summary(), "entries": len(plan),
-              "remeasured_outliers": len(spikes),
-              "unmeasured": unmeasured, "fixed_axes": fixed, "ignored": list(graph.ignored)},
+        meta=meta,
     )
     # the smallest plan is always among the fit's points: it anchors the floor the knapsack sees
     return table.with_e2e(fit_end_to_end(graph, table, backend, cfg.fit_configs, cfg.step,
                                          cfg.pair, progress=progress))
+
+
+def _c_in(s: LayerSignature, c_in: int, c_out: int) -> int:
+    """The input width a layer runs at: a depthwise layer's follows its output."""
+    return c_out if s.kind == "dwconv" else c_in
+
+
+def _axis_widths(s: LayerSignature, varies: set[str], step: int, periods: tuple[int, int] = (1, 1)):
+    """The widths each axis may be measured at: step tops at ``step`` spacing, or the dense width
+    alone where no plan can change the axis (a depthwise layer's input follows its output)."""
+    ci = ([s.c_in] if s.kind == "dwconv" or "in" not in varies else step_tops(s.c_in, step, periods[0]))
+    co = step_tops(s.c_out, step, periods[1]) if "out" in varies else [s.c_out]
+    return ci, co
+
+
+def _full_grid(unique, varies, cfg: ProfileConfig, entries: _Entries) -> dict[str, tuple[list[int], list[int]]]:
+    axes = {key: _axis_widths(s, varies[key], cfg.step) for key, s in unique.items()}
+    entries.plan([(k, _c_in(unique[k], i, o), o) for k, (ci, co) in axes.items() for i in ci for o in co], "grid")
+    return axes
+
+
+def _adaptive(sigs, unique, varies, cfg: ProfileConfig, entries: _Entries):
+    """Step periods, the coarse grid, then refinement within the budget and the deadline
+    (``latency_tables.sampling``). Returns each signature's axes, periods, and the record."""
+    deadline = None if cfg.max_minutes is None else entries.t0 + 60 * cfg.max_minutes
+    periods = _periods(unique, varies, cfg, entries)
+    layer_grids = []
+    for key, s in unique.items():
+        p = (periods.get((s.kind, "in"), 1) if s.kind == "conv" else 1,
+             periods.get((s.kind, "out"), 1) if s.kind != "linear" else 1)
+        ci, co = _axis_widths(s, varies[key], cfg.step, p)
+        layer_grids.append(LayerGrid(key, s, sum(t.key == key for t in sigs.values()),
+                                     {"in": AxisGrid(ci, spread(ci, cfg.coarse)),
+                                      "out": AxisGrid(co, spread(co, cfg.coarse))}))
+    coarse = [(g.key, _c_in(g.sig, i, o), o) for g in layer_grids for i, o in g.entries()]
+    entries.plan(coarse, "coarse pass")
+    for at in coarse:
+        entries(*at)
+    budget = int(round(cfg.refine_budget * len(coarse)))
+    log.info("refinement: up to %d more entries where neighbours disagree beyond noise and %.0f %%%s", budget,
+             100 * cfg.refine_tol, "" if deadline is None else f", until {cfg.max_minutes:g} min have passed")
+    f = {(k, i, o): v for (k, i, o), v in entries.f.items()}  # keyed by the grid's c_in (dwconv: the dense one)
+
+    def measure(key, c_in, c_out):
+        return entries(key, _c_in(unique[key], c_in, c_out), c_out)
+
+    for g in layer_grids:  # a depthwise grid's one c_in row is the dense width: key its entries by it
+        if g.sig.kind == "dwconv":
+            for i, o in g.entries():
+                f[(g.key, i, o)] = entries.f[(g.key, o, o)]
+    entries.bar.total += budget
+    done = refine(layer_grids, measure, f, cfg.refine_tol, budget, deadline)
+    entries.bar.total = entries.bar.n
+    entries.bar.refresh()
+    if done["coarse"]:
+        log.warning("refinement stopped (%s) with %d signature(s) still coarse where neighbours disagree (e.g. %s): "
+                    "raise --max-minutes or the refinement budget for a finer table", done["stopped"],
+                    len(done["coarse"]), done["coarse"][0])
+    axes = {g.key: (g.axes["in"].grid, g.axes["out"].grid) for g in layer_grids}
+    per = {g.key: (_period_of(g, "in", periods), _period_of(g, "out", periods)) for g in layer_grids}
+    record = {**done, "coarse_entries": len(coarse), "budget": budget,
+              "periods": {f"{k}/{a}": v for (k, a), v in periods.items()}}
+    return axes, per, record
+
+
+def _period_of(g: LayerGrid, axis: str, periods: dict) -> int:
+    """The period a grid's axis was sampled with: 1 on an axis of one width and on linear layers."""
+    if len(g.axes[axis].cands) == 1 or g.sig.kind == "linear":
+        return 1
+    return periods.get((g.sig.kind, axis), 1)
+
+
+def _periods(unique, varies, cfg: ProfileConfig, entries: _Entries) -> dict[tuple[str, str], int]:
+    """The staircase period of each (layer kind, axis), from the store or detected now on the
+    widest-compute layer of that kind (``sampling.detect_period``) and stored; 1 where the window
+    could not tell (the layers are too narrow or overhead-bound: no staircase is assumed)."""
+    out = {}
+    for kind, axis in (("conv", "in"), ("conv", "out"), ("dwconv", "out")):
+        known = entries.store.get_period(entries.dev, kind, axis) if entries.store is not None else None
+        if known is not None:
+            out[(kind, axis)] = known
+            continue
+        cands = [(k, s) for k, s in unique.items() if s.kind == kind and axis in varies[k]
+                 and (s.c_in if axis == "in" else s.c_out) >= 8 * cfg.step]
+        if not cands:
+            continue
+        key, s = max(cands, key=lambda ks: _macs(ks[1]))
+        dense = s.c_in if axis == "in" else s.c_out
+        if axis == "in":
+            along = (lambda w, key=key, s=s: entries(key, w, s.c_out))
+        else:
+            along = (lambda w, key=key, s=s: entries(key, _c_in(s, s.c_in, w), w))
+        widths = [w for w in range(cfg.step, dense + 1, cfg.step)][:16]
+        entries.plan([(key, w, s.c_out) if axis == "in" else (key, _c_in(s, s.c_in, w), w) for w in widths],
+                     f"step period of {kind} layers along c_{axis}")
+        p = detect_period(along, dense, cfg.step, cfg.refine_tol)
+        if p is None:
+            log.info("step period of %s layers along c_%s: not detectable on %s (too narrow or overhead-bound); "
+                     "none assumed", kind, axis, key)
+            continue
+        log.info("step period of %s layers along c_%s: %d channels (detected on %s)", kind, axis, p, key)
+        out[(kind, axis)] = p
+        if entries.store is not None:
+            entries.store.put_period(entries.dev, kind, axis, p)
+    return out
+
+
+def _macs(s: LayerSignature) -> float:
+    h, w = s.in_hw
+    per = (1 if s.kind == "dwconv" else s.c_in) * s.kernel[0] * s.kernel[1]
+    return per * s.c_out * h * w / (s.stride[0] * s.stride[1])
 
 
 def check_layers(model: nn.Module, table: LatencyTable, backend: Backend, input_shape: tuple[int, int, int],

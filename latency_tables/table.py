@@ -18,7 +18,8 @@ import numpy as np
 from latprune.errors import BadInput, one_line
 from latprune.io import write_json_atomic
 
-__all__ = ["SCHEMA_VERSION", "LayerSignature", "Fingerprint", "LayerTable", "EndToEnd", "LatencyTable", "StaleSchema"]
+__all__ = ["SCHEMA_VERSION", "step_top", "LayerSignature", "Fingerprint", "LayerTable", "EndToEnd", "LatencyTable",
+           "StaleSchema"]
 
 SCHEMA_VERSION = 2  # 2: the end-to-end term (intercept + slope over the layer tables' sum)
 
@@ -95,12 +96,28 @@ class LayerTable:
     median_ms: np.ndarray  # [len(c_in_grid), len(c_out_grid)]
     cv: np.ndarray  # coefficient of variation of per-round medians
     count: np.ndarray  # timed calls behind each median
+    # the runtime's staircase along each axis, in channels (adaptive sampling, ``latency_tables.sampling``):
+    # a width costs what the top of its step costs, so the grid holds step tops and a lookup
+    # interpolates between them at the top of the width's step. 1: no staircase assumed.
+    period_in: int = 1
+    period_out: int = 1
 
     def lookup(self, c_in: float, c_out: float) -> float:
-        """Latency at (c_in, c_out), bilinear between grid points (linear for 1-D grids)."""
+        """Latency at (c_in, c_out), bilinear between grid points (linear for 1-D grids), each width
+        first raised to the top of its step (:func:`step_top`) where the table has a period."""
         if self.signature.kind == "dwconv":
             c_in = c_out
+        c_in = step_top(c_in, self.period_in, self.signature.c_in)
+        c_out = step_top(c_out, self.period_out, self.signature.c_out)
         return float(_interp2(self.c_in_grid, self.c_out_grid, self.median_ms, c_in, c_out))
+
+
+def step_top(c: float, period: int, dense: int) -> float:
+    """The widest width of ``c``'s step of ``period`` channels (never above ``dense``): on a
+    staircase, a width costs what its step's top costs."""
+    if period <= 1:
+        return c
+    return float(min(math.ceil(c / period - 1e-9) * period, dense))
 
 
 def _interp_axis(grid: list[int], x: float) -> tuple[int, int, float]:
@@ -264,6 +281,8 @@ class LatencyTable:
                     "median_ms": np.asarray(t.median_ms).tolist(),
                     "cv": np.asarray(t.cv).tolist(),
                     "count": np.asarray(t.count).tolist(),
+                    **({"period_in": t.period_in, "period_out": t.period_out}
+                       if (t.period_in, t.period_out) != (1, 1) else {}),
                 }
                 for k, t in self.layers.items()
             },
@@ -285,7 +304,10 @@ class LatencyTable:
             layers[k] = LayerTable(
                 sig, list(t["c_in_grid"]), list(t["c_out_grid"]), med,
                 np.asarray(t["cv"], dtype=float), np.asarray(t["count"], dtype=int),
+                int(t.get("period_in", 1)), int(t.get("period_out", 1)),
             )
+            if min(layers[k].period_in, layers[k].period_out) < 1:
+                raise ValueError(f"layer {k}: periods must be >= 1 channel")
         missing = set(d["layer_keys"].values()) - set(layers)
         if missing:
             raise ValueError(f"layer_keys name signatures with no table: {sorted(missing)[:3]}")

@@ -8,18 +8,23 @@ import argparse
 import json
 import logging
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
 
 from latprune.errors import BadInput, LatpruneError, TooNoisy
 from latprune.export.bench import BenchConfig, render, run_bench
+from latprune.io import check_writable_file
+from latprune.latency_tables.device import cpu_description, gpu_description
+from latprune.latency_tables.profile import SAMPLINGS
 from latprune.latency_tables.runtimes import PRECISIONS, RUNTIMES, runtime_class
 from latprune.latency_tables.runtimes.quantize import CALIBRATION_METHODS
+from latprune.latency_tables.store import STORE_NAME, LatencyStore
 from latprune.models.registry import available_models
 from latprune.pipeline import distributed
 from latprune.pipeline.adasap import METHODS, NEURON_SCORES, RHO_NORMS
-from latprune.pipeline.config import RunConfig, load_config
+from latprune.pipeline.config import RunConfig, default_cache_dir, load_config
 from latprune.pipeline.importance import DEPRECATED_IMPORTANCE, canonical_importance, importance_names
 from latprune.pipeline.run import STOPS, run
 from latprune.pipeline.schedule import TARGETS
@@ -155,6 +160,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--test-subset", type=int, help="report accuracy on the first N test images (0 = all)")
     g.add_argument("--val-size", type=int, help="validation images held out of the training set (default 5000)")
     g.add_argument("--profile-step", type=int, help="latency table grid step in channels (default 8)")
+    g.add_argument("--sampling", choices=SAMPLINGS,
+                   help="which (c_in, c_out) widths the latency table measures: grid (default: every pair at "
+                        "--profile-step spacing) or adaptive (the runtime's step period, a coarse grid, and more "
+                        "points only where neighbours disagree beyond noise, the costly layers first: minutes "
+                        "instead of hours for wide models)")
+    g.add_argument("--max-minutes", type=float, metavar="M",
+                   help="--sampling adaptive: stop refining the table after M minutes (never the coarse pass); "
+                        "the layers left coarse are recorded in the table")
     g.add_argument("--profile-round-s", type=float,
                    help="seconds per timing round of a table entry (default 0.02; 10x that per round of the "
                         "end-to-end fit)")
@@ -192,7 +205,77 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--budgets", default="0.3,0.5,0.7",
                             help="comma-separated budget fractions (default 0.3,0.5,0.7)")
     _bench_parser(sub)
+    _tables_parser(sub)
     return p
+
+
+def _tables_parser(sub) -> None:
+    h = "inspect, clean and move the per-device latency store (every measured layer entry, shared across models)"
+    t = sub.add_parser("tables", help=h, description=h)
+    ts = t.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", help="the cache holding the store (default ~/.cache/latprune)")
+    common.add_argument("--store", help=f"the store file itself (default CACHE_DIR/{STORE_NAME})")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ts.add_parser("list", parents=[common], help="one line per device: entries, layer shapes, noisy entries, age")
+    pr = ts.add_parser("prune", parents=[common], help="delete entries (the conditions combine)")
+    pr.add_argument("--other-devices", action="store_true", help="entries measured on another CPU or GPU model")
+    pr.add_argument("--device", help="entries of the device keys containing this text (see `tables list`)")
+    pr.add_argument("--older-than", type=float, metavar="DAYS", help="entries measured more than DAYS ago")
+    pr.add_argument("--max-cv", type=float, metavar="CV", help="entries noisier than this CV")
+    pr.add_argument("--all", action="store_true", help="every entry")
+    ex = ts.add_parser("export", parents=[common], help="write the store's entries to a JSON file")
+    ex.add_argument("file")
+    ex.add_argument("--this-device", action="store_true", help="only this machine's CPU or GPU model")
+    im = ts.add_parser("import", parents=[common], help="merge an exported file into the store")
+    im.add_argument("file")
+    im.add_argument("--replace", action="store_true", help="imported entries replace those already stored")
+
+
+def _this_device(key: dict) -> bool:
+    return key["device"] in (cpu_description(), gpu_description())
+
+
+def tables_main(a: argparse.Namespace) -> int:
+    path = Path(a.store) if a.store else Path(a.cache_dir or default_cache_dir()).expanduser() / STORE_NAME
+    if a.action in ("list", "prune", "export") and not path.exists():
+        raise BadInput(f"no latency store at {path}: `latprune profile` creates it (or pass --cache-dir / --store)")
+    with LatencyStore(path) as store:
+        rows = store.summary()
+        if a.action == "list":
+            print(f"{path}: {sum(r['entries'] for r in rows)} entries on {len(rows)} device key(s)")
+            for r in rows:
+                age = (time.time() - r["oldest"]) / 86400
+                here = "this machine" if _this_device(r) else "another machine"
+                print(f"- {r['device']} ({here}), {r['runtime']} {r['runtime_version']} {r['provider']}, "
+                      f"{r['threads']} threads, batch {r['batch']}, {r['dtype']}: {r['entries']} entries over "
+                      f"{r['layer_shapes']} layer shapes, {r['noisy_entries']} with CV > 0.1, oldest {age:.1f} days"
+                      + (f", step periods {r['periods']}" if r["periods"] else ""))
+        elif a.action == "prune":
+            if not (a.all or a.other_devices or a.device or a.older_than is not None or a.max_cv is not None):
+                raise BadInput("say which entries to delete: --other-devices, --device TEXT, --older-than DAYS, "
+                               "--max-cv CV, or --all")
+            if a.older_than is not None and not a.older_than >= 0:
+                raise BadInput(f"--older-than takes days >= 0, got {a.older_than}")
+            devices = None
+            if a.other_devices or a.device:
+                devices = [r["key"] for r in rows if (not a.other_devices or not _this_device(r))
+                           and (not a.device or a.device in r["key"])]
+            n = store.prune(devices, None if a.older_than is None else a.older_than * 86400, a.max_cv)
+            print(f"deleted {n} entries from {path}")
+        elif a.action == "export":
+            devices = [r["key"] for r in rows if _this_device(r)] if a.this_device else None
+            check_writable_file(a.file, "tables export")
+            n = store.export(a.file, devices)
+            print(f"wrote {n} entries to {a.file}")
+        else:
+            n, keys = store.import_(a.file, a.replace)
+            here = sum(_this_device(json.loads(k)) for k in keys)
+            print(f"imported {n} entries into {path} ({len(keys)} device key(s), {here} of this machine's)")
+            if keys and not here:
+                print("latprune: note: none of the imported entries were measured on this machine's CPU or GPU "
+                      "model; profiles here will not use them", file=sys.stderr)
+    return 0
 
 
 def _bench_parser(sub) -> None:
@@ -283,7 +366,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         plan={"round_to": a.round_to, "importance": importance, "sensitivity_passes": a.sensitivity_passes,
               "search_candidates": a.search, "search_iters": a.search_iters},
         profile={"step": a.profile_step, "min_round_s": a.profile_round_s, "validate": a.validate,
-                 "fit_configs": a.fit_configs},
+                 "fit_configs": a.fit_configs, "sampling": a.sampling, "max_minutes": a.max_minutes},
         pretrain={"epochs": a.pretrain_epochs, "batch_size": a.batch_size},
         finetune={"epochs": a.finetune_epochs, "batch_size": a.batch_size},
         schedule={"warmup_epochs": a.warmup_epochs, "prune_steps": a.prune_steps, "prune_every": a.prune_every,
@@ -326,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
 def _command(a: argparse.Namespace) -> int:
     if a.command == "bench":
         return bench_main(a)
+    if a.command == "tables":
+        return tables_main(a)
     cfg = config_from_args(a)
     if a.command == "sweep":
         res = sweep(cfg, parse_budgets(a.budgets))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from latprune.latency_tables.profile import layer_signatures
 from latprune.latency_tables.runtimes import Backend
-from latprune.latency_tables.table import EndToEnd, Fingerprint, LatencyTable, LayerTable
+from latprune.latency_tables.table import EndToEnd, Fingerprint, LatencyTable, LayerSignature, LayerTable
 from latprune.latency_tables.timing import Timing
 from latprune.models.widths import candidate_widths
 from latprune.pipeline.data import Dataset, Split
@@ -195,10 +196,16 @@ class FakeBackend(Backend):
     library = "latprune.testing"
     loads_onnx = False  # it "times" nn.Modules
 
-    def __init__(self, intercept_ms: float = 0.0, slope: float = 1.0, batch: int = 1):
+    def __init__(self, intercept_ms: float = 0.0, slope: float = 1.0, batch: int = 1,
+                 layer_cost: Callable[[LayerSignature, int, int], float] | None = None, noise: float = 0.0,
+                 seed: int = 0):
         super().__init__(threads=1, batch=batch)
         self.intercept_ms, self.slope = intercept_ms, slope
+        self.layer_cost = layer_cost or fake_cost_ms  # a layer's true latency (e.g. a staircase, for tests)
+        self.noise = noise  # relative spread of each timed round around the true latency
+        self.rng = np.random.default_rng(seed)
         self.models_timed = 0
+        self.layers_timed: list[tuple[str, int, int]] = []  # (signature key, c_in, c_out) of every layer measured
 
     def version(self) -> str:
         return "0"
@@ -210,7 +217,8 @@ class FakeBackend(Backend):
         def run():
             return None
 
-        run.latency_ms = fake_cost_ms(sig, c_in, c_out)
+        run.latency_ms = self.layer_cost(sig, c_in, c_out)
+        run.layer = (sig.key, c_in, c_out)
         return run
 
     def _model_runner(self, model, input_shape):
@@ -223,7 +231,9 @@ class FakeBackend(Backend):
         return run
 
     def measure(self, fns, rounds, min_round_s):
-        return [Timing([[fn.latency_ms] * 3 for _ in range(rounds)]) for fn in fns]
+        self.layers_timed += [fn.layer for fn in fns if hasattr(fn, "layer")]
+        return [Timing([[fn.latency_ms * (1 + self.noise * self.rng.standard_normal()) if self.noise else fn.latency_ms]
+                        * 3 for _ in range(rounds)]) for fn in fns]
 
 
 def tiny_dataset(n: int = 64, shape=(3, 16, 16), num_classes: int = 10, seed: int = 0):

@@ -55,6 +55,7 @@ from latprune.latency_tables.plots import plot_staircases, plot_validation
 from latprune.latency_tables.profile import check_layers, layer_signatures, profile_model
 from latprune.latency_tables.runtimes import Backend, get_backend
 from latprune.latency_tables.runtimes.tensorrt import TensorrtBackend, TrtConfig
+from latprune.latency_tables.store import STORE_NAME, LatencyStore
 from latprune.latency_tables.table import SCHEMA_VERSION, EndToEnd, LatencyTable
 from latprune.models.arch import load_compact, save_compact
 from latprune.models.graph import ModelGraph
@@ -309,8 +310,9 @@ def profile_stage(inp: Inputs, rd: RunDir, dense: DenseModel) -> LatencyTable:
             table = LatencyTable.load(source)
             log.info("using cached latency table %s", source)
         else:
-            with rd.timed("profile"):
-                table = profile_model(dense.model, inp.input_shape, inp.backend, cfg.profile, cfg.progress)
+            with rd.timed("profile"), LatencyStore(inp.cache / STORE_NAME) as store:
+                table = profile_model(dense.model, inp.input_shape, inp.backend, cfg.profile, cfg.progress,
+                                      store=store)
             seal(table.save(source))
     k = cfg.profile.validate
     if k and (table.validation or {}).get("k", 0) < k:
