@@ -27,6 +27,7 @@ names, ``fnmatch`` patterns) are left whole too. Bad input raises
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -42,6 +43,7 @@ from latprune.latency_tables.endtoend import PairConfig, measure_speedup, model_
 from latprune.latency_tables.profile import ProfileConfig, profile_model
 from latprune.latency_tables.runtimes import Backend, get_backend
 from latprune.latency_tables.runtimes.convert import onnx_bytes
+from latprune.latency_tables.store import LatencyStore
 from latprune.latency_tables.table import LatencyTable
 from latprune.models.graph import IgnoredLayer, ModelGraph
 from latprune.models.outputs import input_shape_of, output_shapes
@@ -158,6 +160,9 @@ class LatencyPruner:
         held_out: held-out batches a per-width criterion measures its losses on.
         plan_config: the planner's settings in full (:class:`~latprune.pipeline.plan.PlanConfig`);
             it carries ``importance`` and ``round_to``, so give those inside it, not beside it.
+        store: the per-device latency store a profile reads and adds to
+            (:class:`~latprune.latency_tables.store.LatencyStore`, or its file, e.g.
+            ``~/.cache/latprune/latency-store.sqlite``, the one ``latprune`` uses); None: none.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, budget: float, *,
@@ -168,7 +173,7 @@ class LatencyPruner:
                  timing: PairConfig = PairConfig(), window: tuple[float, float] = (0.90, 0.97),
                  target_ms: float | None = None, min_widths: dict[str, int] | None = None, floor: bool = True,
                  scoring_batches: Batches | Callable[[], Batches] | None = None, held_out: Batches | None = None,
-                 plan_config: PlanConfig | None = None):
+                 plan_config: PlanConfig | None = None, store: LatencyStore | str | os.PathLike | None = None):
         if not isinstance(model, nn.Module):
             raise BadInput(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
@@ -185,6 +190,8 @@ class LatencyPruner:
                               ("plan_config", plan_config, (PlanConfig, type(None)))):
             if not isinstance(v, kind):
                 raise BadInput(f"{name} must be a {getattr(kind, '__name__', 'PlanConfig')}, got {v!r}")
+        if store is not None and not isinstance(store, (LatencyStore, str, os.PathLike)):
+            raise BadInput(f"store must be a LatencyStore or the path of a store file, got {type(store).__name__}")
         if table is not None and not isinstance(table, (LatencyTable, str, os.PathLike)):
             raise BadInput(f"table must be a LatencyTable or the path of a table.json, got {type(table).__name__}")
         if min_widths is not None and not (isinstance(min_widths, dict) and all(
@@ -226,7 +233,7 @@ class LatencyPruner:
             self.backend = runtime
         else:
             self.backend = get_backend(runtime, threads, int(example_inputs.shape[0]), precision=precision)
-        self.table = self._table(table, profile)
+        self.table = self._table(table, profile, store)
         self.dense_predicted_ms = predicted_latency(self.graph, self.table)
         self.target_ms = float(target_ms) if target_ms is not None else self.budget * self.dense_predicted_ms
         self._check_reachable()
@@ -240,11 +247,14 @@ class LatencyPruner:
         self._e2e0, self._measured = self.table.e2e, []  # the closed loop corrects this term from these
 
     # ---- set-up checks (nothing here changes the model) ----
-    def _table(self, table, profile: ProfileConfig) -> LatencyTable:
+    def _table(self, table, profile: ProfileConfig, store) -> LatencyTable:
         if table is None:
             log.info("profiling %s on %s (no table given)", type(self.model).__name__, self.backend.name)
-            return profile_model(self.model, self.input_shape, self.backend, profile, progress=False,
-                                 ignored=self.graph.ignored)
+            with contextlib.ExitStack() as stack:
+                if store is not None and not isinstance(store, LatencyStore):
+                    store = stack.enter_context(LatencyStore(store))
+                return profile_model(self.model, self.input_shape, self.backend, profile, progress=False,
+                                     ignored=self.graph.ignored, store=store)
         if not isinstance(table, LatencyTable):
             table = LatencyTable.load(table)
         if self.backend is not None:

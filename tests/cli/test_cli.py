@@ -1,5 +1,6 @@
 """End-to-end tests of the CLI on the embedded default (Fashion-MNIST + ResNet-20), miniature size."""
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -416,3 +417,28 @@ def test_profile_without_data_at_the_deployment_input_size(tmp_path, capsys):
     code = main(["run", "--input-size", "24", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache")])
     assert code == 2 and "applies to `latprune profile` alone" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_adaptive_profile_fills_the_store_and_a_second_model_reuses_it(tmp_path, capsys, caplog):
+    """`latprune profile --sampling adaptive` on ONNX Runtime: the table, the store in the cache dir,
+    and a model sharing every conv shape (another classifier) measures only its new layer."""
+    cache = tmp_path / "cache"
+
+    def profile(classes, out):
+        return main(["profile", "--model", "latprune.testing:residual_net", "--input-size", "24", "--num-classes",
+                     str(classes), "--deploy-batch", "1", "--profile-step", "8", "--profile-round-s", "0.002",
+                     "--fit-configs", "1", "--sampling", "adaptive", "--max-minutes", "5", "--no-progress",
+                     "--cache-dir", str(cache), "--out", str(tmp_path / out)])
+
+    with caplog.at_level(logging.INFO, logger="latprune.latency_tables.profile"):
+        assert profile(7, "a") == 0, capsys.readouterr().err
+        first = json.loads((tmp_path / "a" / "table.json").read_text())["meta"]
+        assert first["sampling"]["stopped"] in ("agreed", "budget") and first["from_store"] == 0
+        assert profile(5, "b") == 0, capsys.readouterr().err
+    second = json.loads((tmp_path / "b" / "table.json").read_text())["meta"]
+    assert second["from_store"] > 0 and second["measured"] < first["measured"]
+    assert "taken from the latency store" in caplog.text
+    capsys.readouterr()
+    assert main(["tables", "list", "--cache-dir", str(cache)]) == 0
+    assert "(this machine), ort" in capsys.readouterr().out

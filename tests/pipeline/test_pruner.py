@@ -380,3 +380,14 @@ def test_precision_int8_plans_against_an_int8_table_and_refuses_an_fp32_one():
     p = latprune.LatencyPruner(model, torch.zeros(2, *SHAPE), 0.9, table=table, runtime="ort", threads=1,
                                precision="int8")
     assert p.backend.precision == "int8" and p.table.fingerprint.dtype == "int8-u8s8"
+
+
+def test_a_profile_through_the_api_reads_and_fills_the_store(tmp_path):
+    model = plain_net()
+    first, again = FakeBackend(batch=2), FakeBackend(batch=2)
+    for backend in (first, again):
+        latprune.LatencyPruner(model, torch.zeros(2, *SHAPE), 0.6, runtime=backend, timing=FAST,
+                               profile=ProfileConfig(fit_configs=1), store=tmp_path / "store.sqlite")
+    assert first.layers_timed and not again.layers_timed  # the second profile measured nothing
+    with pytest.raises(BadInput, match="store must be a LatencyStore"):
+        latprune.LatencyPruner(model, torch.zeros(2, *SHAPE), 0.6, runtime=FakeBackend(batch=2), store=3)
