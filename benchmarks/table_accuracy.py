@@ -5,8 +5,9 @@
                                         [--store runs/bench-tables/store.sqlite]
                                         [--json runs/bench-tables/table_accuracy.json]
 
-A case is MODEL:INPUT:BATCH[:STEP[:SAMPLING]] (STEP: the grid step in channels, default 8; SAMPLING:
-grid, the default, or adaptive: ``latency_tables.sampling``). For each case: build the table as
+A case is MODEL:INPUT:BATCH[:STEP[:SAMPLING[:BUDGET]]] (STEP: the grid step in channels, default 8;
+SAMPLING: grid, the default, or adaptive: ``latency_tables.sampling``; BUDGET: its refinement
+budget, a multiple of the coarse pass's entries, default 1). For each case: build the table as
 ``latprune profile`` does (layer grid, dense timing, end-to-end fit), timed; then time
 ``--validate`` random pruned configurations (widths drawn on the grid, channels physically removed,
 not the fit's configurations) end to end against the dense model and compare with the table's
@@ -39,29 +40,34 @@ DEFAULT_CASES = ["resnet20:32:32", "resnet20:32:1", "resnet56:32:32", "resnet56:
 
 
 def measure_case(case: str, runtime: str = "ort", threads: int = 2, validate: int = 10, precision: str = "fp32",
-                 plot_dir: Path | None = None, store: Path | None = None) -> dict:
+                 plot_dir: Path | None = None, store: Path | None = None, validate_step: int | None = None) -> dict:
     """One case: the table built as ``latprune profile`` builds it (timed), then its prediction
     error on ``validate`` random pruned configurations timed end to end (also ``benchmarks/int8.py``)."""
     name, size, batch, *rest = case.split(":")
     size, batch = int(size), int(batch)
     step = int(rest[0]) if rest else 8
     sampling = rest[1] if len(rest) > 1 else "grid"
+    budget = float(rest[2]) if len(rest) > 2 else ProfileConfig.refine_budget
     model = ModelSpec(name, 10 if size <= 64 else 1000).build().eval()
     shape = (3, size, size)
     backend = get_backend(runtime, threads, batch, precision=precision)
-    cfg = ProfileConfig(step=step, sampling=sampling)
+    cfg = ProfileConfig(step=step, sampling=sampling, refine_budget=budget)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(LatencyStore(store)) if store else None
         table = profile_model(model, shape, backend, cfg, progress=False, store=db)
     build_s = time.perf_counter() - t0
-    v = validate_table(ModelGraph(model, shape), table, backend, validate, step, cfg.pair, progress=False)
+    # the validation's widths: multiples of validate_step (default the case's step: on a full grid's own points)
+    v = validate_table(ModelGraph(model, shape), table, backend, validate, validate_step or step, cfg.pair,
+                       progress=False)
     if plot_dir is not None:
         suffix = "" if precision == "fp32" else f"-{precision}"
         plot_validation(dataclasses.replace(table, meta={**table.meta, "validation": v}),
                         plot_dir / f"validation-{name}-{size}-b{batch}{suffix}.png")
     return {"case": case, "model": name, "input": size, "batch": batch, "step": step, "precision": precision,
-            "sampling": sampling, "measured": table.meta.get("measured"), "from_store": table.meta.get("from_store"),
+            "sampling": sampling, "refine_budget": budget, "validate_step": validate_step or step,
+            "measured": table.meta.get("measured"),
+            "from_store": table.meta.get("from_store"),
             "sampling_record": table.meta.get("sampling"), "store": str(store) if store else None,
             "entries": table.entries, "signatures": len(table.layers), "build_s": build_s,
             "dense_ms": table.dense_ms, "e2e": table.e2e.to_dict(),
@@ -76,6 +82,9 @@ def main() -> None:
     p.add_argument("--runtime", default="ort")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--validate-step", type=int,
+                   help="draw the validation's widths at this spacing (default: each case's grid step; 8, the "
+                        "knapsack's, compares coarse grids and adaptive tables off their own points)")
     p.add_argument("--store", type=Path, help="one latency store shared by the cases, in order (default: each cold)")
     p.add_argument("--json", default="runs/bench-tables/table_accuracy.json")
     a = p.parse_args()
@@ -85,7 +94,8 @@ def main() -> None:
     for case in a.cases:
         if any(r["case"] == case for r in rows):
             continue  # resumable: a finished case is kept
-        rows.append(measure_case(case, a.runtime, a.threads, a.validate, a.precision, out.parent, a.store))
+        rows.append(measure_case(case, a.runtime, a.threads, a.validate, a.precision, out.parent, a.store,
+                                 a.validate_step))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"rows": rows, "environment": environment()}, indent=1))
         r = rows[-1]

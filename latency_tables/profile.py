@@ -32,7 +32,8 @@ __all__ = ["SAMPLINGS", "ProfileConfig", "layer_signatures", "isolated_outliers"
 
 log = logging.getLogger(__name__)
 
-SAMPLINGS = ("grid", "adaptive")  # how a layer's (c_in, c_out) grid is chosen (CLI --sampling)
+SAMPLINGS = ("auto", "grid", "adaptive")  # how a layer's (c_in, c_out) grid is chosen (CLI --sampling)
+AUTO_GRID_LIMIT = 1000  # "auto": the full grid up to this many entries (~5 min on 2 CPU cores), else adaptive
 ADAPTIVE_ONLY = ("sampling", "coarse", "refine_tol", "refine_budget", "max_minutes")
 ETA_AFTER_S = 60.0  # the profiler's ETA comes from the rate over this first stretch
 
@@ -49,8 +50,9 @@ class ProfileConfig:
     fit_rounds: int = 7  # interleaved rounds (against the dense model) per configuration
     fit_round_s: float | None = None  # seconds per round; None: 10 x min_round_s
     validate: int = 0  # random pruned configurations timed end to end to measure the prediction error
-    # "grid": every candidate pair; "adaptive": step period, coarse grid, refinement (latency_tables.sampling)
-    sampling: str = "grid"
+    # "grid": every candidate pair; "adaptive": step period, coarse grid, refinement (latency_tables.sampling);
+    # "auto": grid where it has at most AUTO_GRID_LIMIT entries, adaptive above
+    sampling: str = "auto"
     coarse: int = 4  # adaptive: step tops per axis in the coarse grid
     refine_tol: float = 0.03  # adaptive: neighbours closer than this (relative, or their noise) agree
     refine_budget: float = 1.0  # adaptive: refinement entries, as a multiple of the coarse pass's
@@ -64,9 +66,9 @@ class ProfileConfig:
                              "refine_budget >= 0")
         if self.max_minutes is not None and not (self.max_minutes > 0 and math.isfinite(self.max_minutes)):
             raise ValueError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
-        if self.max_minutes is not None and self.sampling != "adaptive":
-            raise ValueError("--max-minutes bounds the adaptive refinement: add --sampling adaptive (the full grid "
-                             "has no refinement to stop)")
+        if self.max_minutes is not None and self.sampling == "grid":
+            raise ValueError("--max-minutes bounds the adaptive refinement: drop --sampling grid (the full grid has "
+                             "no refinement to stop)")
         if self.step < 1:
             raise ValueError(f"profile step must be >= 1 channel, got {self.step}")
         if self.rounds < 1 or self.model_rounds < 1:
@@ -309,10 +311,15 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
     varies = {key: ({"in", "out"} - set.intersection(*[set(fixed.get(n, ())) for n, t in sigs.items() if t.key == key]))
               for key in unique}
     entries = _Entries(backend, cfg, unique, store, input_shape, progress)
-    log.info("profiling %d layers (%d signatures, %s sampling) on %s", len(sigs), len(unique), cfg.sampling,
-             backend.name)
+    mode = cfg.sampling
+    if mode == "auto":
+        full = sum(len(ci) * len(co) for ci, co in (_axis_widths(s, varies[k], cfg.step) for k, s in unique.items()))
+        mode = "adaptive" if full > AUTO_GRID_LIMIT else "grid"
+        log.info("--sampling auto: the full grid at step %d has %d entries: %s sampling (--sampling grid or "
+                 "adaptive chooses)", cfg.step, full, mode)
+    log.info("profiling %d layers (%d signatures, %s sampling) on %s", len(sigs), len(unique), mode, backend.name)
     try:
-        if cfg.sampling == "adaptive":
+        if mode == "adaptive":
             axes, periods, sampling = _adaptive(sigs, unique, varies, cfg, entries)
         else:
             axes, periods, sampling = _full_grid(unique, varies, cfg, entries), {}, None
@@ -348,6 +355,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
             "entries": int(sum(g[2].size for g in grids.values())), "measured": entries.new,
             "from_store": entries.reused, "remeasured_outliers": len(spikes),
             "unmeasured": unmeasured, "fixed_axes": fixed, "ignored": list(graph.ignored)}
+    meta["sampling_mode"] = mode
     if sampling is not None:
         meta["sampling"] = sampling
     table = LatencyTable(

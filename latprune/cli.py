@@ -161,12 +161,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--val-size", type=int, help="validation images held out of the training set (default 5000)")
     g.add_argument("--profile-step", type=int, help="latency table grid step in channels (default 8)")
     g.add_argument("--sampling", choices=SAMPLINGS,
-                   help="which (c_in, c_out) widths the latency table measures: grid (default: every pair at "
-                        "--profile-step spacing) or adaptive (the runtime's step period, a coarse grid, and more "
+                   help="which (c_in, c_out) widths the latency table measures: grid (every pair at "
+                        "--profile-step spacing), adaptive (the runtime's step period, a coarse grid, and more "
                         "points only where neighbours disagree beyond noise, the costly layers first: minutes "
-                        "instead of hours for wide models)")
+                        "instead of hours for wide models) or auto (default: grid up to 1000 entries, else adaptive)")
     g.add_argument("--max-minutes", type=float, metavar="M",
-                   help="--sampling adaptive: stop refining the table after M minutes (never the coarse pass); "
+                   help="adaptive sampling: stop refining the table after M minutes (never the coarse pass); "
                         "the layers left coarse are recorded in the table")
     g.add_argument("--profile-round-s", type=float,
                    help="seconds per timing round of a table entry (default 0.02; 10x that per round of the "

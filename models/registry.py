@@ -106,5 +106,5 @@ def _torchvision(name: str):
     return factory
 
 
-for _name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small"):
+for _name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"):
     register_model(_name)(_torchvision(_name))

@@ -425,6 +425,7 @@ def _api_cases(tmp: Path) -> dict[str, list]:
         "scoring_batches": [42],
         "held_out": [42],
         "plan_config": ["halp"],
+        "store": [42, 3.5],
     }
 
 

@@ -10,7 +10,7 @@ from latprune.latency_tables import profile as profile_mod
 from latprune.latency_tables.profile import ProfileConfig, profile_model
 from latprune.latency_tables.sampling import AxisGrid, LayerGrid, detect_period, refine, spread, step_tops
 from latprune.latency_tables.table import LatencyTable, LayerSignature, step_top
-from latprune.testing import FakeBackend, fake_cost_ms
+from latprune.testing import FakeBackend, fake_cost_ms, residual_net
 
 SIG = LayerSignature("conv", 256, 256, (3, 3), (1, 1), (1, 1), (1, 1), (16, 16))
 
@@ -169,9 +169,18 @@ def test_the_time_budget_stops_refinement_never_the_coarse_pass(monkeypatch, cap
 
 
 def test_max_minutes_needs_adaptive_sampling():
-    with pytest.raises(ValueError, match="--sampling adaptive"):
-        ProfileConfig(max_minutes=5)
+    with pytest.raises(ValueError, match="drop --sampling grid"):
+        ProfileConfig(sampling="grid", max_minutes=5)
     with pytest.raises(ValueError, match="sampling must be one of"):
         ProfileConfig(sampling="random")
-    assert "coarse" not in ProfileConfig().measurement_key()  # grid tables keep their old cache keys
+    assert "coarse" not in ProfileConfig(sampling="grid").measurement_key()  # grid tables keep their old keys
     assert ProfileConfig(sampling="adaptive").measurement_key()["sampling"] == "adaptive"
+
+
+def test_auto_sampling_measures_the_full_grid_of_a_small_model_only(monkeypatch):
+    monkeypatch.setattr(profile_mod, "AUTO_GRID_LIMIT", 300)
+    small, wide = residual_net(), _Net().eval()  # about 90 and 408 grid entries at step 8
+    t_small = profile_model(small, (3, 16, 16), FakeBackend(), ProfileConfig(fit_configs=1), progress=False)
+    t_wide = profile_model(wide, (3, 16, 16), FakeBackend(), ProfileConfig(fit_configs=1), progress=False)
+    assert t_small.meta["sampling_mode"] == "grid" and "sampling" not in t_small.meta
+    assert t_wide.meta["sampling_mode"] == "adaptive" and t_wide.entries < 300
