@@ -10,7 +10,7 @@ from typing import Any
 import numpy
 import torch
 
-__all__ = ["cpu_description", "gpu_description", "latprune_version", "environment"]
+__all__ = ["cpu_description", "cpu_flags", "saturating_int8", "gpu_description", "latprune_version", "environment"]
 
 _SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd")
 
@@ -32,6 +32,28 @@ def cpu_description() -> str:
         pass
     simd = [f for f in _SIMD_FLAGS if f in flags]
     return f"{model} [{' '.join(simd)}]" if simd else model
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(val.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def saturating_int8() -> bool:
+    """Whether this is an x86 CPU whose int8 dot products can saturate: AVX2 or AVX-512F without
+    VNNI (``vpmaddubsw`` adds two u8 x s8 products in int16). VNNI (AVX-512 or AVX) and AMX
+    accumulate in int32, and ARM is not affected."""
+    f = cpu_flags()
+    return "avx2" in f and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & f)
 
 
 def gpu_description() -> str:

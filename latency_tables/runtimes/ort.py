@@ -7,6 +7,7 @@ because ORT falls back to the CPU silently. onnxruntime is an optional dependenc
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from typing import Callable
 
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 
 from latprune.errors import BadInput
-from latprune.latency_tables.device import gpu_description
+from latprune.latency_tables.device import gpu_description, saturating_int8
 from latprune.latency_tables.layers import layer_input_shape, layer_onnx
 from latprune.latency_tables.runtimes.base import Backend, register_backend
 from latprune.latency_tables.runtimes.quantize import ORT_CPU, QuantConfig, is_quantized
@@ -120,8 +121,9 @@ class OrtCpuBackend(_OrtBackend):
     supports_int8 = True  # QDQ int8 (runtimes.quantize); its kernels use AVX2 / AVX-512 VNNI where present
 
     def quant_config(self, method: str = "minmax") -> QuantConfig:
-        """Asymmetric uint8 activations (U8S8): S8S8 runs slower than fp32 here (runtimes.quantize)."""
-        return ORT_CPU.with_method(method)
+        """Asymmetric uint8 activations (U8S8): S8S8 runs slower than fp32 here (runtimes.quantize);
+        7-bit weights on an x86 CPU without VNNI, where full-range U8S8 products saturate."""
+        return dataclasses.replace(ORT_CPU.with_method(method), reduce_range=saturating_int8())
 
 
 class _OrtGpuBackend(_OrtBackend):

@@ -12,8 +12,11 @@ import torch
 from latprune.errors import BadInput
 from latprune.export.int8 import OnnxClassifier, export_int8, int8_parity
 from latprune.export.onnx_export import contract_metadata, export_onnx, read_contract
+from latprune.latency_tables import device
+from latprune.latency_tables.device import saturating_int8
 from latprune.latency_tables.layers import layer_input_shape, layer_onnx
 from latprune.latency_tables.runtimes import Backend, get_backend, runtime_class
+from latprune.latency_tables.runtimes import ort as ort_module
 from latprune.latency_tables.runtimes.ort import ort_session
 from latprune.latency_tables.runtimes.quantize import ORT_CPU, TENSORRT, QuantConfig, is_quantized, quantize_int8
 from latprune.latency_tables.table import LayerSignature
@@ -50,8 +53,17 @@ def test_a_quantized_layer_is_qdq_int8_and_computes_what_the_float_one_does(meth
     assert np.abs(y8 - y32).mean() < 0.05 * np.abs(y32).mean()  # outside the calibrated range it clips
 
 
-def test_each_runtime_quantizes_in_its_own_form():
-    assert get_backend("ort", precision="int8").quant_config("entropy") == ORT_CPU.with_method("entropy")
+def test_each_runtime_quantizes_in_its_own_form(monkeypatch):
+    ort = get_backend("ort", precision="int8")
+    assert ort.quant_config("entropy") == dataclasses.replace(ORT_CPU.with_method("entropy"),
+                                                               reduce_range=saturating_int8())
+    # 7-bit weights exactly where full-range U8S8 products saturate: x86 without VNNI
+    for flags, reduced in (({"avx2"}, True), ({"avx2", "avx512f"}, True), ({"avx2", "avx512f", "avx512_vnni"}, False),
+                           ({"avx2", "avx_vnni"}, False), ({"asimd"}, False)):
+        monkeypatch.setattr(device, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert device.saturating_int8() is reduced
+    monkeypatch.setattr(ort_module, "saturating_int8", lambda: True)
+    assert ort.quant_config().reduce_range and ort.quant_config().to_dict()["reduce_range"] is True
     assert runtime_class("trt").quant_config is Backend.quant_config  # TensorRT and ort-trt: signed, symmetric
     assert Backend.quant_config(None) == TENSORRT
 
