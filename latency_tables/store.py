@@ -110,6 +110,9 @@ class LatencyStore:
                 db.close()
                 return self._rebuild(f"store schema {row[0]}, this latprune writes schema {STORE_SCHEMA}")
             return db
+        except sqlite3.OperationalError as e:  # cannot open or lock it: the file may be fine, keep it
+            raise BadInput(f"cannot open the latency store {self.path}: {one_line(e)}: fix its permissions, wait "
+                           "for the profile holding it, or pass another --cache-dir") from None
         except sqlite3.DatabaseError as e:  # not a database, truncated, malformed pages
             with contextlib.suppress(Exception):
                 db.close()
@@ -117,10 +120,14 @@ class LatencyStore:
 
     def _rebuild(self, why: str) -> sqlite3.Connection:
         aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-        for suffix in ("", "-journal", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                os.replace(src, Path(str(aside) + suffix))
+        try:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(aside) + suffix))
+        except OSError as e:
+            raise BadInput(f"latency store {self.path} is {why} and cannot be moved aside ({e.strerror}): delete it "
+                           "or pass another --cache-dir") from None
         log.warning("latency store %s is %s: moved it to %s and started a new one (its entries are measured "
                     "again when needed)", self.path, why, aside.name)
         db = self._connect()

@@ -155,3 +155,26 @@ def test_tables_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_store_that_cannot_be_opened_is_kept_and_refused_in_one_line(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with pytest.raises(Exception) as e:
+        LatencyStore(folder)  # a folder, not a file
+    assert type(e.value).__name__ == "BadInput" and "is a folder" in str(e.value)
+    path = tmp_path / "s.sqlite"
+    LatencyStore(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds it locked
+    try:
+        s = LatencyStore.__new__(LatencyStore)
+        s.path = path
+        s._connect = lambda: sqlite3.connect(path, timeout=0.1, isolation_level=None)
+        with pytest.raises(Exception) as e:
+            s._open()
+        assert type(e.value).__name__ == "BadInput" and "cannot open the latency store" in str(e.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert path.exists() and not list(tmp_path.glob("s.sqlite.damaged-*"))  # a locked store is not "damaged"
