@@ -18,16 +18,13 @@ _SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neo
 @lru_cache(maxsize=1)
 def cpu_description() -> str:
     """'CPU model [flags]', e.g. 'AMD EPYC 7B13 [avx2]'; used as the device in table fingerprints."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = platform.processor() or platform.machine(), cpu_flags()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, val = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                if key.strip() in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
                     model = val.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(val.split())
     except OSError:
         pass
     simd = [f for f in _SIMD_FLAGS if f in flags]

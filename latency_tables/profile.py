@@ -397,9 +397,7 @@ def _adaptive(sigs, unique, varies, cfg: ProfileConfig, entries: _Entries):
     periods = _periods(unique, varies, cfg, entries)
     layer_grids = []
     for key, s in unique.items():
-        p = (periods.get((s.kind, "in"), 1) if s.kind == "conv" else 1,
-             periods.get((s.kind, "out"), 1) if s.kind != "linear" else 1)
-        ci, co = _axis_widths(s, varies[key], cfg.step, p)
+        ci, co = _axis_widths(s, varies[key], cfg.step, _layer_periods(s, periods))
         layer_grids.append(LayerGrid(key, s, sum(t.key == key for t in sigs.values()),
                                      {"in": AxisGrid(ci, spread(ci, cfg.coarse)),
                                       "out": AxisGrid(co, spread(co, cfg.coarse))}))
@@ -428,17 +426,17 @@ def _adaptive(sigs, unique, varies, cfg: ProfileConfig, entries: _Entries):
                     "raise --max-minutes or the refinement budget for a finer table", done["stopped"],
                     len(done["coarse"]), done["coarse"][0])
     axes = {g.key: (g.axes["in"].grid, g.axes["out"].grid) for g in layer_grids}
-    per = {g.key: (_period_of(g, "in", periods), _period_of(g, "out", periods)) for g in layer_grids}
+    per = {g.key: _layer_periods(g.sig, periods) for g in layer_grids}
     record = {**done, "coarse_entries": len(coarse), "budget": budget,
               "periods": {f"{k}/{a}": v for (k, a), v in periods.items()}}
     return axes, per, record
 
 
-def _period_of(g: LayerGrid, axis: str, periods: dict) -> int:
-    """The period a grid's axis was sampled with: 1 on an axis of one width and on linear layers."""
-    if len(g.axes[axis].cands) == 1 or g.sig.kind == "linear":
-        return 1
-    return periods.get((g.sig.kind, axis), 1)
+def _layer_periods(s: LayerSignature, periods: dict[tuple[str, str], int]) -> tuple[int, int]:
+    """The (c_in, c_out) periods a layer is sampled and looked up with: its kind's detected ones; 1
+    on linear layers and on a depthwise layer's input (it follows the output)."""
+    return (periods.get((s.kind, "in"), 1) if s.kind == "conv" else 1,
+            periods.get((s.kind, "out"), 1) if s.kind != "linear" else 1)
 
 
 def _periods(unique, varies, cfg: ProfileConfig, entries: _Entries) -> dict[tuple[str, str], int]:
