@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 from latprune.errors import BadInput
 from latprune.latency_tables.endtoend import PairConfig, fit_end_to_end
 from latprune.latency_tables.runtimes import Backend
-from latprune.latency_tables.sampling import AxisGrid, LayerGrid, detect_period, refine, spread, step_tops
+from latprune.latency_tables.sampling import (
+    AxisGrid,
+    LayerGrid,
+    detect_period,
+    period_window,
+    refine,
+    spread,
+    step_tops,
+)
 from latprune.latency_tables.store import Entry, LatencyStore, device_key, shape_key
 from latprune.latency_tables.table import EndToEnd, LatencyTable, LayerSignature, LayerTable
 from latprune.models.graph import IgnoredLayer, ModelGraph
@@ -459,7 +467,7 @@ def _periods(unique, varies, cfg: ProfileConfig, entries: _Entries) -> dict[tupl
             along = (lambda w, key=key, s=s: entries(key, w, s.c_out))
         else:
             along = (lambda w, key=key, s=s: entries(key, _c_in(s, s.c_in, w), w))
-        widths = [w for w in range(cfg.step, dense + 1, cfg.step)][:16]
+        widths = period_window(dense, cfg.step)
         entries.plan([(key, w, s.c_out) if axis == "in" else (key, _c_in(s, s.c_in, w), w) for w in widths],
                      f"step period of {kind} layers along c_{axis}")
         p = detect_period(along, dense, cfg.step, cfg.refine_tol)

@@ -34,7 +34,7 @@ import numpy as np
 from latprune.latency_tables.table import LayerSignature, step_top
 from latprune.models.widths import candidate_widths
 
-__all__ = ["Measure", "AxisGrid", "step_tops", "spread", "detect_period", "LayerGrid", "refine"]
+__all__ = ["Measure", "AxisGrid", "step_tops", "spread", "period_window", "detect_period", "LayerGrid", "refine"]
 
 # (signature key, c_in, c_out) -> (median ms, cv of round medians)
 Measure = Callable[[str, int, int], tuple[float, float]]
@@ -60,6 +60,11 @@ def _tol(v: tuple[float, float], tol: float) -> float:
     return max(tol, NOISE_SIGMAS * v[1]) * v[0]
 
 
+def period_window(dense: int, step: int, window: int = 16) -> list[int]:
+    """The widths :func:`detect_period` measures along an axis: the first ``window`` multiples of ``step``."""
+    return list(range(step, dense + 1, step))[:window]
+
+
 def detect_period(along: Callable[[int], tuple[float, float]], dense: int, step: int, tol: float = 0.03,
                   window: int = 16) -> int | None:
     """The runtime's staircase period along one axis of one layer, in channels, from the first
@@ -69,7 +74,7 @@ def detect_period(along: Callable[[int], tuple[float, float]], dense: int, step:
     step's top) with at least two whole steps in the window; 1 when none is; None when the window
     cannot tell (fewer than 4 widths, or latency rises less than 20 % across it: overhead-bound).
     """
-    widths = [w for w in candidate_widths(dense, step).tolist() if w % step == 0][:window]
+    widths = period_window(dense, step, window)
     if len(widths) < 4:
         return None
     f = {w: along(w) for w in widths}
