@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -99,22 +100,38 @@ def measure_speedup(backend: Backend, dense, compact, input_shape: tuple[int, in
 
 def measure_side_by_side(backend: Backend, models: dict[str, Any], input_shape: tuple[int, int, int],
                          cfg: PairConfig = PairConfig()) -> dict[str, dict[str, Any]]:
-    """Several models (ONNX paths or modules) timed interleaved in ``cfg.repeats`` sets of fresh
-    sessions; per model its pooled timing summary and its ``ratio`` to the first model (paired
-    by round, with a 95 % bootstrap interval over rounds), and ``ms`` = the first model's median
-    x that ratio, so drift between rounds cancels as in :func:`measure_speedup`."""
+    """Several models (ONNX paths, modules, or what ``backend.prepare_model`` returned) timed
+    interleaved in ``cfg.repeats`` sets of fresh sessions, and more sets, up to ``cfg.max_repeats``,
+    while a ratio's 95 % interval is wider than ``cfg.max_ci`` (as :func:`measure_speedup`); per
+    model its pooled timing summary and its ``ratio`` to the first model (paired by round, with a
+    95 % bootstrap interval over rounds), and ``ms`` = the first model's median x that ratio, so
+    drift between rounds cancels as in :func:`measure_speedup`."""
     names = list(models)
     prepared = [backend.prepare_model(models[k], input_shape) for k in names]
     pooled = [Timing([]) for _ in names]
-    for _ in range(cfg.repeats):
+
+    def one_set():
         for t, new in zip(pooled, _one_set(backend, prepared, input_shape, cfg)):
             t.rounds.extend(new.rounds)
+
+    def widest() -> float:  # the largest relative half-width of a speedup's interval
+        ref = pooled[0]
+        return max(((hi - lo) / 2 / paired_ratio(ref, t) for t in pooled[1:]
+                    for lo, hi in [bootstrap_ratio_ci(ref, t)]), default=0.0)
+
+    sets = 0
+    while sets < cfg.repeats or (sets < cfg.max_repeats and widest() > cfg.max_ci):
+        if sets >= cfg.repeats:
+            log.info("a ratio's interval is wider than %.0f %%: timing another set of sessions", 100 * cfg.max_ci)
+        one_set()
+        sets += 1
     ref = pooled[0]
     out = {}
     for k, t in zip(names, pooled):
         ratio = 1 / paired_ratio(ref, t)
         lo, hi = bootstrap_ratio_ci(ref, t)
-        out[k] = {**t.summary(), "ratio": ratio, "ratio_ci95": [1 / hi, 1 / lo], "ms": ref.median_ms * ratio}
+        out[k] = {**t.summary(), "ratio": ratio, "ratio_ci95": [1 / hi, 1 / lo], "ms": ref.median_ms * ratio,
+                  "sets": sets}
     log.info("side by side: %s", ", ".join(f"{k} {v['ms']:.3f} ms" for k, v in out.items()))
     return out
 
@@ -143,17 +160,36 @@ def smallest_widths(sizes: dict[str, int], step: int) -> dict[str, int]:
     return {g: int(candidate_widths(n, step)[0]) for g, n in sizes.items()}
 
 
+SIDE_BY_SIDE = 5  # pruned configurations timed in one set of sessions beside the dense model
+_DENSE = "dense"  # the dense model's name among them
+
+
 def measure_configs(graph: ModelGraph, table: LatencyTable, backend: Backend,
                     configs: list[tuple[str, dict[str, int]]], cfg: PairConfig, progress: bool = True,
                     desc: str = "end to end") -> list[dict[str, Any]]:
-    """Time each configuration (group widths) of ``graph.model`` against the dense model; a point each."""
+    """Time each configuration (group widths) of ``graph.model`` against the dense model; a point each.
+
+    The dense model is converted once; the configurations go in sets of up to :data:`SIDE_BY_SIDE`
+    beside it (:func:`measure_side_by_side`: interleaved rounds, each ratio paired by round), so
+    the dense model is not timed again for every configuration, and at most that many + 1 sessions
+    are alive at once."""
     model, input_shape, points = graph.model, graph.input_shape, []
-    for label, widths in tqdm(configs, desc=desc, unit="model", disable=not progress):
-        probe = pruned_copy(model, widths, input_shape)
-        s = measure_speedup(backend, model, probe, input_shape, cfg)
-        points.append({"label": label, "layers_ms": model_layers_ms(ModelGraph(probe, input_shape), table),
-                       "measured_ms": s.ratio * table.dense_ms, "ratio": s.ratio,
-                       "ratio_ci95": [1 / s.speedup_ci95[1], 1 / s.speedup_ci95[0]], "widths": widths})
+    dense = backend.prepare_model(model, input_shape)
+    chunks = math.ceil(len(configs) / SIDE_BY_SIDE)
+    size = math.ceil(len(configs) / chunks) if configs else 0
+    with tqdm(total=len(configs), desc=desc, unit="model", disable=not progress) as bar:
+        for start in range(0, len(configs), max(size, 1)):
+            chunk = configs[start:start + size]
+            probes = {label: pruned_copy(model, widths, input_shape) for label, widths in chunk}
+            if _DENSE in probes:
+                raise ValueError(f"a configuration may not be labelled {_DENSE!r}")
+            r = measure_side_by_side(backend, {_DENSE: dense, **probes}, input_shape, cfg)
+            for label, widths in chunk:
+                points.append({"label": label,
+                               "layers_ms": model_layers_ms(ModelGraph(probes[label], input_shape), table),
+                               "measured_ms": r[label]["ratio"] * table.dense_ms, "ratio": r[label]["ratio"],
+                               "ratio_ci95": r[label]["ratio_ci95"], "widths": widths})
+            bar.update(len(chunk))
     return points
 
 

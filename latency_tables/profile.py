@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from latprune.errors import BadInput
 from latprune.latency_tables.endtoend import PairConfig, fit_end_to_end
+from latprune.latency_tables.predict import LatencyModel
 from latprune.latency_tables.runtimes import Backend
 from latprune.latency_tables.sampling import (
     AxisGrid,
@@ -32,11 +33,11 @@ from latprune.latency_tables.sampling import (
     step_tops,
 )
 from latprune.latency_tables.store import Entry, LatencyStore, device_key, shape_key
-from latprune.latency_tables.table import EndToEnd, LatencyTable, LayerSignature, LayerTable
+from latprune.latency_tables.table import EndToEnd, LatencyTable, LayerSignature, LayerTable, step_top
 from latprune.models.graph import IgnoredLayer, ModelGraph
 
 __all__ = ["SAMPLINGS", "ProfileConfig", "layer_signatures", "isolated_outliers", "fixed_axes", "check_axes",
-           "profile_model", "check_layers"]
+           "profile_model", "lines_through", "check_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +378,80 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int], backend: 
     # the smallest plan is always among the fit's points: it anchors the floor the knapsack sees
     return table.with_e2e(fit_end_to_end(graph, table, backend, cfg.fit_configs, cfg.step,
                                          cfg.pair, progress=progress))
+
+
+def lines_through(graph: ModelGraph, table: LatencyTable, layer_channels: dict[str, tuple[int, int]],
+                  backend: Backend, cfg: ProfileConfig = ProfileConfig(),
+                  store: LatencyStore | None = None) -> tuple[LatencyTable, dict]:
+    """The table with a grid line measured through each width a plan gives a layer where the table
+    only interpolates (``layer_channels``: layer -> (c_in, c_out), as ``PruningPlan.layer_channels``).
+
+    The knapsack picks the widths where an interpolated table flatters most (a staircase's cheap
+    side between two grid points), so those are the widths worth measuring: on each axis of each
+    signature whose grid lacks the width (raised to its step's top), a new row or column, every
+    entry of it measured (or taken from ``store``) as the profile measures. The end-to-end term is
+    then refitted on its own timed points, their layer sums recomputed from the new grid (no model
+    is timed again). Returns the table (``table`` itself when nothing was missing) and what was
+    done: ``lines`` added, entries ``measured`` and ``from_store``, ``layers`` touched."""
+    want: dict[str, tuple[set[int], set[int]]] = {}
+    for name, (c_in, c_out) in layer_channels.items():
+        key = table.layer_keys.get(name)
+        if key is None:
+            continue
+        lt = table.layers[key]
+        d = lt.signature
+        ins, outs = want.setdefault(key, (set(), set()))
+        outs.add(int(step_top(c_out, lt.period_out, d.c_out)))
+        if d.kind != "dwconv":  # a depthwise layer's input follows its output: its table has one c_in row
+            ins.add(int(step_top(c_in, lt.period_in, d.c_in)))
+    todo = {k: (sorted(i - set(table.layers[k].c_in_grid)), sorted(o - set(table.layers[k].c_out_grid)))
+            for k, (i, o) in want.items()}
+    todo = {k: v for k, v in todo.items() if v[0] or v[1]}
+    if not todo:
+        return table, {"lines": 0, "measured": 0, "from_store": 0, "layers": []}
+    unique = {k: table.layers[k].signature for k in todo}
+    entries = _Entries(backend, cfg, unique, store, graph.input_shape, progress=False)
+    layers = dict(table.layers)
+    try:
+        grids = {}
+        for key, (ins, outs) in todo.items():
+            lt = table.layers[key]
+            ci, co = sorted({*lt.c_in_grid, *ins}), sorted({*lt.c_out_grid, *outs})
+            grids[key] = (lt, ci, co, [(i, o) for i in ci for o in co
+                                       if i not in lt.c_in_grid or o not in lt.c_out_grid])
+        entries.plan([(k, _c_in(g[0].signature, i, o), o) for k, g in grids.items() for i, o in g[3]],
+                     "grid lines through the plan's widths")
+        for key, (lt, ci, co, new) in grids.items():
+            med, cv, cnt = np.zeros((len(ci), len(co))), np.zeros((len(ci), len(co))), np.zeros((len(ci), len(co)), int)
+            for a, i in enumerate(ci):
+                for b, o in enumerate(co):
+                    if (i, o) in new:
+                        at = (key, _c_in(lt.signature, i, o), o)
+                        (med[a, b], cv[a, b]), cnt[a, b] = entries(*at), entries.count[at]
+                    else:
+                        x, y = lt.c_in_grid.index(i), lt.c_out_grid.index(o)
+                        med[a, b], cv[a, b], cnt[a, b] = lt.median_ms[x, y], lt.cv[x, y], lt.count[x, y]
+            layers[key] = LayerTable(lt.signature, ci, co, med, cv, cnt, lt.period_in, lt.period_out)
+    finally:
+        entries.close()
+    done = {"lines": sum(len(i) + len(o) for i, o in todo.values()), "measured": entries.new,
+            "from_store": entries.reused, "layers": sorted(todo)}
+    out = dataclasses.replace(table, layers=layers,
+                              meta={**table.meta, "plan_lines": [*table.meta.get("plan_lines", []), done]})
+    return out.with_e2e(_refit(graph, out)), done
+
+
+def _refit(graph: ModelGraph, table: LatencyTable) -> EndToEnd:
+    """The end-to-end term fitted again on its points, their layer sums from ``table`` (the dense
+    point at the dense widths, the others at their recorded widths); kept where a point lacks them."""
+    points = table.e2e.points
+    if any("widths" not in p and p.get("label") != "dense" for p in points) or not points:
+        return table.e2e
+    lm = LatencyModel(table, graph.layer_widths(table.layer_keys))
+    dense = dict(lm.widths.group_size)
+    if any(set(p.get("widths", {})) - set(dense) for p in points):  # fitted on another grouping of the model
+        return table.e2e
+    return EndToEnd.fit([{**p, "layers_ms": lm.layers_ms({**dense, **p.get("widths", {})})} for p in points])
 
 
 def _c_in(s: LayerSignature, c_in: int, c_out: int) -> int:

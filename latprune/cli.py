@@ -177,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="interleaved rounds for the final dense/compact timing (default 11)")
     g.add_argument("--verify-round-s", type=float, help="seconds per round of the final timing (default 0.4)")
     g.add_argument("--calibrate-iters", type=int, help="closed-loop re-plans against measured latency (default 4)")
+    g.add_argument("--plan-lines", type=int, metavar="N",
+                   help="before the closed loop, up to N rounds of: plan, then measure the table's grid lines "
+                        "through the planned widths where it only interpolates them (default 3; 0: none)")
     g.add_argument("--calibrate-round-s", type=float,
                    help="seconds per round when the closed loop times a plan against the dense model (default 0.25)")
     g.add_argument("--validate", type=int, metavar="K",
@@ -350,6 +353,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     elif a.budget_ms is not None:
         budget = {"ms": a.budget_ms}
     budget["calibrate_iters"] = a.calibrate_iters
+    budget["plan_lines"] = a.plan_lines
     budget["calibrate_round_s"] = a.calibrate_round_s
     return cfg.with_overrides(
         model=a.model, weights=a.weights, bundled_weights=a.bundled_weights, seed=a.seed, out=a.out, table=a.table,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from typing import Callable
 
 from latprune.errors import BudgetBelowFloor
 from latprune.latency_tables.endtoend import PairConfig, measure_speedup
@@ -45,7 +46,8 @@ class CalibratedPlan:
 def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, cfg: PlanConfig,
                    backend: Backend, iters: int = 4,
                    window: tuple[float, float] = (0.90, 0.98), timing: PairConfig = PairConfig(),
-                   batches=None, held_out=None) -> CalibratedPlan:
+                   batches=None, held_out=None, lines: Callable[[LatencyTable, dict], tuple[LatencyTable, dict]]
+                   | None = None, line_rounds: int = 3) -> CalibratedPlan:
     """Plan for ``wanted_ratio`` x dense latency, corrected by measurement until it lands in range.
 
     A plan is accepted when its measured ratio lies in ``window`` x ``wanted_ratio``; the knapsack
@@ -55,7 +57,9 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     ``batches``: training batches a data-driven value scores on; ``held_out``: the batches a
     per-width value measures its loss on. Weights do not change here: the values are computed once.
     With ``cfg.search_candidates``, each plan is the best of that many candidates at the target
-    (``pipeline.search``, on the same batches).
+    (``pipeline.search``, on the same batches). ``lines(table, layer_channels)``: grid lines
+    measured through a plan's widths (``latency_tables.profile.lines_through``), at most
+    ``line_rounds`` rounds of plan-then-measure before the first plan is timed (:func:`_lines_through_plans`).
     """
     model, input_shape = graph.model, graph.input_shape
     lo, hi = window
@@ -65,6 +69,8 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     target = aim * wanted_ratio * table.dense_ms
     e2e, measured, history, seen, tried = table.e2e, [], [], {}, []
     values = plan_values(graph, cfg, batches, held_out)
+    if lines is not None:
+        table = _lines_through_plans(graph, table, target, cfg, values, lines, line_rounds)
     if cfg.search_candidates:
         return _searched(graph, table, wanted_ratio, cfg, backend, iters, window, timing, values, batches, held_out)
     for i in range(max(iters, 1)):
@@ -99,6 +105,26 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     # the slowest plan under the window's top (the most channels), else the fastest plan seen
     ratio, plan, used = max(under, key=lambda t: t[0]) if under else min(tried, key=lambda t: t[0])
     return CalibratedPlan(plan, wanted_ratio, ratio, history, table.with_e2e(used))
+
+
+def _lines_through_plans(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: PlanConfig, values,
+                         lines: Callable[[LatencyTable, dict], tuple[LatencyTable, dict]], rounds: int) -> LatencyTable:
+    """Plan, measure the grid lines the plan's widths lack, plan again on the finer table, until a
+    plan's widths are all measured entries or ``rounds`` rounds are spent. The knapsack picks the
+    widths an interpolated table flatters most; after this the closed loop times a plan whose
+    layers the table measured rather than guessed."""
+    for r in range(rounds):
+        try:
+            plan = build_plan(graph, table, target_ms, cfg, values=values, warn_unpruned=False)
+        except BudgetBelowFloor:
+            break  # the closed loop plans at the floor and says so
+        table, done = lines(table, plan.layer_channels)
+        if not done["lines"]:
+            break
+        log.info("grid lines through the plan's widths (round %d): %d lines on %d signatures, %d entries measured, "
+                 "%d from the latency store; planning again", r + 1, done["lines"], len(done["layers"]),
+                 done["measured"], done["from_store"])
+    return table
 
 
 def _searched(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, cfg: PlanConfig, backend: Backend,

@@ -43,6 +43,9 @@ class BudgetConfig:
     fraction: float | None = 0.5
     ms: float | None = None
     calibrate_iters: int = 4  # closed loop: measure the planned widths, re-solve if off target
+    # before it: rounds of "plan, then measure the table's grid lines through the planned widths"
+    # (latency_tables.profile.lines_through); 0: plan on the table as profiled
+    plan_lines: int = 3
     # the closed loop accepts a plan measured in [window_low, window_high] x budget; the gap under
     # 1.0 is headroom for drift between this measurement and the final one
     window_low: float = 0.90
@@ -65,6 +68,8 @@ class BudgetConfig:
                            f"{self.window_low}, {self.window_high}")
         if self.calibrate_rounds < 1 or self.calibrate_round_s <= 0 or self.calibrate_repeats < 1:
             raise BadInput("calibrate rounds and repeats must be >= 1 and the round length > 0 s")
+        if self.plan_lines < 0:
+            raise BadInput(f"--plan-lines must be >= 0 (0: plan on the table as profiled), got {self.plan_lines}")
         if self.calibrate_iters < 0:
             raise BadInput(f"--calibrate-iters must be >= 0 (0: no closed loop), got {self.calibrate_iters}")
 

@@ -94,6 +94,8 @@ schema-2 reports said ``l2`` (README, "Migration note").
   ``table_predicted_ms``, ``table_layers_ms``, ``e2e``, ``unpruned``, ``knapsack_iterations``,
   ``value_cost`` (``sensitivity``: ``passes``, ``evaluated``, ``interpolated``, ``seconds``; else {}),
   ``calibration`` (closed-loop iterations; with the search, one row per search), ``calibrated_ratio``,
+  ``plan_lines`` (``--plan-lines``: per round of grid lines measured through the plan's widths,
+  ``lines``, ``measured``, ``from_store``, ``layers``; [] when none were missing),
   ``search`` (``pipeline.search``; {} when off: ``cost`` (``candidates``, ``eligible``, ``finalists``,
   ``timings``, ``iterations``, ``held_out_images``, ``seconds``) and ``candidates``, each with
   ``kind``, ``widths``, ``predicted_ms``, ``measured_ratios``, ``measured_ratio``, and where it was
@@ -170,7 +172,8 @@ def build_report(inp: Inputs, rd: RunDir, dense: DenseModel, compact: CompactMod
                  "table_target_ms": cal.plan.target_ms, "table_predicted_ms": cal.plan.predicted_ms,
                  "table_layers_ms": cal.plan.layers_ms, "e2e": cal.plan.e2e, "unpruned": cal.plan.unpruned,
                  "knapsack_iterations": cal.plan.iterations, "value_cost": cal.plan.value_cost,
-                 "calibration": cal.history, "calibrated_ratio": cal.measured_ratio, "search": cal.plan.search},
+                 "calibration": cal.history, "calibrated_ratio": cal.measured_ratio, "search": cal.plan.search,
+                 "plan_lines": cal.table.meta.get("plan_lines", [])},
         "table": {"entries": table.entries, "dense_ms_at_profile": table.dense_ms,
                   "e2e": {"intercept_ms": table.e2e.intercept_ms, "slope": table.e2e.slope,
                           "points": len(table.e2e.points)},
@@ -527,6 +530,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         "was pruned from a copy and timed against the dense model; off the window, the term is corrected",
         "through the measured point and the knapsack re-solved.",
         "",
+    ]
+    pl = r["plan"].get("plan_lines") or []
+    if pl:
+        lines += [f"Before it, {sum(d['lines'] for d in pl)} grid lines of the table were measured through the "
+                  f"knapsack's widths in {len(pl)} round(s) ({sum(d['measured'] for d in pl)} entries timed, "
+                  f"{sum(d['from_store'] for d in pl)} from the latency store; `--plan-lines`), before the first "
+                  "plan below was timed.", ""]
+    lines += [
         "| iteration | target | predicted | measured (pairs of sessions) | end-to-end term |",
         "|---:|---:|---:|---|---|",
     ]

@@ -52,7 +52,7 @@ from latprune.latency_tables.endtoend import (
     validate_table,
 )
 from latprune.latency_tables.plots import plot_staircases, plot_validation
-from latprune.latency_tables.profile import check_layers, layer_signatures, profile_model
+from latprune.latency_tables.profile import check_layers, layer_signatures, lines_through, profile_model
 from latprune.latency_tables.runtimes import Backend, get_backend
 from latprune.latency_tables.runtimes.tensorrt import TensorrtBackend, TrtConfig
 from latprune.latency_tables.store import STORE_NAME, LatencyStore
@@ -356,7 +356,10 @@ def plan_stage(inp: Inputs, rd: RunDir, dense: DenseModel, table: LatencyTable) 
                              target=[cfg.schedule.target, cfg.schedule.param_ratio])
     if done and (rd / "plan.json").exists():
         d = json.loads((rd / "calibration.json").read_text())
-        corrected = table.with_e2e(EndToEnd.from_dict(d["e2e"])) if d.get("e2e") else table
+        if d.get("table"):  # the table with the grid lines measured through the plan's widths
+            corrected = LatencyTable.load(rd / d["table"])
+        else:
+            corrected = table.with_e2e(EndToEnd.from_dict(d["e2e"])) if d.get("e2e") else table
         return CalibratedPlan(PruningPlan.load(rd / "plan.json"), d["wanted_ratio"], d["measured_ratio"],
                               d["history"], corrected)
     batches = held_out = None
@@ -373,13 +376,29 @@ def plan_stage(inp: Inputs, rd: RunDir, dense: DenseModel, table: LatencyTable) 
                                     batches=batches)
             cal = CalibratedPlan(plan, plan.predicted_ms / table.dense_ms, None, [], table)
         else:
-            cal = plan_to_budget(dense.graph, table, wanted, cfg.plan, inp.backend, cfg.budget.calibrate_iters,
-                                 (cfg.budget.window_low, cfg.budget.window_high), cfg.budget.timing, batches=batches,
-                                 held_out=held_out)
+            # grid lines through the planned widths are measured on this device only: never into a
+            # table measured for another setting (--table ... --force)
+            here = not table.fingerprint.mismatches(inp.backend.fingerprint(inp.input_shape))
+            with contextlib.ExitStack() as stack:
+                lines = None
+                if cfg.budget.plan_lines and here:
+                    store = stack.enter_context(LatencyStore(inp.cache / STORE_NAME))
+
+                    def lines(t, channels):
+                        return lines_through(dense.graph, t, channels, inp.backend, cfg.profile, store)
+
+                cal = plan_to_budget(dense.graph, table, wanted, cfg.plan, inp.backend, cfg.budget.calibrate_iters,
+                                     (cfg.budget.window_low, cfg.budget.window_high), cfg.budget.timing,
+                                     batches=batches, held_out=held_out, lines=lines,
+                                     line_rounds=cfg.budget.plan_lines)
     cal.plan.save(rd / "plan.json")
+    refined = cal.table.layers is not table.layers
+    if refined:
+        cal.table.save(rd / "plan_table.json")
     write_json_atomic(rd / "calibration.json",
                       {"wanted_ratio": cal.wanted_ratio, "measured_ratio": cal.measured_ratio, "history": cal.history,
-                       "e2e": cal.table.e2e.to_dict() if cal.table is not table else None})
+                       "e2e": cal.table.e2e.to_dict() if cal.table is not table else None,
+                       "table": "plan_table.json" if refined else None})
     rd.done("plan", key)
     return cal
 

@@ -168,7 +168,8 @@ RANGE = {
     "--rho-max": "-2", "--sam-every": "0", "--robust-images": "-1", "--pretrain-epochs": "-1",
     "--finetune-epochs": "-0.5", "--batch-size": "0", "--train-subset": "-1", "--test-subset": "-1",
     "--val-size": "-1", "--profile-step": "0", "--profile-round-s": "0", "--fit-configs": "-1",
-    "--verify-rounds": "0", "--verify-round-s": "-1", "--calibrate-iters": "-1", "--calibrate-round-s": "0",
+    "--verify-rounds": "0", "--verify-round-s": "-1", "--calibrate-iters": "-1", "--plan-lines": "-1",
+    "--calibrate-round-s": "0",
     "--validate": "-1", "--seed": "-1", "--input-size": "-1", "--num-classes": "-1", "--max-minutes": "0",
     # bench
     "--warmup": "-1", "--iterations": "1", "--batch": "0", "--block": "0", "--max-cv": "-0.1", "--max-ci": "0",

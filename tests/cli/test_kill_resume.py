@@ -22,7 +22,8 @@ ARGS = ["run", "--model", "latprune.testing:residual_net", "--no-progress", "--v
         "--pretrain-epochs", "1", "--finetune-epochs", "1", "--batch-size", "16", "--deploy-batch", "4",
         "--warmup-epochs", "0.5", "--prune-steps", "2", "--prune-every", "2", "--checkpoint-every", "2",
         "--robust-images", "4", "--search", "0", "--fit-configs", "1", "--calibrate-iters", "2",
-        "--verify-rounds", "1", "--budget", "0.6"]
+        "--verify-rounds", "1", "--budget", "0.6",
+        "--round-to", "4"]  # finer than the table's step 8: the plan stage measures grid lines (plan_table.json)
 
 
 def _run(tmp: Path, data: Path, out: str, cache: str, stage="none", n=0, fault=None):
@@ -49,6 +50,7 @@ def reference(tmp_path_factory):
     data = fashion_folder(tmp / "data", n_train=160, n_test=16)
     p = _run(tmp, data, "ref", "ref-cache")
     assert p.returncode in (0, 4), p.stderr[-3000:]
+    assert json.loads((tmp / "ref" / "calibration.json").read_text())["table"] == "plan_table.json"
     return tmp, data, tmp / "ref"
 
 

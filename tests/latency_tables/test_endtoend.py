@@ -1,14 +1,19 @@
 """The end-to-end term, its fit and validation, and the closed loop, against a runtime whose
 latency is a known function of the widths (``latprune.testing.FakeBackend``)."""
+import copy
+
 import numpy as np
 import pytest
 
 from latprune.errors import BadInput, BudgetBelowFloor
 from latprune.latency_tables.endtoend import (
+    SIDE_BY_SIDE,
     PairConfig,
     fit_end_to_end,
+    measure_configs,
     measure_side_by_side,
     predicted_latency,
+    random_widths,
     smallest_widths,
     validate_table,
 )
@@ -179,3 +184,44 @@ def test_side_by_side_gives_each_model_its_ratio_to_the_first():
     assert r["half"]["ratio"] == pytest.approx(want) and r["half"]["ms"] == pytest.approx(want * r["dense"]["ms"])
     lo, hi = r["half"]["ratio_ci95"]
     assert lo <= r["half"]["ratio"] <= hi
+
+
+def test_side_by_side_times_more_sets_only_while_a_ratio_is_uncertain():
+    dense = residual_net().eval()
+    half = pruned_copy(dense, {g: max(n // 2, 1) for g, n in ModelGraph(dense, SHAPE).sizes().items()}, SHAPE)
+    models = {"dense": dense, "half": half}
+    steady = PairConfig(rounds=5, min_round_s=0.001, repeats=1, max_repeats=3, max_ci=0.04)
+    assert measure_side_by_side(FakeBackend(), models, SHAPE, steady)["half"]["sets"] == 1
+    noisy = measure_side_by_side(FakeBackend(noise=0.3), models, SHAPE, steady)
+    assert noisy["half"]["sets"] == 3 and noisy["half"]["rounds"] == 15
+
+
+def test_configurations_go_beside_one_dense_model_a_few_at_a_time():
+    """The fit and the validation convert the dense model once and time the configurations in sets
+    of at most SIDE_BY_SIDE beside it; each point is still its own ratio to dense."""
+    model = residual_net().eval()
+    graph = ModelGraph(model, SHAPE)
+    table = profile_model(model, SHAPE, FakeBackend(intercept_ms=0.5), ProfileConfig(step=8, fit_configs=0),
+                          progress=False)
+    backend = FakeBackend(intercept_ms=0.5)
+    peak, prepared = [0], []
+    measure = backend.measure
+    prepare = backend.prepare_model
+
+    def counting_measure(fns, rounds, min_round_s):
+        peak[0] = max(peak[0], len(fns))
+        return measure(fns, rounds, min_round_s)
+
+    def counting_prepare(m, shape):  # a conversion gives a new object (ONNX bytes for ORT)
+        prepared.append(m)
+        return copy.deepcopy(prepare(m, shape)) if m is model else prepare(m, shape)
+
+    backend.measure, backend.prepare_model = counting_measure, counting_prepare
+    rng = np.random.default_rng(0)
+    configs = [(f"c{i}", random_widths(graph.sizes(), 8, rng)) for i in range(7)]
+    points = measure_configs(graph, table, backend, configs, FAST, progress=False)
+    assert [p["label"] for p in points] == [c[0] for c in configs]
+    assert peak[0] <= SIDE_BY_SIDE + 1 and sum(m is model for m in prepared) == 1
+    for p, (_, widths) in zip(points, configs):
+        want = (0.5 + model_cost_ms(pruned_copy(model, widths, SHAPE), SHAPE)) / (0.5 + model_cost_ms(model, SHAPE))
+        assert p["ratio"] == pytest.approx(want) and p["measured_ms"] == pytest.approx(want * table.dense_ms)

@@ -7,9 +7,15 @@ import pytest
 from torch import nn
 
 from latprune.latency_tables import profile as profile_mod
-from latprune.latency_tables.profile import ProfileConfig, profile_model
+from latprune.latency_tables.endtoend import PairConfig, model_layers_ms
+from latprune.latency_tables.profile import ProfileConfig, lines_through, profile_model
 from latprune.latency_tables.sampling import AxisGrid, LayerGrid, detect_period, refine, spread, step_tops
+from latprune.latency_tables.store import LatencyStore
 from latprune.latency_tables.table import LatencyTable, LayerSignature, step_top
+from latprune.models.graph import ModelGraph
+from latprune.models.surgery import pruned_copy
+from latprune.pipeline.calibrate import plan_to_budget
+from latprune.pipeline.plan import PlanConfig
 from latprune.testing import FakeBackend, fake_cost_ms, residual_net
 
 SIG = LayerSignature("conv", 256, 256, (3, 3), (1, 1), (1, 1), (1, 1), (16, 16))
@@ -184,3 +190,57 @@ def test_auto_sampling_measures_the_full_grid_of_a_small_model_only(monkeypatch)
     t_wide = profile_model(wide, (3, 16, 16), FakeBackend(), ProfileConfig(fit_configs=1), progress=False)
     assert t_small.meta["sampling_mode"] == "grid" and "sampling" not in t_small.meta
     assert t_wide.meta["sampling_mode"] == "adaptive" and t_wide.entries < 300
+
+
+def test_lines_through_a_plans_widths_measure_what_the_table_only_interpolated(tmp_path):
+    model, shape = _Net().eval(), (3, 16, 16)
+    graph = ModelGraph(model, shape)
+    be = FakeBackend(layer_cost=_stairs)
+    table = profile_model(model, shape, be, ProfileConfig(step=32, fit_configs=3, sampling="grid"), progress=False)
+    b = table.layers[table.layer_keys["b.0"]]
+    assert 40 not in b.c_out_grid and b.lookup(128, 40) < _stairs(b.signature, 128, 40)  # interpolation flatters
+    before = len(be.layers_timed)
+    with LatencyStore(tmp_path / "s.sqlite") as store:
+        new, done = lines_through(graph, table, {"b.0": (128, 40), "c.0": (128, 64)}, be, ProfileConfig(step=32), store)
+        timed = [e for e in be.layers_timed[before:] if e[1:] != (1, 1)]  # not the throwaway warm-up
+        assert done["lines"] == 1 and done["measured"] == len(b.c_in_grid) == len(timed)
+        assert sorted(e[1] for e in timed) == b.c_in_grid and {e[2] for e in timed} == {40}
+        nb = new.layers[new.layer_keys["b.0"]]
+        assert 40 in nb.c_out_grid and nb.lookup(128, 40) == pytest.approx(_stairs(b.signature, 128, 40))
+        for ci in b.c_in_grid:  # the old entries are kept as they were
+            for co in b.c_out_grid:
+                assert nb.lookup(ci, co) == b.lookup(ci, co)
+        assert lines_through(graph, new, {"b.0": (128, 40)}, be, ProfileConfig(step=32), store)[1]["lines"] == 0
+        again, done2 = lines_through(graph, table, {"b.0": (128, 40)}, FakeBackend(layer_cost=_stairs),
+                                     ProfileConfig(step=32), store)
+        assert (done2["measured"], done2["from_store"]) == (0, len(b.c_in_grid))
+    assert new.meta["plan_lines"] == [done] and table.meta.get("plan_lines") is None
+    # the end-to-end term is refitted on its own points, their layer sums from the new grid
+    for p in new.e2e.points[1:]:
+        probe = pruned_copy(model, p["widths"], shape)
+        assert p["layers_ms"] == pytest.approx(model_layers_ms(ModelGraph(probe, shape), new))
+        assert p["measured_ms"] == next(q for q in table.e2e.points if q["label"] == p["label"])["measured_ms"]
+
+
+def test_the_closed_loop_plans_on_lines_measured_through_the_knapsacks_widths():
+    model, shape = _Net().eval(), (3, 16, 16)
+    graph = ModelGraph(model, shape)
+    be = FakeBackend(layer_cost=_stairs)
+    table = profile_model(model, shape, be, ProfileConfig(step=32, fit_configs=3, sampling="grid"), progress=False)
+    cfg = PlanConfig(round_to=8, importance="magnitude")
+    fast = PairConfig(rounds=2, min_round_s=0.001, repeats=1, max_repeats=1)
+
+    def lines(t, channels):
+        return lines_through(graph, t, channels, be, ProfileConfig(step=32))
+
+    cal = plan_to_budget(graph, table, 0.6, cfg, be, timing=fast, lines=lines, line_rounds=5)
+    rounds = cal.table.meta["plan_lines"]
+    assert rounds and rounds[0]["lines"] > 0 and len(rounds) < 5  # it converged: the last plan was on lines
+    plain = plan_to_budget(graph, table, 0.6, cfg, be, timing=fast)
+    assert plain.table.layers is table.layers and "plan_lines" not in plain.table.meta
+    off = [n for n, (_, c_out) in plain.plan.layer_channels.items()
+           if c_out not in table.layers[table.layer_keys[n]].c_out_grid]
+    assert off, "without lines the knapsack plans between the grid's points"
+    for name, (c_in, c_out) in cal.plan.layer_channels.items():
+        lt = cal.table.layers[cal.table.layer_keys[name]]
+        assert c_out in lt.c_out_grid and (c_in in lt.c_in_grid or lt.signature.kind == "dwconv")
