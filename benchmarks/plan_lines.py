@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from front import paired_ci
 
+from latprune.errors import BudgetBelowFloor
 from latprune.io import write_json_atomic
 from latprune.latency_tables.device import environment
 from latprune.latency_tables.endtoend import PairConfig, measure_speedup
@@ -87,16 +88,24 @@ def run_case(case: str, budgets: list[float], seeds: list[int], rounds: int, thr
                     rows.append(json.loads(cell.read_text()))
                     continue
                 target = b * table.dense_ms
-                plan0 = build_plan(graph, table, target, PLAN, warn_unpruned=False)
+                try:
+                    plan0 = build_plan(graph, table, target, PLAN, warn_unpruned=False)
+                except BudgetBelowFloor as e:
+                    print(f"{case} seed {seed} budget {b}: skipped ({e})", flush=True)
+                    continue
                 m0 = _timed(backend, model, plan0, shape)
                 t, spent, t0 = table, [], time.perf_counter()
-                for _ in range(rounds):
+                try:
+                    for _ in range(rounds):
+                        plan1 = build_plan(graph, t, target, PLAN, warn_unpruned=False)
+                        t, done = lines_through(graph, t, plan1.layer_channels, backend, pcfg, store)
+                        if not done["lines"]:
+                            break
+                        spent.append(done)
                     plan1 = build_plan(graph, t, target, PLAN, warn_unpruned=False)
-                    t, done = lines_through(graph, t, plan1.layer_channels, backend, pcfg, store)
-                    if not done["lines"]:
-                        break
-                    spent.append(done)
-                plan1 = build_plan(graph, t, target, PLAN, warn_unpruned=False)
+                except BudgetBelowFloor as e:  # the measured lines put the budget below the floor
+                    print(f"{case} seed {seed} budget {b}: skipped, with the lines: {e}", flush=True)
+                    continue
                 lines_s = time.perf_counter() - t0
                 m1 = _timed(backend, model, plan1, shape)
                 row = {"case": case, "seed": seed, "budget": b,
