@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -163,8 +164,8 @@ def main() -> None:
               f"paired diff {100 * v['miss']['paired_diff']:.1f} [{100 * v['miss']['ci95'][0]:.1f}, "
               f"{100 * v['miss']['ci95'][1]:.1f}]; {v['entries_measured']} entries measured")
     write_json_atomic(a.out / "plan_lines.json", {"summary": s, "rows": rows, "environment": environment(),
-                                                 "command": "python benchmarks/plan_lines.py " + " ".join(
-                                                     f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items())})
+                                                 "command": " ".join(["python benchmarks/plan_lines.py",
+                                                                      *sys.argv[1:]])})
 
 
 if __name__ == "__main__":
