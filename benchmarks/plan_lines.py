@@ -45,6 +45,7 @@ from latprune.latency_tables.store import LatencyStore
 from latprune.latency_tables.table import LatencyTable
 from latprune.models.graph import ModelGraph
 from latprune.models.registry import ModelSpec
+from latprune.pipeline.calibrate import lines_through_plans
 from latprune.pipeline.plan import PlanConfig, apply_plan_, build_plan
 
 PLAN = PlanConfig(round_to=8, importance="magnitude")  # weights only: no data needed
@@ -83,6 +84,10 @@ def run_case(case: str, budgets: list[float], seeds: list[int], rounds: int, thr
         for seed in seeds:
             model = _model(name, size, seed)
             graph = ModelGraph(model, shape)
+
+            def lines(t, channels, graph=graph):
+                return lines_through(graph, t, channels, backend, pcfg, store)
+
             for b in budgets:
                 cell = cells / f"{tag}-b{b}-s{seed}.json"
                 if cell.exists():
@@ -95,19 +100,15 @@ def run_case(case: str, budgets: list[float], seeds: list[int], rounds: int, thr
                     print(f"{case} seed {seed} budget {b}: skipped ({e})", flush=True)
                     continue
                 m0 = _timed(backend, model, plan0, shape)
-                t, spent, t0 = table, [], time.perf_counter()
-                try:
-                    for _ in range(rounds):
-                        plan1 = build_plan(graph, t, target, PLAN, warn_unpruned=False)
-                        t, done = lines_through(graph, t, plan1.layer_channels, backend, pcfg, store)
-                        if not done["lines"]:
-                            break
-                        spent.append(done)
+                t0 = time.perf_counter()
+                try:  # what plan_to_budget does before its closed loop, with the same rounds
+                    t = lines_through_plans(graph, table, target, PLAN, None, lines, rounds)
                     plan1 = build_plan(graph, t, target, PLAN, warn_unpruned=False)
                 except BudgetBelowFloor as e:  # the measured lines put the budget below the floor
                     print(f"{case} seed {seed} budget {b}: skipped, with the lines: {e}", flush=True)
                     continue
                 lines_s = time.perf_counter() - t0
+                spent = t.meta.get("plan_lines", [])[len(table.meta.get("plan_lines", [])):]
                 m1 = _timed(backend, model, plan1, shape)
                 row = {"case": case, "seed": seed, "budget": b,
                        "table": {"predicted": plan0.predicted_ms / table.dense_ms, "measured": m0},

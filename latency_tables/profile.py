@@ -417,8 +417,8 @@ def lines_through(graph: ModelGraph, table: LatencyTable, layer_channels: dict[s
         for key, (ins, outs) in todo.items():
             lt = table.layers[key]
             ci, co = sorted({*lt.c_in_grid, *ins}), sorted({*lt.c_out_grid, *outs})
-            grids[key] = (lt, ci, co, [(i, o) for i in ci for o in co
-                                       if i not in lt.c_in_grid or o not in lt.c_out_grid])
+            grids[key] = (lt, ci, co, {(i, o) for i in ci for o in co
+                                       if i not in lt.c_in_grid or o not in lt.c_out_grid})
         entries.plan([(k, _c_in(g[0].signature, i, o), o) for k, g in grids.items() for i, o in g[3]],
                      "grid lines through the plan's widths")
         for key, (lt, ci, co, new) in grids.items():

@@ -22,7 +22,7 @@ from latprune.models.graph import ModelGraph
 from latprune.pipeline.plan import PlanConfig, PruningPlan, apply_plan_, build_plan, plan_values
 from latprune.pipeline.search import search_plan
 
-__all__ = ["LIGHT_TIMING", "CalibratedPlan", "plan_to_budget"]
+__all__ = ["LIGHT_TIMING", "CalibratedPlan", "plan_to_budget", "lines_through_plans"]
 
 # one quick timing (one pair of sessions): what a pruning step and each search candidate get; the
 # search takes the median of several, round-robin
@@ -59,7 +59,7 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     With ``cfg.search_candidates``, each plan is the best of that many candidates at the target
     (``pipeline.search``, on the same batches). ``lines(table, layer_channels)``: grid lines
     measured through a plan's widths (``latency_tables.profile.lines_through``), at most
-    ``line_rounds`` rounds of plan-then-measure before the first plan is timed (:func:`_lines_through_plans`).
+    ``line_rounds`` rounds of plan-then-measure before the first plan is timed (:func:`lines_through_plans`).
     """
     model, input_shape = graph.model, graph.input_shape
     lo, hi = window
@@ -70,7 +70,7 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     e2e, measured, history, seen, tried = table.e2e, [], [], {}, []
     values = plan_values(graph, cfg, batches, held_out)
     if lines is not None:
-        table = _lines_through_plans(graph, table, target, cfg, values, lines, line_rounds)
+        table = lines_through_plans(graph, table, target, cfg, values, lines, line_rounds)
     if cfg.search_candidates:
         return _searched(graph, table, wanted_ratio, cfg, backend, iters, window, timing, values, batches, held_out)
     for i in range(max(iters, 1)):
@@ -107,12 +107,13 @@ def plan_to_budget(graph: ModelGraph, table: LatencyTable, wanted_ratio: float, 
     return CalibratedPlan(plan, wanted_ratio, ratio, history, table.with_e2e(used))
 
 
-def _lines_through_plans(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: PlanConfig, values,
-                         lines: Callable[[LatencyTable, dict], tuple[LatencyTable, dict]], rounds: int) -> LatencyTable:
+def lines_through_plans(graph: ModelGraph, table: LatencyTable, target_ms: float, cfg: PlanConfig, values,
+                        lines: Callable[[LatencyTable, dict], tuple[LatencyTable, dict]], rounds: int) -> LatencyTable:
     """Plan, measure the grid lines the plan's widths lack, plan again on the finer table, until a
     plan's widths are all measured entries or ``rounds`` rounds are spent. The knapsack picks the
     widths an interpolated table flatters most; after this the closed loop times a plan whose
-    layers the table measured rather than guessed."""
+    layers the table measured rather than guessed. Each round's record is in the returned table's
+    ``meta["plan_lines"]`` (``latency_tables.profile.lines_through``)."""
     for r in range(rounds):
         try:
             plan = build_plan(graph, table, target_ms, cfg, values=values, warn_unpruned=False)
