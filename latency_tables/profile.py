@@ -422,7 +422,8 @@ def lines_through(graph: ModelGraph, table: LatencyTable, layer_channels: dict[s
         entries.plan([(k, _c_in(g[0].signature, i, o), o) for k, g in grids.items() for i, o in g[3]],
                      "grid lines through the plan's widths")
         for key, (lt, ci, co, new) in grids.items():
-            med, cv, cnt = np.zeros((len(ci), len(co))), np.zeros((len(ci), len(co))), np.zeros((len(ci), len(co)), int)
+            shape = (len(ci), len(co))
+            med, cv, cnt = np.zeros(shape), np.zeros(shape), np.zeros(shape, int)
             for a, i in enumerate(ci):
                 for b, o in enumerate(co):
                     if (i, o) in new:

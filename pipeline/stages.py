@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -380,13 +381,10 @@ def plan_stage(inp: Inputs, rd: RunDir, dense: DenseModel, table: LatencyTable) 
             # table measured for another setting (--table ... --force)
             here = not table.fingerprint.mismatches(inp.backend.fingerprint(inp.input_shape))
             with contextlib.ExitStack() as stack:
-                lines = None
+                lines = None  # lines(table, layer_channels) -> (table, record)
                 if cfg.budget.plan_lines and here:
-                    store = stack.enter_context(LatencyStore(inp.cache / STORE_NAME))
-
-                    def lines(t, channels):
-                        return lines_through(dense.graph, t, channels, inp.backend, cfg.profile, store)
-
+                    lines = functools.partial(lines_through, dense.graph, backend=inp.backend, cfg=cfg.profile,
+                                              store=stack.enter_context(LatencyStore(inp.cache / STORE_NAME)))
                 cal = plan_to_budget(dense.graph, table, wanted, cfg.plan, inp.backend, cfg.budget.calibrate_iters,
                                      (cfg.budget.window_low, cfg.budget.window_high), cfg.budget.timing,
                                      batches=batches, held_out=held_out, lines=lines,
